@@ -1,0 +1,50 @@
+// Model-level quantization driver: checkpoint in, calq native directory out (docs/format.md).
+// Tensors are streamed one at a time from the mmapped input; the output is built in a temporary
+// directory and renamed into place only when everything succeeded.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "calq/pipeline/plan.h"
+#include "calq/quant/rtn.h"
+
+namespace calq::pipeline {
+
+struct QuantizeOptions {
+  std::filesystem::path input, output;
+  std::string method = "rtn";
+  PlanOptions plan;
+  quant::RtnOptions rtn;
+  bool validate = false;
+  bool overwrite = false;
+  bool dry_run = false;                  // print the plan, write nothing
+  uint64_t max_shard_bytes = 5000000000ULL;
+  std::string command_line;              // recorded in the report
+};
+
+struct TensorResult {
+  std::string name;
+  std::string format;  // "" when kept
+  double bits_per_weight = 0;
+  double seconds = 0;
+  bool validated = false;
+  quant::WeightError error;
+};
+
+struct QuantizeResult {
+  std::vector<TensorPlan> plan;
+  std::vector<TensorResult> tensors;
+  nlohmann::json report;  // the calq_report.json written
+  double seconds = 0;
+};
+
+QuantizeResult quantize_model(const QuantizeOptions& opt);
+
+// Files copied from the input directory to every output (tokenizer and generation files).
+bool is_passthrough_file(const std::string& filename);
+
+}  // namespace calq::pipeline

@@ -1,0 +1,97 @@
+// Element formats: what a quantized weight is, how one element is encoded, how codes and scales
+// are packed into the tensors calq writes. The byte-level spec is docs/format.md; this code and
+// that text must agree (tests/unit/format_test.cpp decodes packed tensors with an independent
+// decoder written from the spec).
+//
+// A quantized 2-D weight W[out, in] is split along `in` into groups of `group_size` consecutive
+// elements (group_size = -1: one group per output row, "per-channel"). Each (row, group) has a
+// scale (and for asymmetric int formats a zero point); nvfp4 has in addition one fp32 global scale
+// per tensor.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "calq/core/tensor.h"
+
+namespace calq::quant {
+
+enum class Family { Int, FP4, NVFP4, MXFP4, NF4, FP8 };
+
+struct Format {
+  Family family = Family::Int;
+  int bits = 4;           // 2, 3, 4, 8 for Int; 4 for FP4/NVFP4/MXFP4/NF4; 8 for FP8
+  bool symmetric = true;  // only Int may be asymmetric
+  int group_size = 128;   // 16..256 (power of two) or -1 (per output channel); fixed 16 for
+                          // nvfp4 and 32 for mxfp4
+
+  // Parses "int2|int3|int4|int8|fp4|nvfp4|mxfp4|nf4|fp8"; group = nullopt gives the format's
+  // default (128; nvfp4 16; mxfp4 32; fp8 -1). Throws calq::Error naming the bad value.
+  static Format parse(std::string_view name, std::optional<int> group = std::nullopt,
+                      bool symmetric = true);
+  std::string name() const;  // "int4", "nvfp4", ... (asymmetric int: "int4" + symmetric=false)
+  std::string describe() const;  // "int4 asym g128", "nvfp4 g16", "fp8 per-channel"
+  // Storage dtype of the group scale: F16 (int, fp4, nf4), F8_E4M3 (nvfp4), F8_E8M0 (mxfp4),
+  // F32 (fp8).
+  DType scale_dtype() const;
+  // Bits per weight including scales and zero points (the per-tensor global scale is ignored).
+  double bits_per_weight() const;
+  // Throws calq::Error (naming `what`) unless the format can quantize a [rows, cols] weight.
+  void check_shape(int64_t rows, int64_t cols, const std::string& what) const;
+  int64_t groups_per_row(int64_t cols) const { return group_size < 0 ? 1 : cols / group_size; }
+  int64_t group_len(int64_t cols) const { return group_size < 0 ? cols : group_size; }
+};
+
+// Parameters of one (row, group): `scale` is the exact value of the stored scale (representable in
+// scale_dtype(); for nvfp4 the stored E4M3 block scale, before division by the global scale).
+// `zero` is the int zero point in unsigned code units: asymmetric, the stored zero point (an
+// integer in [0, 2^bits-1]); symmetric, the fixed offset 2^(bits-1); 0 for other families.
+struct GroupParams {
+  float scale = 0.f;
+  float zero = 0.f;
+};
+
+// Computes a group's parameters from its values, shrinking the range by `shrink` (1 = absmax or
+// min/max). `global_scale` is used only by nvfp4. The scale is rounded to its storage dtype here,
+// so codes chosen with quantize_element() always agree with what is stored.
+GroupParams group_params(const Format& f, const float* x, int64_t n, float shrink = 1.f,
+                         float global_scale = 1.f);
+// The storage code of x given the group's parameters (unsigned, < 2^bits; see docs/format.md).
+uint8_t quantize_element(const Format& f, float x, const GroupParams& p, float global_scale = 1.f);
+// The value a code decodes to.
+float dequantize_element(const Format& f, uint8_t code, const GroupParams& p,
+                         float global_scale = 1.f);
+// The value of an NF4 code (QLoRA table).
+float nf4_value(uint8_t code);
+// Int codes per int32 in pack-quantized tensors (32 / bits, rounded down: int3 packs 10).
+int values_per_int32(int bits);
+// nvfp4's per-tensor global scale for a tensor (or a fused set of tensors) whose absmax is `amax`
+// (compressed-tensors convention: global = 448*6/amax; 1 when amax is 0).
+float nvfp4_global_scale(float amax);
+
+// A whole quantized weight, unpacked: one code per element.
+struct QuantizedWeight {
+  Format format;
+  int64_t rows = 0, cols = 0;
+  std::vector<uint8_t> codes;     // rows*cols storage codes, row-major
+  std::vector<GroupParams> params;  // rows*groups_per_row, row-major
+  float global_scale = 1.f;       // nvfp4 only
+  std::vector<int32_t> g_idx;     // optional: group of each input column (act-order); empty = c/gs
+
+  int64_t group_of(int64_t col) const;
+  std::vector<float> dequantize() const;  // rows*cols fp32
+};
+
+// Packs into the named tensors of docs/format.md ("weight_packed", "weight_scale",
+// "weight_zero_point", "weight_global_scale", "weight_g_idx", "weight_shape").
+std::map<std::string, Tensor> pack(const QuantizedWeight& q);
+// Inverse of pack(); validates names, dtypes and shapes against `format` and the shape, throwing
+// calq::Error that names `what` (the module) on any mismatch.
+QuantizedWeight unpack(const Format& format, const std::map<std::string, TensorView>& tensors,
+                       const std::string& what);
+
+}  // namespace calq::quant

@@ -1,0 +1,33 @@
+// Round-to-nearest quantization of a weight matrix, with an optional per-group clipping search.
+#pragma once
+
+#include <optional>
+
+#include "calq/quant/format.h"
+
+namespace calq::quant {
+
+struct RtnOptions {
+  // Clipping search: for each group try shrink factors s_i = 1 - i*(1-clip_min)/(clip_grid-1),
+  // i = 0..clip_grid-1, and keep the one minimising sum |w - q(w)|^clip_norm. The scale is rounded
+  // to its storage type for every candidate, so the error is the error of what is stored.
+  bool clip_search = false;
+  int clip_grid = 20;
+  float clip_min = 0.5f;
+  float clip_norm = 2.0f;
+  // nvfp4: use this global scale instead of the tensor's own (for modules that engines fuse).
+  std::optional<float> global_scale;
+};
+
+// w: rows*cols fp32, row-major [out, in]. Throws calq::Error on NaN/Inf weights or bad shapes,
+// naming `what`.
+QuantizedWeight rtn_quantize(const float* w, int64_t rows, int64_t cols, const Format& f,
+                             const RtnOptions& opt, const std::string& what = "weight");
+
+// Weight error of a quantization (for --validate).
+struct WeightError {
+  double rmse = 0, rel_fro = 0, max_abs = 0;
+};
+WeightError weight_error(const float* w, const float* w_hat, int64_t n);
+
+}  // namespace calq::quant

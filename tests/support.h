@@ -1,0 +1,153 @@
+// Helpers shared by calq's tests: temporary directories, running the CLI, a minimal
+// safetensors reader written independently of calq's (so tests do not trust the code they test).
+#pragma once
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <unistd.h>
+
+#include <array>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <string>
+#include <sys/wait.h>
+#include <vector>
+
+namespace calq_test {
+
+namespace fs = std::filesystem;
+
+inline fs::path shared_dir() { return fs::path(CALQ_SHARED_DIR); }
+inline fs::path source_dir() { return fs::path(CALQ_SOURCE_DIR); }
+
+// Returns the path of a file under ../shared, or an empty path (the caller skips) when absent.
+inline fs::path shared_file(const std::string& rel) {
+  fs::path p = shared_dir() / rel;
+  return fs::exists(p) ? p : fs::path();
+}
+
+class TempDir {
+ public:
+  TempDir() {
+    std::string tmpl = (fs::temp_directory_path() / "calq-test-XXXXXX").string();
+    std::vector<char> buf(tmpl.begin(), tmpl.end());
+    buf.push_back('\0');
+    if (!mkdtemp(buf.data())) throw std::runtime_error("mkdtemp failed");
+    path_ = buf.data();
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  const fs::path& path() const { return path_; }
+  fs::path operator/(const std::string& s) const { return path_ / s; }
+
+ private:
+  fs::path path_;
+};
+
+struct RunResult {
+  int rc = -1;
+  std::string output;  // stdout and stderr together
+};
+
+// Runs a shell command, capturing stdout+stderr.
+inline RunResult run(const std::string& cmd) {
+  RunResult r;
+  std::string full = cmd + " 2>&1";
+  FILE* p = popen(full.c_str(), "r");
+  if (!p) return r;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.output.append(buf.data(), n);
+  int st = pclose(p);
+  r.rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  return r;
+}
+
+inline std::string read_file(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+inline void write_file(const fs::path& p, const std::string& s) {
+  std::ofstream f(p, std::ios::binary);
+  f << s;
+}
+
+struct RawTensor {
+  std::string dtype;
+  std::vector<int64_t> shape;
+  std::string bytes;
+};
+
+// Reads every tensor of one safetensors file with plain file I/O.
+inline std::map<std::string, RawTensor> read_safetensors(const fs::path& p) {
+  std::string all = read_file(p);
+  uint64_t n = 0;
+  std::memcpy(&n, all.data(), 8);
+  auto header = nlohmann::json::parse(all.substr(8, n));
+  std::map<std::string, RawTensor> out;
+  for (auto& [name, v] : header.items()) {
+    if (name == "__metadata__") continue;
+    RawTensor t;
+    t.dtype = v["dtype"];
+    t.shape = v["shape"].get<std::vector<int64_t>>();
+    auto off = v["data_offsets"].get<std::vector<uint64_t>>();
+    t.bytes = all.substr(8 + n + off[0], off[1] - off[0]);
+    out[name] = std::move(t);
+  }
+  return out;
+}
+
+// Reads every tensor of a model directory (single file or shards).
+inline std::map<std::string, RawTensor> read_model_tensors(const fs::path& dir) {
+  std::map<std::string, RawTensor> out;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.path().extension() == ".safetensors")
+      for (auto& [k, v] : read_safetensors(e.path())) out[k] = std::move(v);
+  return out;
+}
+
+// Reference decoders of the 16-bit float formats, written from the IEEE/bfloat16 definitions.
+inline float ref_bf16(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float ref_f16(uint16_t h) {
+  int s = h >> 15, e = (h >> 10) & 31, m = h & 1023;
+  double v;
+  if (e == 0) v = std::ldexp(m, -24);
+  else if (e == 31) v = m ? NAN : INFINITY;
+  else v = std::ldexp(1024 + m, e - 25);
+  return static_cast<float>(s ? -v : v);
+}
+
+// Decodes a raw float tensor (F32, F16, BF16) to float.
+inline std::vector<float> raw_to_float(const RawTensor& t) {
+  std::vector<float> out;
+  if (t.dtype == "F32") {
+    out.resize(t.bytes.size() / 4);
+    std::memcpy(out.data(), t.bytes.data(), t.bytes.size());
+  } else if (t.dtype == "BF16" || t.dtype == "F16") {
+    out.resize(t.bytes.size() / 2);
+    for (size_t i = 0; i < out.size(); ++i) {
+      uint16_t h;
+      std::memcpy(&h, t.bytes.data() + 2 * i, 2);
+      out[i] = t.dtype == "BF16" ? ref_bf16(h) : ref_f16(h);
+    }
+  } else {
+    throw std::runtime_error("raw_to_float: dtype " + t.dtype);
+  }
+  return out;
+}
+
+inline std::string calq_bin() { return CALQ_BIN; }
+
+}  // namespace calq_test

@@ -1,0 +1,141 @@
+// calq quantize: checkpoint in, quantized calq directory out.
+#include <fmt/format.h>
+
+#include "calq/core/error.h"
+#include "calq/core/log.h"
+#include "calq/pipeline/quantize.h"
+#include "commands.h"
+
+namespace calq::cli {
+
+namespace {
+
+uint64_t parse_size(const std::string& s) {
+  size_t used = 0;
+  double v = 0;
+  try {
+    v = std::stod(s, &used);
+  } catch (const std::exception&) {
+    fail("--max-shard-size '{}': expected a size such as 5GB or 500MB", s);
+  }
+  std::string unit = s.substr(used);
+  double mul = 1;
+  if (unit == "" || unit == "B") mul = 1;
+  else if (unit == "KB" || unit == "K") mul = 1e3;
+  else if (unit == "MB" || unit == "M") mul = 1e6;
+  else if (unit == "GB" || unit == "G") mul = 1e9;
+  else if (unit == "KiB") mul = 1024.0;
+  else if (unit == "MiB") mul = 1024.0 * 1024;
+  else if (unit == "GiB") mul = 1024.0 * 1024 * 1024;
+  else fail("--max-shard-size '{}': unknown unit '{}' (use B, KB, MB, GB, KiB, MiB, GiB)", s, unit);
+  CALQ_CHECK(v > 0, "--max-shard-size '{}' must be positive", s);
+  return static_cast<uint64_t>(v * mul);
+}
+
+}  // namespace
+
+Command add_quantize(CLI::App& app) {
+  auto* sub = app.add_subcommand("quantize", "Quantize a model's linear weights and write a calq directory");
+  struct Args {
+    std::string input, output, method = "rtn", format = "int4", preset, on_indivisible = "error",
+                                   shard = "5GB";
+    int group = 0;
+    bool asym = false, sym = false, clip = false, validate = false, overwrite = false, dry = false;
+    int clip_grid = 20;
+    float clip_min = 0.5f, clip_norm = 2.0f;
+    std::vector<std::string> keep, overrides;
+  };
+  auto a = std::make_shared<Args>();
+  sub->add_option("-i,--input", a->input, "Input model directory (HF safetensors + config.json)")->required();
+  sub->add_option("-o,--output", a->output, "Output directory (created atomically)")->required();
+  sub->add_option("--method", a->method, "Quantization method: rtn")->capture_default_str();
+  sub->add_option("-f,--format", a->format,
+                  "Element format: int2, int3, int4, int8, fp4 (E2M1 + fp16 group scales), nvfp4 "
+                  "(E2M1, g16, E4M3 scales, fp32 tensor scale), mxfp4 (E2M1, g32, E8M0 scales), nf4, "
+                  "fp8 (E4M3, per-channel fp32 scales)")
+      ->capture_default_str();
+  sub->add_option("-g,--group-size", a->group,
+                  "Input elements per scale: 16, 32, 64, 128, 256, or -1 for per-channel "
+                  "(default: 128; nvfp4 16; mxfp4 32; fp8 -1)");
+  sub->add_flag("--symmetric", a->sym, "Symmetric integer quantization (default)");
+  sub->add_flag("--asymmetric", a->asym, "Asymmetric integer quantization with a zero point per group");
+  sub->add_option("--mixed-precision", a->preset,
+                  "Group-size preset by module kind: dense, moe, quality, speed (see docs/cli.md)")
+      ->check(CLI::IsMember({"dense", "moe", "quality", "speed"}));
+  sub->add_option("--keep", a->keep, "Regex (searched in module names) of modules kept in their dtype; repeatable");
+  sub->add_option("--override", a->overrides,
+                  "REGEX=FORMAT[:GROUP]: modules matching REGEX use FORMAT (first match wins); repeatable");
+  sub->add_flag("--clip-search", a->clip, "Search a clipping factor per group minimising the weight error");
+  sub->add_option("--clip-grid", a->clip_grid, "Clip search: number of shrink factors tried")
+      ->capture_default_str()->check(CLI::Range(2, 1000));
+  sub->add_option("--clip-min", a->clip_min, "Clip search: smallest shrink factor")
+      ->capture_default_str()->check(CLI::Range(0.05f, 1.0f));
+  sub->add_option("--clip-norm", a->clip_norm, "Clip search: exponent p of the error sum |w - q(w)|^p")
+      ->capture_default_str()->check(CLI::Range(1.0f, 8.0f));
+  sub->add_option("--on-indivisible", a->on_indivisible,
+                  "Modules whose in-features the group size does not divide: error, or keep them in their dtype")
+      ->capture_default_str()->check(CLI::IsMember({"error", "keep"}));
+  sub->add_flag("--validate", a->validate, "Measure per-tensor weight error (RMSE, relative Frobenius, max abs)");
+  sub->add_flag("--overwrite", a->overwrite, "Replace the output directory if it exists");
+  sub->add_flag("--dry-run", a->dry, "Print the plan (format of every tensor) and write nothing");
+  sub->add_option("--max-shard-size", a->shard, "Largest output shard, e.g. 5GB, 500MB")->capture_default_str();
+
+  auto run = [a, sub]() -> int {
+    pipeline::QuantizeOptions o;
+    o.input = a->input;
+    o.output = a->output;
+    o.method = a->method;
+    CALQ_CHECK(!(a->sym && a->asym), "--symmetric and --asymmetric are mutually exclusive");
+    std::optional<int> group;
+    if (sub->count("--group-size")) group = a->group;
+    o.plan.format = with_context("--format", [&] { return quant::Format::parse(a->format, group, !a->asym); });
+    o.plan.group_size_explicit = group.has_value();
+    o.plan.preset = a->preset;
+    o.plan.keep = a->keep;
+    for (const auto& s : a->overrides) o.plan.overrides.push_back(pipeline::parse_override(s, !a->asym));
+    o.plan.on_indivisible = a->on_indivisible == "keep" ? pipeline::OnIndivisible::Keep : pipeline::OnIndivisible::Error;
+    o.rtn.clip_search = a->clip;
+    o.rtn.clip_grid = a->clip_grid;
+    o.rtn.clip_min = a->clip_min;
+    o.rtn.clip_norm = a->clip_norm;
+    o.validate = a->validate;
+    o.overwrite = a->overwrite;
+    o.dry_run = a->dry;
+    o.max_shard_bytes = parse_size(a->shard);
+    o.command_line = invocation();
+
+    auto r = pipeline::quantize_model(o);
+    size_t nq = 0;
+    for (const auto& p : r.plan) nq += p.format ? 1 : 0;
+    if (o.dry_run) {
+      fmt::print("{:<60} {:<16} {:<18} {}\n", "tensor", "shape", "format", "reason");
+      for (const auto& p : r.plan) {
+        std::string shape = shape_str(p.shape);
+        fmt::print("{:<60} {:<16} {:<18} {}\n", p.name, shape,
+                   p.format ? p.format->describe() : std::string("keep ") + std::string(dtype_name(p.dtype)), p.reason);
+      }
+      fmt::print("{} tensors: {} quantized, {} kept (dry run, nothing written)\n", r.plan.size(), nq,
+                 r.plan.size() - nq);
+      return 0;
+    }
+    if (o.validate) {
+      fmt::print("{:<60} {:<16} {:>12} {:>12} {:>12}\n", "tensor", "format", "rmse", "rel_fro", "max_abs");
+      for (const auto& t : r.tensors)
+        if (t.validated)
+          fmt::print("{:<60} {:<16} {:>12.4e} {:>12.4e} {:>12.4e}\n", t.name, t.format, t.error.rmse,
+                     t.error.rel_fro, t.error.max_abs);
+    }
+    const auto& rep = r.report;
+    fmt::print("quantized {} of {} tensors ({} of {} parameters) at {:.3f} bits/weight in {:.1f} s; "
+               "tensor bytes {} -> {}; peak RSS {}\n",
+               nq, r.plan.size(), rep["quantized_params"].get<uint64_t>(), rep["total_params"].get<uint64_t>(),
+               rep["bits_per_weight_quantized"].get<double>(), r.seconds,
+               format_bytes(rep["input_bytes"].get<double>()), format_bytes(rep["output_tensor_bytes"].get<double>()),
+               format_bytes(static_cast<double>(rep["peak_rss_bytes"].get<uint64_t>())));
+    fmt::print("wrote {}\n", o.output.string());
+    return 0;
+  };
+  return {sub, run};
+}
+
+}  // namespace calq::cli
