@@ -23,6 +23,7 @@ int main(int argc, char** argv) {
   for (int i = 0; i < argc; ++i) calq::cli::g_invocation += (i ? " " : "") + std::string(i ? argv[i] : "calq");
   CLI::App app{"calq " CALQ_VERSION " — calibrate, quantize and evaluate large language models"};
   app.require_subcommand(1);
+  app.fallthrough();  // global options may also follow the subcommand
   app.set_version_flag("--version", "calq " CALQ_VERSION);
   int threads = 0;
   bool quiet = false, verbose = false;
