@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 WORK=${1:-build/bench}
 SHARED=${SHARED:-../shared}
 mkdir -p "$WORK"
-cmake --preset release >/dev/null && cmake --build --preset release -j "$(nproc)" --target calq >/dev/null
-CALQ=build/release/calq
+if [ -z "${CALQ:-}" ]; then
+  cmake --preset release >/dev/null && cmake --build --preset release -j "$(nproc)" --target calq >/dev/null
+  CALQ=build/release/calq
+fi
 
 models=()
 [ -f "$SHARED/data/models/bench-qwen3-28m/config.json" ] && models+=("bench-qwen3-28m=$SHARED/data/models/bench-qwen3-28m")

@@ -148,6 +148,8 @@ inline std::vector<float> raw_to_float(const RawTensor& t) {
   return out;
 }
 
+#ifdef CALQ_BIN
 inline std::string calq_bin() { return CALQ_BIN; }
+#endif
 
 }  // namespace calq_test

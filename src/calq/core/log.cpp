@@ -87,6 +87,8 @@ void Progress::draw(bool final) {
   double el = elapsed_s();
   double frac = total_ ? static_cast<double>(done_) / static_cast<double>(total_) : 1.0;
   double eta = done_ ? el / static_cast<double>(done_) * static_cast<double>(total_ - std::min(done_, total_)) : -1;
+  if (total_bytes_ > 0 && bytes_ > 0)
+    eta = el / static_cast<double>(bytes_) * static_cast<double>(total_bytes_ - std::min(bytes_, total_bytes_));
   std::string rate = bytes_ && el > 0 ? fmt::format(" {}/s", format_bytes(bytes_ / el)) : "";
   std::string when = final ? fmt::format(" in {}", format_duration(el))
                            : fmt::format(" ETA {}", format_duration(eta));

@@ -33,6 +33,9 @@ void log_debug(fmt::format_string<Args...> f, Args&&... a) {
 class Progress {
  public:
   Progress(std::string label, uint64_t total, std::string unit = "");
+  // With the total byte count known, the ETA follows bytes rather than items (tensors differ in
+  // size by orders of magnitude).
+  void set_total_bytes(uint64_t total_bytes) { total_bytes_ = total_bytes; }
   ~Progress();
   // Advance by `n` units; `bytes` feeds the throughput figure when non-zero.
   void advance(uint64_t n = 1, uint64_t bytes = 0, const std::string& detail = "");
@@ -42,7 +45,7 @@ class Progress {
  private:
   void draw(bool final);
   std::string label_, unit_, detail_;
-  uint64_t total_, done_ = 0, bytes_ = 0;
+  uint64_t total_, done_ = 0, bytes_ = 0, total_bytes_ = 0;
   std::chrono::steady_clock::time_point start_, last_draw_;
   bool tty_ = false, finished_ = false;
   double log_every_s_ = 10.0;

@@ -60,6 +60,7 @@ void write_random_model(const io::ModelConfig& cfg, const std::filesystem::path&
     total += static_cast<uint64_t>(shape_numel(t.shape)) * dtype_size(opt.dtype);
   }
   Progress bar("generate", tensors.size(), "tensors");
+  bar.set_total_bytes(total);
   std::vector<float> f;
   std::vector<std::byte> bytes;
   for (const auto& t : tensors) {

@@ -116,6 +116,7 @@ QuantizeResult quantize_model(const QuantizeOptions& opt) {
   };
 
   Progress bar("quantize", res.plan.size(), "tensors");
+  bar.set_total_bytes(ck.total_bytes());
   for (const auto& p : res.plan) {
     const auto& info = ck.info(p.name);
     uint64_t nbytes = info.end - info.begin;
