@@ -66,6 +66,14 @@ void check_output(const fs::path& input, const fs::path& out, const std::string&
     }
     auto w = raw_to_float(orig[name]);
     ASSERT_EQ(static_cast<int64_t>(w.size()), d.rows * d.cols) << name;
+    if (t.value("conv1d", false)) {
+      // GPT-2 Conv1D: HF stores [in, out]; calq packs the [out, in] transpose.
+      ASSERT_EQ(orig[name].shape, (std::vector<int64_t>{d.cols, d.rows})) << name;
+      std::vector<float> tw(w.size());
+      for (int64_t i = 0; i < d.cols; ++i)
+        for (int64_t o = 0; o < d.rows; ++o) tw[o * d.cols + i] = w[i * d.rows + o];
+      w = tw;
+    }
     double worst = 0;
     for (int64_t r = 0; r < d.rows; ++r)
       for (int64_t c = 0; c < d.cols; ++c) {
@@ -110,6 +118,17 @@ TEST(QuantizeCli, GeneratedModelEveryFormat) {
                " --outlier-rate 0.02 --outlier-scale 30");
   ASSERT_EQ(g.rc, 0) << g.output;
   run_all(m, "generated", "");
+}
+
+TEST(QuantizeCli, GeneratedGpt2Conv1D) {
+  TempDir tmp;
+  fs::path m = tmp / "gpt2";
+  auto g = run(calq_bin() + " -q generate-model --config " +
+               (source_dir() / "tests/data/configs/tiny-gpt2.json").string() + " --output " + m.string());
+  ASSERT_EQ(g.rc, 0) << g.output;
+  run_all(m, "gpt2", "");
+  auto cfg = nlohmann::json::parse(read_file(tmp / "gpt2"/ "config.json"));
+  EXPECT_EQ(cfg["model_type"], "gpt2");
 }
 
 TEST(QuantizeCli, BenchQwen3_16m) {

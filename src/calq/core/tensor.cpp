@@ -27,6 +27,14 @@ Tensor::Tensor(DType t, Shape s) : dtype(t), shape(std::move(s)) {
   bytes.assign(static_cast<size_t>(shape_numel(shape)) * dtype_size(t), std::byte{0});
 }
 
+std::vector<float> transpose(const std::vector<float>& m, int64_t rows, int64_t cols) {
+  CALQ_CHECK(static_cast<int64_t>(m.size()) == rows * cols, "transpose: {} elements for [{}, {}]", m.size(), rows, cols);
+  std::vector<float> t(m.size());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = m[r * cols + c];
+  return t;
+}
+
 std::vector<float> to_f32_vector(const TensorView& v) {
   std::vector<float> out(static_cast<size_t>(v.numel()));
   to_f32(v.data, v.dtype, out.data(), out.size());

@@ -40,6 +40,9 @@ struct Tensor {
   template <typename T> const T* as() const { return reinterpret_cast<const T*>(bytes.data()); }
 };
 
+// The transpose of a row-major [rows, cols] matrix, as a new [cols, rows] matrix.
+std::vector<float> transpose(const std::vector<float>& m, int64_t rows, int64_t cols);
+
 // Copies a view's float data (any float dtype) into a new fp32 vector.
 std::vector<float> to_f32_vector(const TensorView& v);
 

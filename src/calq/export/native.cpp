@@ -289,11 +289,7 @@ std::vector<float> Model::load_f32(const std::string& name) const {
   auto w = load_quantized(name).dequantize();
   if (!e.conv1d) return w;
   // Stored as [out, in]; the HF Conv1D layout is [in, out].
-  int64_t in = e.shape[0], out = e.shape[1];
-  std::vector<float> t(w.size());
-  for (int64_t o = 0; o < out; ++o)
-    for (int64_t i = 0; i < in; ++i) t[i * out + o] = w[o * in + i];
-  return t;
+  return transpose(w, e.shape[1], e.shape[0]);
 }
 
 }  // namespace calq::native

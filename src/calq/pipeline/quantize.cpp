@@ -37,15 +37,8 @@ double now_s() {
 
 // fp32 copy of a tensor in [out, in] layout (transposing GPT-2 Conv1D weights).
 std::vector<float> load_linear(const io::Checkpoint& ck, const TensorPlan& p) {
-  auto v = ck.view(p.name);
-  std::vector<float> w(static_cast<size_t>(v.numel()));
-  to_f32(v.data, v.dtype, w.data(), w.size());
-  if (!p.conv1d) return w;
-  int64_t in = p.shape[0], out = p.shape[1];
-  std::vector<float> t(w.size());
-  for (int64_t i = 0; i < in; ++i)
-    for (int64_t o = 0; o < out; ++o) t[o * in + i] = w[i * out + o];
-  return t;
+  std::vector<float> w = to_f32_vector(ck.view(p.name));
+  return p.conv1d ? transpose(w, p.shape[0], p.shape[1]) : w;
 }
 
 float tensor_absmax(const std::vector<float>& w) {
