@@ -98,28 +98,31 @@ inline DecodedModule decode_module(std::map<std::string, RawTensor>& t, const st
   }
   if (is_int) {
     int b = format[3] - '0';
-    int P = 32 / b;
     auto& p = need("weight_packed");
     EXPECT_EQ(p.dtype, "I32");
-    int64_t words = (C + P - 1) / P;
+    // Dense little-endian bit streams (compressed-tensors >= 0.17): field i at stream bit b*i.
+    auto field = [&](const std::string& bytes, int64_t base_word, int64_t stride, int64_t i) {
+      int64_t bit = b * i;
+      uint64_t v = u32_at(bytes, static_cast<size_t>(base_word + (bit / 32) * stride)) >> (bit % 32);
+      if (bit % 32 + b > 32) v |= static_cast<uint64_t>(u32_at(bytes, static_cast<size_t>(base_word + (bit / 32 + 1) * stride))) << (32 - bit % 32);
+      return static_cast<unsigned>(v & ((1u << b) - 1));
+    };
+    int64_t words = (C * b + 31) / 32;
     EXPECT_EQ(p.shape, (std::vector<int64_t>{R, words})) << m;
     std::vector<double> zero(static_cast<size_t>(R * G), std::ldexp(1.0, b - 1));
     if (!symmetric) {
       auto& z = need("weight_zero_point");
-      EXPECT_EQ(z.shape, (std::vector<int64_t>{(R + P - 1) / P, G})) << m;
+      EXPECT_EQ(z.shape, (std::vector<int64_t>{(R * b + 31) / 32, G})) << m;
       for (int64_t r = 0; r < R; ++r)
-        for (int64_t g = 0; g < G; ++g)
-          zero[r * G + g] = (u32_at(z.bytes, static_cast<size_t>((r / P) * G + g)) >> (b * (r % P))) & ((1u << b) - 1);
+        for (int64_t g = 0; g < G; ++g) zero[r * G + g] = field(z.bytes, g, G, r);
     }
     for (int64_t r = 0; r < R; ++r)
       for (int64_t c = 0; c < C; ++c) {
-        unsigned u = (u32_at(p.bytes, static_cast<size_t>(r * words + c / P)) >> (b * (c % P))) & ((1u << b) - 1);
+        unsigned u = field(p.bytes, r * words, 1, c);
         int64_t g = c / d.group;
         d.values[r * C + c] = static_cast<float>((u - zero[r * G + g]) * d.scales[r * G + g]);
       }
-    // Symmetric absmax never clips: half a step. Asymmetric: the fp16 rounding of the range may
-    // clip the extreme by a hair, so allow a full step.
-    d.max_step_multiple = symmetric ? 0.5 + 1e-3 : 1.0;
+    d.max_step_multiple = symmetric ? 0.5 + ((1 << (b - 1)) - 0.5) * std::ldexp(1.0, -10) : 1.0;
   } else if (format == "fp8") {
     auto& w = need("weight");
     for (int64_t i = 0; i < R * C; ++i)

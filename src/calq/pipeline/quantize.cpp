@@ -125,6 +125,11 @@ QuantizeResult quantize_model(const QuantizeOptions& opt) {
       quant::RtnOptions ro = opt.rtn;
       if (!ro.global_scale) ro.global_scale = global_scale_for(p);
       quant::QuantizedWeight q = quant::rtn_quantize(w.data(), p.rows(), p.cols(), *p.format, ro, p.name);
+      tr.saturated_scales = q.saturated_scales;
+      if (q.saturated_scales > 0)
+        log_warn("{}: {} group scale(s) exceeded the {} scale range and were clamped; their largest "
+                 "weights clip (consider --override with fp8 or int8 for this module)",
+                 p.name, q.saturated_scales, dtype_name(p.format->scale_dtype()));
       if (opt.validate) {
         auto deq = q.dequantize();
         tr.error = quant::weight_error(w.data(), deq.data(), static_cast<int64_t>(w.size()));
@@ -204,6 +209,7 @@ QuantizeResult quantize_model(const QuantizeOptions& opt) {
       t["bits_per_weight"] = r.bits_per_weight;
       t["rotation"] = nullptr;
       if (p.conv1d) t["conv1d"] = true;
+      if (r.saturated_scales) t["saturated_scales"] = r.saturated_scales;
       if (r.validated)
         t["error"] = {{"rmse", r.error.rmse}, {"rel_fro", r.error.rel_fro}, {"max_abs", r.error.max_abs}};
     }

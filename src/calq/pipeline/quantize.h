@@ -32,6 +32,7 @@ struct TensorResult {
   double bits_per_weight = 0;
   double seconds = 0;
   bool validated = false;
+  int64_t saturated_scales = 0;  // groups whose scale was clamped to its storage type's maximum
   quant::WeightError error;
 };
 

@@ -35,8 +35,9 @@ struct Format {
                       bool symmetric = true);
   std::string name() const;  // "int4", "nvfp4", ... (asymmetric int: "int4" + symmetric=false)
   std::string describe() const;  // "int4 asym g128", "nvfp4 g16", "fp8 per-channel"
-  // Storage dtype of the group scale: F16 (int, fp4, nf4), F8_E4M3 (nvfp4), F8_E8M0 (mxfp4),
-  // F32 (fp8).
+  // Storage dtype of the group scale: F16 (int, fp4, nf4), F8_E4M3 (nvfp4), U8 (mxfp4: E8M0
+  // exponent bytes, stored as U8 like compressed-tensors' torch.uint8, so that loaders copy the
+  // bytes rather than convert values), F32 (fp8).
   DType scale_dtype() const;
   // Bits per weight including scales and zero points (the per-tensor global scale is ignored).
   double bits_per_weight() const;
@@ -67,8 +68,24 @@ float dequantize_element(const Format& f, uint8_t code, const GroupParams& p,
                          float global_scale = 1.f);
 // The value of an NF4 code (QLoRA table).
 float nf4_value(uint8_t code);
-// Int codes per int32 in pack-quantized tensors (32 / bits, rounded down: int3 packs 10).
+// Whole int codes that fit in one int32 (32 / bits, rounded down). pack-quantized packs densely
+// (compressed-tensors >= 0.17): int3 codes straddle words, 32 codes per 3 words; use
+// packed_int32_words() for tensor sizes.
 int values_per_int32(int bits);
+// Int32 words holding n codes of `bits` bits packed as one little-endian bit stream:
+// ceil(n * bits / 32) (compressed-tensors pack_to_int32 and vLLM's packed dimension).
+int64_t packed_int32_words(int bits, int64_t n);
+// group_params() from the group's precomputed minimum and maximum (the rules only depend on
+// these); `saturated`, when given, is set when the scale overflowed its storage type and was
+// clamped (fp16: 65504; E4M3: 448).
+GroupParams group_params_from_range(const Format& f, float min, float max, float shrink = 1.f,
+                                    float global_scale = 1.f, bool* saturated = nullptr);
+// quantize_element() over n consecutive values of one group, without per-element dispatch.
+void quantize_group(const Format& f, const float* x, int64_t n, const GroupParams& p,
+                    float global_scale, uint8_t* codes);
+// sum over the group of |x - dequantize(quantize(x))|^norm, in double (the clip-search error).
+double group_error(const Format& f, const float* x, int64_t n, const GroupParams& p,
+                   float global_scale, float norm);
 // nvfp4's per-tensor global scale for a tensor (or a fused set of tensors) whose absmax is `amax`
 // (compressed-tensors convention: global = 448*6/amax; 1 when amax is 0).
 float nvfp4_global_scale(float amax);
@@ -81,6 +98,9 @@ struct QuantizedWeight {
   std::vector<GroupParams> params;  // rows*groups_per_row, row-major
   float global_scale = 1.f;       // nvfp4 only
   std::vector<int32_t> g_idx;     // optional: group of each input column (act-order); empty = c/gs
+  // Groups whose scale overflowed its storage type and was clamped (set by rtn_quantize; fp16
+  // scales of groups with |w| beyond ~65504*D): their largest weights clip. Callers may warn.
+  int64_t saturated_scales = 0;
 
   int64_t group_of(int64_t col) const;
   std::vector<float> dequantize() const;  // rows*cols fp32

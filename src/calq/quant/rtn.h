@@ -10,7 +10,10 @@ namespace calq::quant {
 struct RtnOptions {
   // Clipping search: for each group try shrink factors s_i = 1 - i*(1-clip_min)/(clip_grid-1),
   // i = 0..clip_grid-1, and keep the one minimising sum |w - q(w)|^clip_norm. The scale is rounded
-  // to its storage type for every candidate, so the error is the error of what is stored.
+  // to its storage type for every candidate, so the error is the error of what is stored. Ties
+  // keep the earlier (larger) candidate, so the result is never worse than plain absmax. A
+  // candidate whose stored parameters repeat the previous one's is skipped; for mxfp4 (power-of-two
+  // scales) that leaves only the grid's distinct exponents: with clip_min 0.5, E0 and E0 - 1.
   bool clip_search = false;
   int clip_grid = 20;
   float clip_min = 0.5f;
