@@ -17,8 +17,7 @@
 #endif
 
 // Codes must be bit-identical to the spec's fp32/double arithmetic; fusing a*b+c into an FMA
-// (GCC's default outside ISO mode, or with -march flags) would change rounding.
-#pragma GCC optimize("fp-contract=off")
+// would change rounding, so the library is compiled with -ffp-contract=off (CMakeLists.txt).
 
 namespace calq::quant {
 
@@ -798,7 +797,8 @@ QuantizedWeight unpack(const Format& f, const std::map<std::string, TensorView>&
                "{}: {}.{} holds {} bytes, expected {}", what, what, d.suffix, v.nbytes,
                static_cast<size_t>(shape_numel(d.shape)) * dtype_size(d.dtype));
   }
-  for (const auto& [name, v] : t) {
+  for (const auto& entry : t) {
+    const std::string& name = entry.first;  // not a structured binding: clang 14 cannot capture one
     bool known = std::any_of(layout.begin(), layout.end(),
                              [&](const PackedTensorDesc& d) { return d.suffix == name; });
     CALQ_CHECK(known, "{}: unexpected tensor {}.{} for format {}", what, what, name, f.describe());

@@ -9,7 +9,8 @@
 
 #include "calq/core/error.h"
 
-#pragma GCC optimize("fp-contract=off")  // the clip-search errors must match the spec's arithmetic
+// The clip-search errors must match the spec's arithmetic: the library is compiled with
+// -ffp-contract=off (CMakeLists.txt), so no a*b+c is fused into an FMA.
 
 namespace calq::quant {
 
