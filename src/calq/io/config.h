@@ -28,11 +28,12 @@ struct ModelConfig {
   std::vector<std::string> architectures;
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
-  int64_t intermediate_size = 0;
+  int64_t intermediate_size = 0;  // dense MLP; 0 for a qwen3_moe without dense layers that omits it
   int64_t num_hidden_layers = 0;
   int64_t num_attention_heads = 0;
-  int64_t num_key_value_heads = 0;
-  int64_t head_dim = 0;  // explicit or hidden/heads
+  int64_t num_key_value_heads = 0;  // absent: the transformers class default; null: = heads
+  // head_dim: explicit; null or absent: hidden/heads (but absent for qwen3: 128, as transformers)
+  int64_t head_dim = 0;
   int64_t max_position_embeddings = 0;
   double rms_norm_eps = 1e-6;   // layer_norm_epsilon for gpt2
   double rope_theta = 10000.0;  // from rope_theta or rope_parameters.rope_theta
@@ -60,7 +61,8 @@ struct ModelConfig {
 };
 
 // Parses and validates (positive sizes, heads dividing hidden, kv heads dividing heads, ...).
-// Errors name the file and the key.
+// Errors name the file and the key. Optional keys take the defaults of the transformers config
+// class of the model_type; keys that fix tensor shapes are required.
 ModelConfig parse_config(const nlohmann::json& j, const std::string& label = "config.json");
 ModelConfig load_config(const std::filesystem::path& model_dir);
 // Reads a JSON file (errors name the file).

@@ -82,6 +82,7 @@ class Checkpoint {
  private:
   std::vector<std::shared_ptr<SafetensorsFile>> files_;
   std::vector<fs::path> shard_paths_;
+  fs::path root_;  // what open() was given, for error messages
   std::map<std::string, size_t> where_;
 };
 

@@ -48,6 +48,8 @@ std::vector<ExpectedTensor> expected_tensors(const io::ModelConfig& c) {
       bias(p + "self_attn.v_proj.bias", NKV * D);
     }
     add(p + "self_attn.o_proj.weight", {H, NQ * D});
+    // transformers gives o_proj a bias from attention_bias too, except Qwen2 (q/k/v only).
+    if (c.attention_bias && c.arch != io::Arch::Qwen2) bias(p + "self_attn.o_proj.bias", H);
     if (c.qk_norm) {
       norm(p + "self_attn.q_norm.weight", D);
       norm(p + "self_attn.k_norm.weight", D);
@@ -75,6 +77,11 @@ std::vector<ExpectedTensor> expected_tensors(const io::ModelConfig& c) {
       add(p + "mlp.gate_proj.weight", {I, H});
       add(p + "mlp.up_proj.weight", {I, H});
       add(p + "mlp.down_proj.weight", {H, I});
+      if (c.mlp_bias) {  // llama's mlp_bias
+        bias(p + "mlp.gate_proj.bias", I);
+        bias(p + "mlp.up_proj.bias", I);
+        bias(p + "mlp.down_proj.bias", H);
+      }
     }
   }
   norm("model.norm.weight", H);
