@@ -1,0 +1,217 @@
+#include "calq/quant/gptq.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <numeric>
+
+#include "calq/core/error.h"
+#include "calq/quant/linalg.h"
+
+namespace calq::quant {
+
+namespace {
+
+// The parameters of one (row, group) from its current values, as RTN chooses them.
+GroupParams choose_params(const Format& f, const float* x, int64_t n, int64_t stride, const GptqOptions& o,
+                          float global, std::vector<float>& scratch) {
+  scratch.resize(static_cast<size_t>(n));
+  float mn = 0.f, mx = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i * stride];
+    scratch[static_cast<size_t>(i)] = v;
+    mn = std::min(mn, v);
+    mx = std::max(mx, v);
+  }
+  GroupParams best = group_params_from_range(f, mn, mx, 1.f, global);
+  if (!o.clip_search || o.clip_grid <= 1) return best;
+  double best_err = group_error(f, scratch.data(), n, best, global, o.clip_norm);
+  GroupParams prev = best;
+  for (int i = 1; i < o.clip_grid; ++i) {
+    const float s = static_cast<float>(1.0 - i * (1.0 - static_cast<double>(o.clip_min)) / (o.clip_grid - 1));
+    GroupParams c = group_params_from_range(f, mn, mx, s, global);
+    if (c.scale == prev.scale && c.zero == prev.zero) continue;
+    prev = c;
+    const double e = group_error(f, scratch.data(), n, c, global, o.clip_norm);
+    if (e < best_err) {
+      best_err = e;
+      best = c;
+    }
+  }
+  return best;
+}
+
+}  // namespace
+
+GptqResult gptq_quantize(const float* w_in, int64_t rows, int64_t cols, const std::vector<double>& h_in,
+                         const Format& f, const GptqOptions& o, const std::string& what) {
+  const auto t0 = std::chrono::steady_clock::now();
+  f.check_shape(rows, cols, what);
+  CALQ_CHECK(static_cast<int64_t>(h_in.size()) == cols * cols, "{}: Hessian has {} values, expected {}×{}", what,
+             h_in.size(), cols, cols);
+  CALQ_CHECK(o.damp >= 0 && std::isfinite(o.damp), "--damp must be >= 0, got {}", o.damp);
+  CALQ_CHECK(o.block_size >= 1, "GPTQ block size must be >= 1, got {}", o.block_size);
+  const size_t R = static_cast<size_t>(rows), C = static_cast<size_t>(cols);
+  std::vector<float> W(w_in, w_in + R * C);
+  for (size_t i = 0; i < W.size(); ++i)
+    if (!std::isfinite(W[i])) fail("{}: weight {} at row {}, column {} is not finite", what, W[i], i / C, i % C);
+  std::vector<double> H = h_in;
+  for (double v : H) CALQ_CHECK(std::isfinite(v), "{}: the Hessian has a non-finite value", what);
+
+  GptqResult res;
+  QuantizedWeight& q = res.q;
+  q.format = f;
+  q.rows = rows;
+  q.cols = cols;
+  q.codes.assign(R * C, 0);
+  const int64_t G = f.groups_per_row(cols), gs = f.group_len(cols);
+  q.params.assign(R * static_cast<size_t>(G), GroupParams{});
+
+  // 1. Dead inputs.
+  for (int64_t j = 0; j < cols; ++j) {
+    if (H[j * cols + j] == 0.0) {
+      H[j * cols + j] = 1.0;
+      for (int64_t r = 0; r < rows; ++r) W[r * cols + j] = 0.f;
+      ++res.dead_inputs;
+    }
+  }
+  // nvfp4 global scale: from the (dead-zeroed) tensor unless shared.
+  float global = 1.f;
+  if (f.family == Family::NVFP4) {
+    if (o.global_scale) {
+      global = *o.global_scale;
+    } else {
+      float amax = 0.f;
+      for (float v : W) amax = std::max(amax, std::fabs(v));
+      global = nvfp4_global_scale(amax);
+    }
+    q.global_scale = global;
+  }
+  std::vector<float> scratch;
+
+  // Static groups (and per-channel): parameters from the original weights, original order.
+  const bool per_channel = f.group_size < 0;
+  const bool static_params = per_channel || (o.act_order && o.static_groups);
+  if (static_params) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t g = 0; g < G; ++g)
+        q.params[r * G + g] = choose_params(f, W.data() + r * cols + g * gs, gs, 1, o, global, scratch);
+  }
+
+  // 3. Act-order permutation (stable, so ties keep the original order).
+  std::vector<int64_t> perm(C);
+  std::iota(perm.begin(), perm.end(), 0);
+  if (o.act_order)
+    std::stable_sort(perm.begin(), perm.end(),
+                     [&](int64_t a, int64_t b) { return H[a * cols + a] > H[b * cols + b]; });
+  // Permuted copies: Wp[r][k] = W[r][perm[k]], Hp[k][l] = H[perm[k]][perm[l]].
+  std::vector<float> Wp(R * C);
+  std::vector<double> Hp(C * C);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < cols; ++k) Wp[r * cols + k] = W[r * cols + perm[k]];
+  for (int64_t k = 0; k < cols; ++k)
+    for (int64_t l = 0; l < cols; ++l) Hp[k * cols + l] = H[perm[k] * cols + perm[l]];
+
+  // 2. Damping, once.
+  double mean_diag = 0;
+  for (int64_t k = 0; k < cols; ++k) mean_diag += Hp[k * cols + k];
+  mean_diag /= static_cast<double>(cols);
+  res.damp_value = o.damp * mean_diag;
+  for (int64_t k = 0; k < cols; ++k) Hp[k * cols + k] += res.damp_value;
+
+  // 4. U = upper Cholesky factor of H⁻¹.
+  if (!spd_inverse(Hp, cols) || !cholesky_upper(Hp, cols))
+    fail("{}: the Hessian is not positive definite after damping λ = {:.3g} (damp {}): use a larger --damp or "
+         "more calibration data",
+         what, res.damp_value, o.damp);
+  std::vector<float> U(C * C);
+  for (size_t i = 0; i < U.size(); ++i) U[i] = static_cast<float>(Hp[i]);
+
+  // g_idx when groups follow the processing order.
+  const bool dynamic_act = o.act_order && !o.static_groups && !per_channel;
+  if (dynamic_act) {
+    q.g_idx.assign(C, 0);
+    for (int64_t k = 0; k < cols; ++k) q.g_idx[perm[k]] = static_cast<int32_t>(k / gs);
+  }
+
+  // 5. Column loop with lazy block updates.
+  const int64_t B = o.block_size;
+  std::vector<float> err(R * static_cast<size_t>(B));  // rows × block: err of each column
+  std::vector<float> group_buf;
+  double loss = 0;
+  for (int64_t i1 = 0; i1 < cols; i1 += B) {
+    const int64_t i2 = std::min(i1 + B, cols), count = i2 - i1;
+    for (int64_t k = i1; k < i2; ++k) {
+      const int64_t orig = perm[k];
+      // Group of this column, and whether its parameters are chosen now.
+      int64_t g;
+      if (per_channel) g = 0;
+      else if (dynamic_act) g = k / gs;
+      else g = orig / gs;
+      if (!static_params && k % gs == 0) {
+        // The group is columns k..k+gs-1 of the processing order: without act-order the original
+        // columns g·gs.., with dynamic act-order the permuted ones. Their current values are in Wp.
+        // Columns of the group past this block have not received the block's errors yet (they
+        // come with the lazy update): add them here so the parameters see the current weights.
+        const int64_t len = std::min(gs, cols - k);
+        std::vector<float>& cur = group_buf;
+        cur.resize(static_cast<size_t>(len));
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t l = 0; l < len; ++l) {
+            float v = Wp[r * cols + k + l];
+            if (k + l >= i2)
+              for (int64_t m = i1; m < k; ++m) v -= err[r * B + (m - i1)] * U[m * cols + k + l];
+            cur[static_cast<size_t>(l)] = v;
+          }
+          q.params[r * G + g] = choose_params(f, cur.data(), len, 1, o, global, scratch);
+        }
+      }
+      const float d = U[k * cols + k];
+      for (int64_t r = 0; r < rows; ++r) {
+        const float x = Wp[r * cols + k];
+        const GroupParams& p = q.params[r * G + g];
+        const uint8_t c = quantize_element(f, x, p, global);
+        const float v = dequantize_element(f, c, p, global);
+        q.codes[r * cols + orig] = c;
+        const float e = (x - v) / d;
+        loss += 0.5 * static_cast<double>(e) * e;
+        err[r * B + (k - i1)] = e;
+      }
+      // Propagate inside the block: w[:, l] -= err · U[k, l] for k < l < i2.
+      const float* urow = U.data() + k * cols;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float e = err[r * B + (k - i1)];
+        if (e == 0.f) continue;
+        float* wr = Wp.data() + r * cols;
+        for (int64_t l = k + 1; l < i2; ++l) wr[l] -= e * urow[l];
+      }
+    }
+    // Lazy update of every later column: Wp[:, i2:] -= Err[:, 0:count] · U[i1:i2, i2:].
+    if (i2 < cols)
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(rows), static_cast<int>(cols - i2),
+                  static_cast<int>(count), -1.0f, err.data(), static_cast<int>(B), U.data() + i1 * cols + i2,
+                  static_cast<int>(cols), 1.0f, Wp.data() + i2, static_cast<int>(cols));
+  }
+  res.proxy_loss = loss;
+  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return res;
+}
+
+double hessian_error(const float* w, const float* w_hat, int64_t rows, int64_t cols, const std::vector<double>& h) {
+  double total = 0;
+  std::vector<double> d(static_cast<size_t>(cols));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < cols; ++j) d[j] = static_cast<double>(w[r * cols + j]) - w_hat[r * cols + j];
+    for (int64_t i = 0; i < cols; ++i) {
+      if (d[i] == 0) continue;
+      double s = 0;
+      for (int64_t j = 0; j < cols; ++j) s += h[i * cols + j] * d[j];
+      total += d[i] * s;
+    }
+  }
+  return total;
+}
+
+}  // namespace calq::quant

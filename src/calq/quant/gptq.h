@@ -1,0 +1,60 @@
+// GPTQ (Frantar et al. 2022; reference code IST-DASLab/gptq), for every element format.
+//
+// Given W [rows × cols] and the Hessian H = XᵀX/n of the module's inputs [cols × cols]:
+//  1. dead inputs (H_jj = 0) get H_jj = 1 and W[:, j] = 0;
+//  2. λ = damp · mean(diag H) is added to the diagonal, once;
+//  3. with act-order, columns are processed in order of decreasing H_jj;
+//  4. U = the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU);
+//  5. columns are quantized one at a time: q = Q(w_j), err = (w_j − q)/U_jj, and the error is
+//     propagated to the later columns of the block (w_k −= err·U_jk); after each block of
+//     `block_size` columns, to all later columns at once (one GEMM: the "lazy batch" update);
+//  6. group parameters (scale, zero) are chosen when a group's first column comes up, from the
+//     group's current (error-updated) weights. With act-order and `static_groups`, every group's
+//     parameters are instead computed before anything is quantized, from the original weights
+//     in the original column order (so no g_idx is needed); without static groups, groups follow
+//     the processing order and the result carries g_idx.
+// Proxy loss: Σ (w − q)² / U_jj² / 2 over all elements (the reference code's "error").
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "calq/quant/format.h"
+
+namespace calq::quant {
+
+struct GptqOptions {
+  double damp = 0.01;
+  int64_t block_size = 128;
+  bool act_order = false;
+  bool static_groups = true;  // with act_order: group parameters from the original order
+  // Group-parameter choice when a group starts: absmax (min/max), or the clipping search of RTN
+  // (shrink grid, minimising Σ|w − q|^clip_norm over the group) on the group's current weights.
+  bool clip_search = false;
+  int clip_grid = 20;
+  float clip_min = 0.5f;
+  float clip_norm = 2.0f;
+  std::optional<float> global_scale;  // nvfp4: the tensor scale (shared across fused modules)
+};
+
+struct GptqResult {
+  QuantizedWeight q;
+  double proxy_loss = 0;
+  int64_t dead_inputs = 0;
+  double damp_value = 0;  // λ actually added
+  double seconds = 0;
+};
+
+// w: rows×cols fp32 row-major; h: cols×cols fp64 row-major (symmetric). Errors name `what`:
+// NaN/Inf weights or Hessian, shapes, a Hessian that is not positive definite after damping
+// (the error suggests a larger --damp).
+GptqResult gptq_quantize(const float* w, int64_t rows, int64_t cols, const std::vector<double>& h,
+                         const Format& f, const GptqOptions& opt, const std::string& what = "weight");
+
+// tr((W − Ŵ) H (W − Ŵ)ᵀ): the layer-output error the Hessian measures (for reports and tests).
+double hessian_error(const float* w, const float* w_hat, int64_t rows, int64_t cols,
+                     const std::vector<double>& h);
+
+}  // namespace calq::quant
