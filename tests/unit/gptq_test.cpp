@@ -145,22 +145,40 @@ RefResult ref_gptq(std::vector<float> W, int rows, int cols, const std::vector<d
   return out;
 }
 
+struct RefProblem {
+  const char* label;
+  std::vector<double> H;
+};
+
+// Well-conditioned, ill-conditioned (feature scales 1e-3..1e3) and rank-deficient (fewer tokens
+// than features) Hessians.
+std::vector<RefProblem> problems(int cols) {
+  std::vector<RefProblem> out;
+  out.push_back({"correlated", hessian_of(correlated_inputs(2000, cols, 1), cols)});
+  auto X = correlated_inputs(2000, cols, 11);
+  for (int t = 0; t < 2000; ++t)
+    for (int j = 0; j < cols; ++j) X[t * cols + j] *= std::pow(10.f, -3.f + 6.f * j / (cols - 1));
+  out.push_back({"ill-conditioned", hessian_of(X, cols)});
+  out.push_back({"rank-deficient", hessian_of(correlated_inputs(cols / 4, cols, 12), cols)});
+  return out;
+}
+
 TEST(Gptq, MatchesUnblockedReference) {
   const int rows = 24, cols = 64;
-  auto X = correlated_inputs(2000, cols, 1);
-  auto H = hessian_of(X, cols);
   auto W = random_weights(rows, cols, 2);
-  for (const char* name : {"int4", "int3", "fp4", "nvfp4", "mxfp4", "nf4", "int8"}) {
-    SCOPED_TRACE(name);
-    Format f = Format::parse(name, std::string(name) == "nvfp4" ? 16 : std::string(name) == "mxfp4" ? 32 : 16);
-    GptqOptions o;
-    o.block_size = 24;  // blocks that do not align with groups
-    auto got = gptq_quantize(W.data(), rows, cols, H, f, o);
-    auto ref = ref_gptq(W, rows, cols, H, f, 0.01);
-    size_t same = 0;
-    for (size_t i = 0; i < ref.codes.size(); ++i) same += got.q.codes[i] == ref.codes[i];
-    EXPECT_GE(static_cast<double>(same) / ref.codes.size(), 0.995);
-    EXPECT_NEAR(got.proxy_loss, static_cast<double>(ref.loss), 0.01 * static_cast<double>(ref.loss) + 1e-9);
+  for (auto& pr : problems(cols)) {
+    for (const char* name : {"int4", "int3", "fp4", "nvfp4", "mxfp4", "nf4", "int8"}) {
+      SCOPED_TRACE(std::string(pr.label) + " " + name);
+      Format f = Format::parse(name, std::string(name) == "mxfp4" ? 32 : 16);
+      GptqOptions o;
+      o.block_size = 24;  // blocks that do not align with groups
+      auto got = gptq_quantize(W.data(), rows, cols, pr.H, f, o);
+      auto ref = ref_gptq(W, rows, cols, pr.H, f, 0.01);
+      size_t same = 0;
+      for (size_t i = 0; i < ref.codes.size(); ++i) same += got.q.codes[i] == ref.codes[i];
+      EXPECT_EQ(same, ref.codes.size());
+      EXPECT_NEAR(got.proxy_loss, static_cast<double>(ref.loss), 1e-6 * static_cast<double>(ref.loss) + 1e-12);
+    }
   }
 }
 
@@ -231,6 +249,17 @@ TEST(Gptq, DeadInputsAndActOrderGroups) {
   const double er = hessian_error(W.data(), r.dequantize().data(), rows, cols, H);
   EXPECT_LT(hessian_error(W.data(), deq.data(), rows, cols, H), er);
   EXPECT_LT(hessian_error(W.data(), d.q.dequantize().data(), rows, cols, H), er);
+}
+
+TEST(Gptq, SingularHessianRetriesDamping) {
+  const int rows = 4, cols = 32;
+  auto W = random_weights(rows, cols, 13);
+  auto H = hessian_of(correlated_inputs(4, cols, 14), cols);  // rank 4 of 32
+  GptqOptions o;
+  o.damp = 0;
+  auto r = gptq_quantize(W.data(), rows, cols, H, Format::parse("int4", 16), o);
+  EXPECT_GT(r.damp_used, 0.0);
+  EXPECT_GT(r.damp_value, 0.0);
 }
 
 TEST(Gptq, BadInputs) {

@@ -8,6 +8,7 @@
 #include <numeric>
 
 #include "calq/core/error.h"
+#include "calq/core/log.h"
 #include "calq/quant/linalg.h"
 
 namespace calq::quant {
@@ -107,27 +108,39 @@ GptqResult gptq_quantize(const float* w_in, int64_t rows, int64_t cols, const st
     std::stable_sort(perm.begin(), perm.end(),
                      [&](int64_t a, int64_t b) { return H[a * cols + a] > H[b * cols + b]; });
   // Permuted copies: Wp[r][k] = W[r][perm[k]], Hp[k][l] = H[perm[k]][perm[l]].
-  std::vector<float> Wp(R * C);
+  // Working copies in fp64: the blocked and the unblocked algorithm then agree to ~1e-12, so the
+  // codes are the same as the reference's (tests), and the CUDA fp32 path has a precise target.
+  std::vector<double> Wp(R * C);
   std::vector<double> Hp(C * C);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t k = 0; k < cols; ++k) Wp[r * cols + k] = W[r * cols + perm[k]];
   for (int64_t k = 0; k < cols; ++k)
     for (int64_t l = 0; l < cols; ++l) Hp[k * cols + l] = H[perm[k] * cols + perm[l]];
 
-  // 2. Damping, once.
+  // 2. Damping, once: λ = damp · mean(diag H). 4. U = upper Cholesky factor of H⁻¹. When H + λI
+  // is still not positive definite, retry from the undamped H with damp ×10 (at most 3 times),
+  // saying so; the result records the damping used.
   double mean_diag = 0;
   for (int64_t k = 0; k < cols; ++k) mean_diag += Hp[k * cols + k];
   mean_diag /= static_cast<double>(cols);
-  res.damp_value = o.damp * mean_diag;
-  for (int64_t k = 0; k < cols; ++k) Hp[k * cols + k] += res.damp_value;
-
-  // 4. U = upper Cholesky factor of H⁻¹.
-  if (!spd_inverse(Hp, cols) || !cholesky_upper(Hp, cols))
-    fail("{}: the Hessian is not positive definite after damping λ = {:.3g} (damp {}): use a larger --damp or "
-         "more calibration data",
-         what, res.damp_value, o.damp);
-  std::vector<float> U(C * C);
-  for (size_t i = 0; i < U.size(); ++i) U[i] = static_cast<float>(Hp[i]);
+  const std::vector<double> undamped = Hp;
+  double damp = o.damp;
+  for (int attempt = 0;; ++attempt) {
+    res.damp_value = damp * mean_diag;
+    for (int64_t k = 0; k < cols; ++k) Hp[k * cols + k] += res.damp_value;
+    if (spd_inverse(Hp, cols) && cholesky_upper(Hp, cols)) break;
+    const double next = damp > 0 ? damp * 10 : 0.01;
+    if (attempt == 3 || !(mean_diag > 0))
+      fail("{}: the Hessian is not positive definite even with damping λ = {:.3g} (damp {}): use a larger --damp "
+           "or more calibration data",
+           what, res.damp_value, damp);
+    log_warn("{}: the Hessian is not positive definite with damp {}; retrying with damp {} (set --damp to choose)",
+             what, damp, next);
+    damp = next;
+    Hp = undamped;
+  }
+  res.damp_used = damp;
+  const std::vector<double>& U = Hp;
 
   // g_idx when groups follow the processing order.
   const bool dynamic_act = o.act_order && !o.static_groups && !per_channel;
@@ -138,7 +151,7 @@ GptqResult gptq_quantize(const float* w_in, int64_t rows, int64_t cols, const st
 
   // 5. Column loop with lazy block updates.
   const int64_t B = o.block_size;
-  std::vector<float> err(R * static_cast<size_t>(B));  // rows × block: err of each column
+  std::vector<double> err(R * static_cast<size_t>(B));  // rows × block: err of each column
   std::vector<float> group_buf;
   double loss = 0;
   for (int64_t i1 = 0; i1 < cols; i1 += B) {
@@ -160,39 +173,40 @@ GptqResult gptq_quantize(const float* w_in, int64_t rows, int64_t cols, const st
         cur.resize(static_cast<size_t>(len));
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t l = 0; l < len; ++l) {
-            float v = Wp[r * cols + k + l];
+            double v = Wp[r * cols + k + l];
             if (k + l >= i2)
               for (int64_t m = i1; m < k; ++m) v -= err[r * B + (m - i1)] * U[m * cols + k + l];
-            cur[static_cast<size_t>(l)] = v;
+            cur[static_cast<size_t>(l)] = static_cast<float>(v);
           }
           q.params[r * G + g] = choose_params(f, cur.data(), len, 1, o, global, scratch);
         }
       }
-      const float d = U[k * cols + k];
+      const double d = U[k * cols + k];
       for (int64_t r = 0; r < rows; ++r) {
-        const float x = Wp[r * cols + k];
+        const double xd = Wp[r * cols + k];
+        const float x = static_cast<float>(xd);
         const GroupParams& p = q.params[r * G + g];
         const uint8_t c = quantize_element(f, x, p, global);
         const float v = dequantize_element(f, c, p, global);
         q.codes[r * cols + orig] = c;
-        const float e = (x - v) / d;
-        loss += 0.5 * static_cast<double>(e) * e;
+        const double e = (xd - static_cast<double>(v)) / d;
+        loss += 0.5 * e * e;
         err[r * B + (k - i1)] = e;
       }
       // Propagate inside the block: w[:, l] -= err · U[k, l] for k < l < i2.
-      const float* urow = U.data() + k * cols;
+      const double* urow = U.data() + k * cols;
       for (int64_t r = 0; r < rows; ++r) {
-        const float e = err[r * B + (k - i1)];
-        if (e == 0.f) continue;
-        float* wr = Wp.data() + r * cols;
+        const double e = err[r * B + (k - i1)];
+        if (e == 0.0) continue;
+        double* wr = Wp.data() + r * cols;
         for (int64_t l = k + 1; l < i2; ++l) wr[l] -= e * urow[l];
       }
     }
     // Lazy update of every later column: Wp[:, i2:] -= Err[:, 0:count] · U[i1:i2, i2:].
     if (i2 < cols)
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(rows), static_cast<int>(cols - i2),
-                  static_cast<int>(count), -1.0f, err.data(), static_cast<int>(B), U.data() + i1 * cols + i2,
-                  static_cast<int>(cols), 1.0f, Wp.data() + i2, static_cast<int>(cols));
+      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(rows), static_cast<int>(cols - i2),
+                  static_cast<int>(count), -1.0, err.data(), static_cast<int>(B), U.data() + i1 * cols + i2,
+                  static_cast<int>(cols), 1.0, Wp.data() + i2, static_cast<int>(cols));
   }
   res.proxy_loss = loss;
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -2,7 +2,8 @@
 //
 // Given W [rows × cols] and the Hessian H = XᵀX/n of the module's inputs [cols × cols]:
 //  1. dead inputs (H_jj = 0) get H_jj = 1 and W[:, j] = 0;
-//  2. λ = damp · mean(diag H) is added to the diagonal, once;
+//  2. λ = damp · mean(diag H) is added to the diagonal, once (if H + λI is still not positive
+//     definite, the damping is retried ×10, up to 3 times, with a warning);
 //  3. with act-order, columns are processed in order of decreasing H_jj;
 //  4. U = the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU);
 //  5. columns are quantized one at a time: q = Q(w_j), err = (w_j − q)/U_jj, and the error is
@@ -44,12 +45,13 @@ struct GptqResult {
   double proxy_loss = 0;
   int64_t dead_inputs = 0;
   double damp_value = 0;  // λ actually added
+  double damp_used = 0;   // the damp factor that gave a positive definite H (after retries)
   double seconds = 0;
 };
 
-// w: rows×cols fp32 row-major; h: cols×cols fp64 row-major (symmetric). Errors name `what`:
-// NaN/Inf weights or Hessian, shapes, a Hessian that is not positive definite after damping
-// (the error suggests a larger --damp).
+// w: rows×cols fp32 row-major; h: cols×cols fp64 row-major (symmetric). The column updates run in
+// fp64. Errors name `what`: NaN/Inf weights or Hessian, shapes, a Hessian that stays indefinite
+// after the damping retries (the error suggests a larger --damp).
 GptqResult gptq_quantize(const float* w, int64_t rows, int64_t cols, const std::vector<double>& h,
                          const Format& f, const GptqOptions& opt, const std::string& what = "weight");
 
