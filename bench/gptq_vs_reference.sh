@@ -16,7 +16,7 @@ echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; threads:
 cases=()
 run() {  # name rows cols args...
   local name=$1 rows=$2 cols=$3; shift 3
-  "$PY" bench/gptq_reference.py --gptq-repo "$GPTQ_REPO" --rows "$rows" --cols "$cols" --tokens 4096 \
+  "$PY" bench/gptq_reference.py --gptq-repo "$GPTQ_REPO" --rows "$rows" --cols "$cols" --tokens $((4 * cols)) \
     --threads "$THREADS" --out "$OUT/$name.npz" "$@"
   cases+=("$OUT/$name.npz")
 }

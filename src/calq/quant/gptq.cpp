@@ -90,7 +90,7 @@ GptqResult gptq_quantize(const float* w_in, int64_t rows, int64_t cols, const st
     }
     q.global_scale = global;
   }
-  std::vector<float> scratch;
+  std::vector<float> scratch;  // for the static parameters, computed before the loop
 
   // Static groups (and per-channel): parameters from the original weights, original order.
   const bool per_channel = f.group_size < 0;
@@ -128,7 +128,7 @@ GptqResult gptq_quantize(const float* w_in, int64_t rows, int64_t cols, const st
   for (int attempt = 0;; ++attempt) {
     res.damp_value = damp * mean_diag;
     for (int64_t k = 0; k < cols; ++k) Hp[k * cols + k] += res.damp_value;
-    if (spd_inverse(Hp, cols) && cholesky_upper(Hp, cols)) break;
+    if (inverse_cholesky_upper(Hp, cols)) break;
     const double next = damp > 0 ? damp * 10 : 0.01;
     if (attempt == 3 || !(mean_diag > 0))
       fail("{}: the Hessian is not positive definite even with damping λ = {:.3g} (damp {}): use a larger --damp "
@@ -149,57 +149,54 @@ GptqResult gptq_quantize(const float* w_in, int64_t rows, int64_t cols, const st
     for (int64_t k = 0; k < cols; ++k) q.g_idx[perm[k]] = static_cast<int32_t>(k / gs);
   }
 
-  // 5. Column loop with lazy block updates.
+  // 5. Column loop with lazy block updates. Inside a block every row is independent (its updates
+  // only read its own values and U), so rows run in parallel; the lazy update is one GEMM.
   const int64_t B = o.block_size;
   std::vector<double> err(R * static_cast<size_t>(B));  // rows × block: err of each column
-  std::vector<float> group_buf;
+  // Group of processing position k.
+  auto group_at = [&](int64_t k) -> int64_t {
+    if (per_channel) return 0;
+    if (dynamic_act) return k / gs;
+    return perm[k] / gs;
+  };
   double loss = 0;
   for (int64_t i1 = 0; i1 < cols; i1 += B) {
     const int64_t i2 = std::min(i1 + B, cols), count = i2 - i1;
-    for (int64_t k = i1; k < i2; ++k) {
-      const int64_t orig = perm[k];
-      // Group of this column, and whether its parameters are chosen now.
-      int64_t g;
-      if (per_channel) g = 0;
-      else if (dynamic_act) g = k / gs;
-      else g = orig / gs;
-      if (!static_params && k % gs == 0) {
-        // The group is columns k..k+gs-1 of the processing order: without act-order the original
-        // columns g·gs.., with dynamic act-order the permuted ones. Their current values are in Wp.
-        // Columns of the group past this block have not received the block's errors yet (they
-        // come with the lazy update): add them here so the parameters see the current weights.
-        const int64_t len = std::min(gs, cols - k);
-        std::vector<float>& cur = group_buf;
-        cur.resize(static_cast<size_t>(len));
-        for (int64_t r = 0; r < rows; ++r) {
+#pragma omp parallel for schedule(static) reduction(+ : loss) if (rows * count >= 4096)
+    for (int64_t r = 0; r < rows; ++r) {
+      std::vector<float> cur, scr;
+      double* wr = Wp.data() + r * cols;
+      double* er = err.data() + r * B;
+      for (int64_t k = i1; k < i2; ++k) {
+        const int64_t g = group_at(k);
+        if (!static_params && k % gs == 0) {
+          // The group is columns k..k+gs-1 of the processing order (without act-order the original
+          // columns g·gs.., with dynamic act-order the permuted ones), at their current values.
+          // Columns past this block have not received this block's errors yet (they come with the
+          // lazy update): add them here so the parameters see the current weights.
+          const int64_t len = std::min(gs, cols - k);
+          cur.resize(static_cast<size_t>(len));
           for (int64_t l = 0; l < len; ++l) {
-            double v = Wp[r * cols + k + l];
+            double v = wr[k + l];
             if (k + l >= i2)
-              for (int64_t m = i1; m < k; ++m) v -= err[r * B + (m - i1)] * U[m * cols + k + l];
+              for (int64_t m = i1; m < k; ++m) v -= er[m - i1] * U[m * cols + k + l];
             cur[static_cast<size_t>(l)] = static_cast<float>(v);
           }
-          q.params[r * G + g] = choose_params(f, cur.data(), len, 1, o, global, scratch);
+          q.params[r * G + g] = choose_params(f, cur.data(), len, 1, o, global, scr);
         }
-      }
-      const double d = U[k * cols + k];
-      for (int64_t r = 0; r < rows; ++r) {
-        const double xd = Wp[r * cols + k];
-        const float x = static_cast<float>(xd);
+        const double xd = wr[k];
         const GroupParams& p = q.params[r * G + g];
-        const uint8_t c = quantize_element(f, x, p, global);
-        const float v = dequantize_element(f, c, p, global);
-        q.codes[r * cols + orig] = c;
-        const double e = (xd - static_cast<double>(v)) / d;
+        const uint8_t c = quantize_element(f, static_cast<float>(xd), p, global);
+        const double v = dequantize_element(f, c, p, global);
+        q.codes[r * cols + perm[k]] = c;
+        const double e = (xd - v) / U[k * cols + k];
         loss += 0.5 * e * e;
-        err[r * B + (k - i1)] = e;
-      }
-      // Propagate inside the block: w[:, l] -= err · U[k, l] for k < l < i2.
-      const double* urow = U.data() + k * cols;
-      for (int64_t r = 0; r < rows; ++r) {
-        const double e = err[r * B + (k - i1)];
-        if (e == 0.0) continue;
-        double* wr = Wp.data() + r * cols;
-        for (int64_t l = k + 1; l < i2; ++l) wr[l] -= e * urow[l];
+        er[k - i1] = e;
+        // Propagate inside the block: w[l] -= err · U[k, l] for k < l < i2.
+        if (e != 0.0) {
+          const double* urow = U.data() + k * cols;
+          for (int64_t l = k + 1; l < i2; ++l) wr[l] -= e * urow[l];
+        }
       }
     }
     // Lazy update of every later column: Wp[:, i2:] -= Err[:, 0:count] · U[i1:i2, i2:].
@@ -214,16 +211,18 @@ GptqResult gptq_quantize(const float* w_in, int64_t rows, int64_t cols, const st
 }
 
 double hessian_error(const float* w, const float* w_hat, int64_t rows, int64_t cols, const std::vector<double>& h) {
+  // Σ_r d_r H d_rᵀ with d = W − Ŵ, a block of rows at a time through one GEMM.
+  const int64_t block = 256;
+  std::vector<double> d(static_cast<size_t>(block * cols)), dh(static_cast<size_t>(block * cols));
   double total = 0;
-  std::vector<double> d(static_cast<size_t>(cols));
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < cols; ++j) d[j] = static_cast<double>(w[r * cols + j]) - w_hat[r * cols + j];
-    for (int64_t i = 0; i < cols; ++i) {
-      if (d[i] == 0) continue;
-      double s = 0;
-      for (int64_t j = 0; j < cols; ++j) s += h[i * cols + j] * d[j];
-      total += d[i] * s;
-    }
+  for (int64_t r0 = 0; r0 < rows; r0 += block) {
+    const int64_t n = std::min(block, rows - r0);
+    for (int64_t i = 0; i < n * cols; ++i)
+      d[i] = static_cast<double>(w[r0 * cols + i]) - static_cast<double>(w_hat[r0 * cols + i]);
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(n), static_cast<int>(cols),
+                static_cast<int>(cols), 1.0, d.data(), static_cast<int>(cols), h.data(), static_cast<int>(cols), 0.0,
+                dh.data(), static_cast<int>(cols));
+    for (int64_t i = 0; i < n * cols; ++i) total += d[i] * dh[i];
   }
   return total;
 }
