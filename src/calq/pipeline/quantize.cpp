@@ -124,7 +124,10 @@ QuantizeResult quantize_model(const QuantizeOptions& opt) {
       std::vector<float> w = load_linear(ck, p);
       quant::RtnOptions ro = opt.rtn;
       if (!ro.global_scale) ro.global_scale = global_scale_for(p);
-      quant::QuantizedWeight q = quant::rtn_quantize(w.data(), p.rows(), p.cols(), *p.format, ro, p.name);
+      std::optional<quant::QuantizedWeight> provided;
+      if (opt.quantizer) provided = opt.quantizer(p, w);
+      quant::QuantizedWeight q =
+          provided ? std::move(*provided) : quant::rtn_quantize(w.data(), p.rows(), p.cols(), *p.format, ro, p.name);
       tr.saturated_scales = q.saturated_scales;
       if (q.saturated_scales > 0)
         log_warn("{}: {} group scale(s) exceeded the {} scale range and were clamped; their largest "
@@ -159,6 +162,7 @@ QuantizeResult quantize_model(const QuantizeOptions& opt) {
       ignored.push_back(p.module);
   }
   nlohmann::json calq_extra = {{"version", CALQ_VERSION}, {"method", opt.method}};
+  for (auto& [k, v] : opt.config_extra.items()) calq_extra[k] = v;
   nlohmann::json cfg_out = cfg.raw;
   cfg_out["quantization_config"] = native::make_quantization_config(qmods, ignored, calq_extra);
   io::write_file_atomic(out.path() / "config.json", cfg_out.dump(2) + "\n");
@@ -217,6 +221,7 @@ QuantizeResult quantize_model(const QuantizeOptions& opt) {
     tens.push_back(t);
   }
   rep["tensors"] = tens;
+  for (auto& [k, v] : opt.report_extra.items()) rep[k] = v;
   io::write_file_atomic(out.path() / "calq_report.json", rep.dump(2) + "\n");
   res.report = rep;
   out.commit();

@@ -6,6 +6,8 @@
 #include <nlohmann/json.hpp>
 
 #include <filesystem>
+#include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,6 +26,11 @@ struct QuantizeOptions {
   bool dry_run = false;                  // print the plan, write nothing
   uint64_t max_shard_bytes = 5000000000ULL;
   std::string command_line;              // recorded in the report
+  // When set, called for every tensor the plan quantizes; a returned weight is written instead
+  // of RTN's (calibrated methods: GPTQ, MR-GPTQ, activation-aware RTN). nullopt: RTN.
+  std::function<std::optional<quant::QuantizedWeight>(const TensorPlan&, const std::vector<float>& w)> quantizer;
+  nlohmann::json report_extra = nlohmann::json::object();  // merged into calq_report.json
+  nlohmann::json config_extra = nlohmann::json::object();  // merged into quantization_config.calq
 };
 
 struct TensorResult {
