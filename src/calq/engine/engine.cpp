@@ -139,6 +139,7 @@ void attention_head(const float* q, int64_t ldq, const float* k, int64_t ldk, co
     for (int64_t j = lo; j <= hi; ++j) {
       const float* kj = k + j * ldk;
       float d = 0;
+#pragma omp simd reduction(+ : d)
       for (int64_t t = 0; t < D; ++t) d += qi[t] * kj[t];
       s[j] = d * scale;
       mx = std::max(mx, s[j]);
