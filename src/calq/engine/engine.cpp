@@ -1,0 +1,641 @@
+#include "calq/engine/engine.h"
+
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "calq/core/dtype.h"
+#include "calq/core/error.h"
+#include "calq/model/layout.h"
+
+namespace calq::engine {
+
+namespace {
+
+using io::Arch;
+
+// Y[N, out] = X[N, in] * W[out, in]^T (+ bias)
+void linear(const float* X, int64_t N, int64_t in, const float* W, int64_t out, const float* bias,
+            float* Y) {
+  if (N == 0) return;
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(N), static_cast<int>(out),
+              static_cast<int>(in), 1.0f, X, static_cast<int>(in), W, static_cast<int>(in), 0.0f, Y,
+              static_cast<int>(out));
+  if (bias) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < N; ++r)
+      for (int64_t o = 0; o < out; ++o) Y[r * out + o] += bias[o];
+  }
+}
+
+// RMSNorm as transformers: x * rsqrt(mean(x^2) + eps) in fp32, then * weight.
+void rms_norm_rows(const float* x, float* y, int64_t N, int64_t H, const float* w, double eps) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < N; ++r) {
+    const float* xr = x + r * H;
+    float* yr = y + r * H;
+    double ss = 0;
+    for (int64_t i = 0; i < H; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+    const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(H) + eps));
+    for (int64_t i = 0; i < H; ++i) yr[i] = w[i] * (xr[i] * inv);
+  }
+}
+
+void layer_norm_rows(const float* x, float* y, int64_t N, int64_t H, const float* w, const float* b,
+                     double eps) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < N; ++r) {
+    const float* xr = x + r * H;
+    float* yr = y + r * H;
+    double mean = 0, var = 0;
+    for (int64_t i = 0; i < H; ++i) mean += xr[i];
+    mean /= static_cast<double>(H);
+    for (int64_t i = 0; i < H; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+    var /= static_cast<double>(H);
+    const double inv = 1.0 / std::sqrt(var + eps);
+    for (int64_t i = 0; i < H; ++i)
+      yr[i] = static_cast<float>((xr[i] - mean) * inv) * w[i] + b[i];
+  }
+}
+
+float silu(float x) { return x / (1.0f + std::exp(-x)); }
+float gelu_tanh(float x) {
+  const double c = std::sqrt(2.0 / M_PI);
+  const double xd = x;
+  return static_cast<float>(0.5 * xd * (1.0 + std::tanh(c * (xd + 0.044715 * xd * xd * xd))));
+}
+
+std::string layer_prefix(const io::ModelConfig& c, int64_t l) {
+  return (c.arch == Arch::Gpt2 ? "transformer.h." : "model.layers.") + std::to_string(l) + ".";
+}
+
+bool check_finite(const float* x, size_t n) {
+  bool ok = true;
+#pragma omp parallel for reduction(&& : ok) schedule(static)
+  for (size_t i = 0; i < n; ++i) ok = ok && std::isfinite(x[i]);
+  return ok;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+std::vector<float> rope_inv_freq(const io::ModelConfig& c, int64_t seq_len) {
+  const int64_t D = c.head_dim;
+  const std::string& type = c.rope_scaling.type;
+  double base = c.rope_theta;
+  if (type == "dynamic") {
+    // Dynamic NTK: the base grows once the sequence exceeds the original context.
+    const double orig = c.rope_scaling.original_max_position_embeddings > 0
+                            ? static_cast<double>(c.rope_scaling.original_max_position_embeddings)
+                            : static_cast<double>(c.max_position_embeddings);
+    const double len = std::max(static_cast<double>(seq_len), orig);
+    const double f = c.rope_scaling.factor;
+    base = base * std::pow((f * len / orig) - (f - 1), static_cast<double>(D) / (D - 2));
+  } else if (!type.empty() && type != "default" && type != "linear" && type != "llama3") {
+    fail("rope scaling '{}' is not supported by the engine (default, linear, llama3, dynamic)", type);
+  }
+  // transformers: 1 / (base ** (arange(0, D, 2).float() / D)) in fp32.
+  const float fbase = static_cast<float>(base);
+  std::vector<float> inv(static_cast<size_t>(D / 2));
+  for (int64_t i = 0; i < D / 2; ++i) {
+    const float e = static_cast<float>(2 * i) / static_cast<float>(D);
+    inv[static_cast<size_t>(i)] = 1.0f / std::pow(fbase, e);
+  }
+  if (type == "linear") {
+    for (float& f : inv) f = f / static_cast<float>(c.rope_scaling.factor);
+  } else if (type == "llama3") {
+    const float factor = static_cast<float>(c.rope_scaling.factor);
+    const float lo = static_cast<float>(c.rope_scaling.low_freq_factor);
+    const float hi = static_cast<float>(c.rope_scaling.high_freq_factor);
+    const float old_len = static_cast<float>(c.rope_scaling.original_max_position_embeddings);
+    const float lo_wavelen = old_len / lo, hi_wavelen = old_len / hi;
+    for (float& f : inv) {
+      const float wavelen = static_cast<float>(2 * M_PI) / f;
+      float g = wavelen > lo_wavelen ? f / factor : f;
+      const float smooth = (old_len / wavelen - lo) / (hi - lo);
+      const float smoothed = (1 - smooth) * g / factor + smooth * g;
+      const bool medium = !(wavelen < hi_wavelen) && !(wavelen > lo_wavelen);
+      f = medium ? smoothed : g;
+    }
+  }
+  return inv;
+}
+
+void attention_head(const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v,
+                    int64_t ldv, float* out, int64_t ldo, int64_t T, int64_t D, int64_t kv_len,
+                    int64_t window, float scale) {
+  std::vector<float> s(static_cast<size_t>(T));
+  for (int64_t i = 0; i < T; ++i) {
+    int64_t hi = std::min(i, kv_len - 1);
+    int64_t lo = window > 0 ? std::max<int64_t>(0, i - window + 1) : 0;
+    float* o = out + i * ldo;
+    std::fill(o, o + D, 0.0f);
+    if (hi < lo) continue;  // a padding row with no visible key (cannot happen for real rows)
+    const float* qi = q + i * ldq;
+    float mx = -INFINITY;
+    for (int64_t j = lo; j <= hi; ++j) {
+      const float* kj = k + j * ldk;
+      float d = 0;
+#pragma omp simd reduction(+ : d)
+      for (int64_t t = 0; t < D; ++t) d += qi[t] * kj[t];
+      s[j] = d * scale;
+      mx = std::max(mx, s[j]);
+    }
+    double sum = 0;
+    for (int64_t j = lo; j <= hi; ++j) {
+      s[j] = std::exp(s[j] - mx);
+      sum += s[j];
+    }
+    const float inv = static_cast<float>(1.0 / sum);
+    for (int64_t j = lo; j <= hi; ++j) {
+      const float p = s[j] * inv;
+      const float* vj = v + j * ldv;
+      for (int64_t t = 0; t < D; ++t) o[t] += p * vj[t];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+struct Model::Impl {
+  native::Model src;
+  io::ModelConfig cfg;
+  Options opts;
+  std::map<std::string, std::vector<float>> overrides;  // module -> [out, in]
+  std::map<std::string, std::vector<float>> cache;      // tensor name -> fp32 (weights [out, in])
+  std::map<std::string, InputTransform> transforms;
+  std::vector<uint8_t> sliding;  // per layer
+
+  // Per-layer scratch of loaded tensors (dropped after the layer unless caching).
+  std::map<std::string, std::vector<float>> scratch;
+
+  bool conv1d(const std::string& module) const { return cfg.arch == Arch::Gpt2 && module.find(".ln_") == std::string::npos; }
+
+  // fp32 tensor by HF name, in HF layout, except that linear weights are [out, in].
+  const float* tensor(const std::string& name, bool is_linear_weight) {
+    if (is_linear_weight) {
+      const std::string module = name.substr(0, name.size() - 7);
+      auto o = overrides.find(module);
+      if (o != overrides.end()) return o->second.data();
+    }
+    if (auto c = cache.find(name); c != cache.end()) return c->second.data();
+    if (auto s = scratch.find(name); s != scratch.end()) return s->second.data();
+    std::vector<float> v = with_context("loading " + name, [&] { return src.load_f32(name); });
+    if (is_linear_weight && cfg.arch == Arch::Gpt2) {
+      const Shape& sh = src.entry(name).shape;  // [in, out]
+      v = transpose(v, sh[0], sh[1]);
+    }
+    auto& slot = opts.cache_weights ? cache[name] : scratch[name];
+    slot = std::move(v);
+    return slot.data();
+  }
+  const float* weight(const std::string& module) { return tensor(module + ".weight", true); }
+  const float* bias(const std::string& module) {
+    const std::string n = module + ".bias";
+    return src.contains(n) ? tensor(n, false) : nullptr;
+  }
+  void release_scratch() {
+    for (const auto& [name, v] : scratch)
+      if (!src.entry(name).format) src.checkpoint().release(name);
+    scratch.clear();
+  }
+
+  // Observes the shared input of `modules` and runs each module's matmul into outs[i].
+  void linears(const std::vector<std::string>& modules, const std::vector<int64_t>& outs_n,
+               int64_t layer, const float* x, int64_t rows, int64_t cols, const uint8_t* real,
+               Observer* obs, const std::vector<float*>& outs, int64_t expert = -1,
+               const int64_t* token_rows = nullptr, const float* rw = nullptr) {
+    bool any_transform = false;
+    for (const auto& m : modules) any_transform = any_transform || transforms.count(m);
+    auto notify = [&](std::vector<std::string> mods, const float* xx) {
+      if (!obs) return;
+      LinearInput in;
+      in.modules = std::move(mods);
+      in.layer = layer;
+      in.x = xx;
+      in.rows = rows;
+      in.cols = cols;
+      in.real = real;
+      in.expert = expert;
+      in.token_rows = token_rows;
+      in.routing_weight = rw;
+      obs->on_linear_input(in);
+    };
+    if (!any_transform) {
+      notify(modules, x);
+      for (size_t i = 0; i < modules.size(); ++i)
+        linear(x, rows, cols, weight(modules[i]), outs_n[i], bias(modules[i]), outs[i]);
+      return;
+    }
+    for (size_t i = 0; i < modules.size(); ++i) {
+      std::vector<float> xt(x, x + rows * cols);
+      if (auto t = transforms.find(modules[i]); t != transforms.end()) t->second(xt.data(), rows, cols);
+      notify({modules[i]}, xt.data());
+      linear(xt.data(), rows, cols, weight(modules[i]), outs_n[i], bias(modules[i]), outs[i]);
+    }
+  }
+
+  void attention(const Activations& h, const float* q, int64_t ldq, const float* k, int64_t ldk,
+                 const float* v, int64_t ldv, float* out, int64_t NQ, int64_t NKV, int64_t D,
+                 int64_t window) {
+    const int64_t B = h.batch, T = h.seq, groups = NQ / NKV;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+#pragma omp parallel for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t hd = 0; hd < NQ; ++hd) {
+        const int64_t kvh = hd / groups;
+        const int64_t r0 = b * T;
+        attention_head(q + r0 * ldq + hd * D, ldq, k + r0 * ldk + kvh * D, ldk, v + r0 * ldv + kvh * D,
+                       ldv, out + r0 * NQ * D + hd * D, NQ * D, T, D, h.lengths[static_cast<size_t>(b)],
+                       window, scale);
+      }
+  }
+
+  void apply_rope(float* x, int64_t ld, int64_t heads, int64_t D, const Activations& h) {
+    const std::vector<float> inv = rope_inv_freq(cfg, h.seq);
+    const int64_t half = D / 2, T = h.seq;
+    std::vector<float> cosv(static_cast<size_t>(T * half)), sinv(static_cast<size_t>(T * half));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < half; ++i) {
+        const float f = static_cast<float>(t) * inv[static_cast<size_t>(i)];
+        cosv[t * half + i] = std::cos(f);
+        sinv[t * half + i] = std::sin(f);
+      }
+    const int64_t N = h.rows();
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < N; ++r) {
+      const int64_t t = r % T;
+      for (int64_t hd = 0; hd < heads; ++hd) {
+        float* xh = x + r * ld + hd * D;
+        for (int64_t i = 0; i < half; ++i) {
+          const float c = cosv[t * half + i], s = sinv[t * half + i];
+          const float a = xh[i], b = xh[i + half];
+          xh[i] = a * c - b * s;
+          xh[i + half] = b * c + a * s;
+        }
+      }
+    }
+  }
+
+  std::vector<uint8_t> real_mask(const Activations& h) const {
+    std::vector<uint8_t> m(static_cast<size_t>(h.rows()));
+    for (int64_t r = 0; r < h.rows(); ++r) m[static_cast<size_t>(r)] = h.real(r) ? 1 : 0;
+    return m;
+  }
+
+  void run_llama_layer(int64_t l, Activations& h, Observer* obs) {
+    const std::string p = layer_prefix(cfg, l);
+    const int64_t N = h.rows(), H = cfg.hidden_size, D = cfg.head_dim;
+    const int64_t NQ = cfg.num_attention_heads, NKV = cfg.num_key_value_heads;
+    const auto real = real_mask(h);
+    std::vector<float> xn(static_cast<size_t>(N * H));
+    rms_norm_rows(h.data.data(), xn.data(), N, H, tensor(p + "input_layernorm.weight", false), cfg.rms_norm_eps);
+    std::vector<float> q(static_cast<size_t>(N * NQ * D)), k(static_cast<size_t>(N * NKV * D)),
+        v(static_cast<size_t>(N * NKV * D));
+    const std::string a = p + "self_attn.";
+    linears({a + "q_proj", a + "k_proj", a + "v_proj"}, {NQ * D, NKV * D, NKV * D}, l, xn.data(), N, H,
+            real.data(), obs, {q.data(), k.data(), v.data()});
+    if (cfg.qk_norm) {
+      rms_norm_rows(q.data(), q.data(), N * NQ, D, tensor(a + "q_norm.weight", false), cfg.rms_norm_eps);
+      rms_norm_rows(k.data(), k.data(), N * NKV, D, tensor(a + "k_norm.weight", false), cfg.rms_norm_eps);
+    }
+    apply_rope(q.data(), NQ * D, NQ, D, h);
+    apply_rope(k.data(), NKV * D, NKV, D, h);
+    std::vector<float> att(static_cast<size_t>(N * NQ * D));
+    const int64_t window = sliding[static_cast<size_t>(l)] ? cfg.sliding_window.value_or(0) : 0;
+    attention(h, q.data(), NQ * D, k.data(), NKV * D, v.data(), NKV * D, att.data(), NQ, NKV, D, window);
+    std::vector<float> o(static_cast<size_t>(N * H));
+    linears({a + "o_proj"}, {H}, l, att.data(), N, NQ * D, real.data(), obs, {o.data()});
+    add_into(h.data, o);
+    rms_norm_rows(h.data.data(), xn.data(), N, H, tensor(p + "post_attention_layernorm.weight", false),
+                  cfg.rms_norm_eps);
+    if (cfg.is_moe() && cfg.layer_is_sparse(l)) {
+      moe(l, p, xn, h, real, obs);
+    } else {
+      const int64_t I = cfg.intermediate_size;
+      const std::string m = p + "mlp.";
+      mlp_swiglu(l, m + "gate_proj", m + "up_proj", m + "down_proj", I, xn.data(), N, real.data(), obs,
+                 o.data());
+      add_into(h.data, o);
+    }
+  }
+
+  static void add_into(std::vector<float>& h, const std::vector<float>& o) {
+    const int64_t n = static_cast<int64_t>(h.size());
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) h[i] += o[i];
+  }
+
+  // out[N, H] = down(silu(gate(x)) * up(x))
+  void mlp_swiglu(int64_t l, const std::string& gate, const std::string& up, const std::string& down,
+                  int64_t I, const float* x, int64_t N, const uint8_t* real, Observer* obs, float* out,
+                  int64_t expert = -1, const int64_t* token_rows = nullptr, const float* rw = nullptr) {
+    const int64_t H = cfg.hidden_size;
+    std::vector<float> g(static_cast<size_t>(N * I)), u(static_cast<size_t>(N * I));
+    linears({gate, up}, {I, I}, l, x, N, H, real, obs, {g.data(), u.data()}, expert, token_rows, rw);
+    const int64_t n = N * I;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) g[i] = silu(g[i]) * u[i];
+    linears({down}, {H}, l, g.data(), N, I, real, obs, {out}, expert, token_rows, rw);
+  }
+
+  void moe(int64_t l, const std::string& p, const std::vector<float>& xn, Activations& h,
+           const std::vector<uint8_t>& real, Observer* obs) {
+    const bool mixtral = cfg.arch == Arch::Mixtral;
+    const std::string m = p + (mixtral ? "block_sparse_moe." : "mlp.");
+    const int64_t N = h.rows(), H = cfg.hidden_size, E = cfg.num_experts, K = cfg.num_experts_per_tok;
+    const int64_t I = mixtral ? cfg.intermediate_size : cfg.moe_intermediate_size;
+    std::vector<float> logits(static_cast<size_t>(N * E));
+    linears({m + "gate"}, {E}, l, xn.data(), N, H, real.data(), obs, {logits.data()});
+    // transformers (Qwen3MoeTopKRouter, MixtralTopKRouter): softmax over all experts in fp32,
+    // top-k of the probabilities, then (Mixtral always, Qwen3-MoE with norm_topk_prob) divide
+    // by their sum -- for Mixtral the same as a softmax over the selected logits.
+    const bool renorm = mixtral || cfg.norm_topk_prob;
+    std::vector<int32_t> sel(static_cast<size_t>(N * K));
+    std::vector<float> wts(static_cast<size_t>(N * K));
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < N; ++r) {
+      const float* lg = logits.data() + r * E;
+      const float mx = *std::max_element(lg, lg + E);
+      std::vector<float> pr(static_cast<size_t>(E));
+      double sum = 0;
+      for (int64_t e = 0; e < E; ++e) sum += (pr[e] = std::exp(lg[e] - mx));
+      for (int64_t e = 0; e < E; ++e) pr[e] = static_cast<float>(pr[e] / sum);
+      std::vector<int32_t> idx(static_cast<size_t>(E));
+      std::iota(idx.begin(), idx.end(), 0);
+      std::partial_sort(idx.begin(), idx.begin() + K, idx.end(),
+                        [&](int32_t a, int32_t b) { return pr[a] > pr[b] || (pr[a] == pr[b] && a < b); });
+      float s = 0;
+      for (int64_t j = 0; j < K; ++j) s += pr[idx[j]];
+      for (int64_t j = 0; j < K; ++j) {
+        sel[r * K + j] = idx[j];
+        wts[r * K + j] = renorm ? pr[idx[j]] / s : pr[idx[j]];
+      }
+    }
+    if (obs) {
+      Routing ro;
+      ro.layer = l;
+      ro.router = m + "gate";
+      ro.rows = N;
+      ro.num_experts = E;
+      ro.top_k = K;
+      ro.router_logits = logits.data();
+      ro.experts = sel.data();
+      ro.weights = wts.data();
+      ro.real = real.data();
+      obs->on_routing(ro);
+    }
+    for (int64_t e = 0; e < E; ++e) {
+      std::vector<int64_t> rows;
+      std::vector<float> rw;
+      for (int64_t r = 0; r < N; ++r)
+        for (int64_t j = 0; j < K; ++j)
+          if (sel[r * K + j] == e) {
+            rows.push_back(r);
+            rw.push_back(wts[r * K + j]);
+          }
+      if (rows.empty()) continue;
+      const int64_t n = static_cast<int64_t>(rows.size());
+      std::vector<float> xe(static_cast<size_t>(n * H)), ye(static_cast<size_t>(n * H));
+      std::vector<uint8_t> re(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) {
+        std::copy_n(xn.data() + rows[i] * H, H, xe.data() + i * H);
+        re[i] = real[rows[i]];
+      }
+      const std::string ep = m + "experts." + std::to_string(e) + ".";
+      if (mixtral)
+        mlp_swiglu(l, ep + "w1", ep + "w3", ep + "w2", I, xe.data(), n, re.data(), obs, ye.data(), e,
+                   rows.data(), rw.data());
+      else
+        mlp_swiglu(l, ep + "gate_proj", ep + "up_proj", ep + "down_proj", I, xe.data(), n, re.data(), obs,
+                   ye.data(), e, rows.data(), rw.data());
+      for (int64_t i = 0; i < n; ++i) {
+        float* hr = h.row(rows[i]);
+        for (int64_t c = 0; c < H; ++c) hr[c] += rw[i] * ye[i * H + c];
+      }
+    }
+  }
+
+  void run_gpt2_layer(int64_t l, Activations& h, Observer* obs) {
+    const std::string p = layer_prefix(cfg, l);
+    const int64_t N = h.rows(), H = cfg.hidden_size, NH = cfg.num_attention_heads, D = H / NH;
+    const int64_t I = cfg.intermediate_size;
+    const auto real = real_mask(h);
+    const double eps = cfg.rms_norm_eps;
+    std::vector<float> xn(static_cast<size_t>(N * H));
+    layer_norm_rows(h.data.data(), xn.data(), N, H, tensor(p + "ln_1.weight", false), tensor(p + "ln_1.bias", false), eps);
+    std::vector<float> qkv(static_cast<size_t>(N * 3 * H));
+    linears({p + "attn.c_attn"}, {3 * H}, l, xn.data(), N, H, real.data(), obs, {qkv.data()});
+    std::vector<float> att(static_cast<size_t>(N * H));
+    attention(h, qkv.data(), 3 * H, qkv.data() + H, 3 * H, qkv.data() + 2 * H, 3 * H, att.data(), NH, NH, D, 0);
+    std::vector<float> o(static_cast<size_t>(N * H));
+    linears({p + "attn.c_proj"}, {H}, l, att.data(), N, H, real.data(), obs, {o.data()});
+    add_into(h.data, o);
+    layer_norm_rows(h.data.data(), xn.data(), N, H, tensor(p + "ln_2.weight", false), tensor(p + "ln_2.bias", false), eps);
+    std::vector<float> f(static_cast<size_t>(N * I));
+    linears({p + "mlp.c_fc"}, {I}, l, xn.data(), N, H, real.data(), obs, {f.data()});
+    const int64_t n = N * I;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) f[i] = gelu_tanh(f[i]);
+    linears({p + "mlp.c_proj"}, {H}, l, f.data(), N, I, real.data(), obs, {o.data()});
+    add_into(h.data, o);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+Model::Model(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Model::Model(Model&&) noexcept = default;
+Model& Model::operator=(Model&&) noexcept = default;
+Model::~Model() = default;
+
+Model Model::load(const std::filesystem::path& dir, const Options& opts) {
+  auto impl = std::make_unique<Impl>(Impl{native::Model::open(dir), {}, opts, {}, {}, {}, {}, {}});
+  impl->cfg = impl->src.config();
+  const io::ModelConfig& c = impl->cfg;
+  if (c.arch == Arch::Gpt2) {
+    const std::string act = c.raw.value("activation_function", std::string("gelu_new"));
+    CALQ_CHECK(act == "gelu_new" || act == "gelu_pytorch_tanh", "{}: gpt2 activation_function '{}' is not supported (gelu_new)",
+               dir.string(), act);
+  } else {
+    CALQ_CHECK(c.hidden_act == "silu", "{}: hidden_act '{}' is not supported (silu)", dir.string(), c.hidden_act);
+    CALQ_CHECK(c.shared_expert_intermediate_size == 0,
+               "{}: shared experts are not supported by the engine", dir.string());
+    rope_inv_freq(c, 1);  // rejects unsupported rope scaling at load time
+  }
+  // Every tensor the architecture needs, with its shape (a missing bias would otherwise be
+  // silently treated as zero).
+  for (const auto& t : model::expected_tensors(c)) {
+    CALQ_CHECK(impl->src.contains(t.name), "{}: tensor {} is missing", dir.string(), t.name);
+    CALQ_CHECK(impl->src.entry(t.name).shape == t.shape, "{}: tensor {} has shape {}, expected {}",
+               dir.string(), t.name, shape_str(impl->src.entry(t.name).shape), shape_str(t.shape));
+  }
+  impl->sliding.assign(static_cast<size_t>(c.num_hidden_layers), 0);
+  if (c.sliding_window && c.arch != Arch::Gpt2) {
+    const auto lt = c.raw.find("layer_types");
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      bool s = true;
+      if (lt != c.raw.end() && lt->is_array() && static_cast<int64_t>(lt->size()) > l)
+        s = (*lt)[static_cast<size_t>(l)] == "sliding_attention";
+      impl->sliding[static_cast<size_t>(l)] = s ? 1 : 0;
+    }
+  }
+  return Model(std::move(impl));
+}
+
+const io::ModelConfig& Model::config() const { return impl_->cfg; }
+const native::Model& Model::source() const { return impl_->src; }
+int64_t Model::num_layers() const { return impl_->cfg.num_hidden_layers; }
+
+Activations Model::embed(const Batch& batch) const {
+  const io::ModelConfig& c = impl_->cfg;
+  CALQ_CHECK(batch.batch > 0 && batch.seq > 0, "engine: empty batch ({} x {})", batch.batch, batch.seq);
+  CALQ_CHECK(static_cast<int64_t>(batch.tokens.size()) == batch.batch * batch.seq,
+             "engine: batch has {} tokens, expected {} x {}", batch.tokens.size(), batch.batch, batch.seq);
+  CALQ_CHECK(batch.lengths.empty() || static_cast<int64_t>(batch.lengths.size()) == batch.batch,
+             "engine: {} lengths for {} sequences", batch.lengths.size(), batch.batch);
+  if (batch.seq > c.max_position_embeddings) {
+    CALQ_CHECK(impl_->opts.allow_long_context && c.arch != Arch::Gpt2,
+               "engine: sequence length {} exceeds max_position_embeddings {}{}", batch.seq,
+               c.max_position_embeddings,
+               c.arch == Arch::Gpt2 ? " (gpt2 has learned positions)" : " (Options::allow_long_context)");
+  }
+  Activations h;
+  h.batch = batch.batch;
+  h.seq = batch.seq;
+  h.hidden = c.hidden_size;
+  h.lengths = batch.lengths.empty() ? std::vector<int64_t>(static_cast<size_t>(batch.batch), batch.seq) : batch.lengths;
+  for (int64_t L : h.lengths)
+    CALQ_CHECK(L >= 1 && L <= batch.seq, "engine: sequence length {} outside 1..{}", L, batch.seq);
+  h.data.assign(static_cast<size_t>(h.rows() * h.hidden), 0.0f);
+  const std::string emb = c.arch == Arch::Gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight";
+  const native::Model& src = impl_->src;
+  const int64_t H = c.hidden_size, V = c.vocab_size;
+  std::vector<float> full;
+  std::optional<TensorView> view;
+  if (src.entry(emb).format)
+    full = src.load_f32(emb);
+  else
+    view = src.checkpoint().view(emb);
+  for (int64_t r = 0; r < h.rows(); ++r) {
+    const int32_t t = batch.tokens[static_cast<size_t>(r)];
+    CALQ_CHECK(t >= 0 && t < V, "engine: token {} at row {} outside the vocabulary (size {})", t, r, V);
+    if (view)
+      to_f32(view->data + static_cast<size_t>(t) * H * dtype_size(view->dtype), view->dtype, h.row(r),
+             static_cast<size_t>(H));
+    else
+      std::copy_n(full.data() + t * H, H, h.row(r));
+  }
+  if (c.arch == Arch::Gpt2) {
+    auto wpe = src.load_f32("transformer.wpe.weight");
+    for (int64_t r = 0; r < h.rows(); ++r) {
+      const int64_t pos = r % h.seq;
+      float* hr = h.row(r);
+      for (int64_t i = 0; i < H; ++i) hr[i] += wpe[pos * H + i];
+    }
+  }
+  return h;
+}
+
+void Model::run_layer(int64_t layer, Activations& h, Observer* observer) {
+  const io::ModelConfig& c = impl_->cfg;
+  CALQ_CHECK(layer >= 0 && layer < c.num_hidden_layers, "engine: layer {} outside 0..{}", layer,
+             c.num_hidden_layers - 1);
+  CALQ_CHECK(h.hidden == c.hidden_size && static_cast<int64_t>(h.data.size()) == h.rows() * h.hidden,
+             "engine: activations of shape [{}, {}] do not match hidden size {}", h.rows(), h.hidden,
+             c.hidden_size);
+  try {
+    if (c.arch == Arch::Gpt2)
+      impl_->run_gpt2_layer(layer, h, observer);
+    else
+      impl_->run_llama_layer(layer, h, observer);
+  } catch (...) {
+    impl_->release_scratch();
+    throw;
+  }
+  impl_->release_scratch();
+  if (impl_->opts.check_nan && !check_finite(h.data.data(), h.data.size()))
+    fail("engine: non-finite activation after decoder layer {} (the first layer producing one)", layer);
+}
+
+std::vector<float> Model::head(const Activations& h) {
+  const io::ModelConfig& c = impl_->cfg;
+  const int64_t N = h.rows(), H = c.hidden_size, V = c.vocab_size;
+  std::vector<float> xn(static_cast<size_t>(N * H));
+  const bool gpt2 = c.arch == Arch::Gpt2;
+  if (gpt2)
+    layer_norm_rows(h.data.data(), xn.data(), N, H, impl_->tensor("transformer.ln_f.weight", false),
+                    impl_->tensor("transformer.ln_f.bias", false), c.rms_norm_eps);
+  else
+    rms_norm_rows(h.data.data(), xn.data(), N, H, impl_->tensor("model.norm.weight", false), c.rms_norm_eps);
+  std::string w = "lm_head.weight";
+  if (c.tie_word_embeddings || !impl_->src.contains(w))
+    w = gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight";
+  std::vector<float> logits(static_cast<size_t>(N * V));
+  const float* W = w == "lm_head.weight" ? impl_->weight("lm_head") : impl_->tensor(w, false);
+  linear(xn.data(), N, H, W, V, nullptr, logits.data());
+  impl_->release_scratch();
+  if (impl_->opts.check_nan && !check_finite(logits.data(), logits.size()))
+    fail("engine: non-finite logits (final norm / lm head)");
+  return logits;
+}
+
+std::vector<float> Model::forward(const Batch& batch, Observer* observer) {
+  Activations h = embed(batch);
+  for (int64_t l = 0; l < num_layers(); ++l) run_layer(l, h, observer);
+  return head(h);
+}
+
+std::vector<std::string> Model::linear_modules() const {
+  const io::ModelConfig& c = impl_->cfg;
+  std::vector<std::string> out;
+  for (const auto& e : impl_->src.entries()) {
+    const std::string& n = e.name;
+    if (n.size() < 7 || n.compare(n.size() - 7, 7, ".weight") != 0 || e.shape.size() != 2) continue;
+    if (n.find(".layers.") == std::string::npos && n.find("transformer.h.") == std::string::npos) continue;
+    out.push_back(n.substr(0, n.size() - 7));
+  }
+  (void)c;
+  return out;
+}
+
+int64_t Model::in_features(const std::string& module) const {
+  const Shape& s = impl_->src.entry(module + ".weight").shape;
+  CALQ_CHECK(s.size() == 2, "engine: {} is not a linear module", module);
+  return impl_->cfg.arch == Arch::Gpt2 ? s[0] : s[1];
+}
+int64_t Model::out_features(const std::string& module) const {
+  const Shape& s = impl_->src.entry(module + ".weight").shape;
+  CALQ_CHECK(s.size() == 2, "engine: {} is not a linear module", module);
+  return impl_->cfg.arch == Arch::Gpt2 ? s[1] : s[0];
+}
+
+std::vector<float> Model::weight(const std::string& module) {
+  CALQ_CHECK(impl_->src.contains(module + ".weight"), "engine: no linear module {}", module);
+  const int64_t n = in_features(module) * out_features(module);
+  const float* w = impl_->weight(module);
+  std::vector<float> out(w, w + n);
+  impl_->release_scratch();
+  return out;
+}
+
+void Model::set_weight(const std::string& module, std::vector<float> w) {
+  CALQ_CHECK(impl_->src.contains(module + ".weight"), "engine: set_weight: no linear module {}", module);
+  const int64_t in = in_features(module), out = out_features(module);
+  CALQ_CHECK(static_cast<int64_t>(w.size()) == in * out,
+             "engine: set_weight {}: {} values, expected [{}, {}] = {}", module, w.size(), out, in, in * out);
+  impl_->overrides[module] = std::move(w);
+}
+
+void Model::clear_weight(const std::string& module) { impl_->overrides.erase(module); }
+
+void Model::set_input_transform(const std::string& module, InputTransform t) {
+  CALQ_CHECK(impl_->src.contains(module + ".weight"), "engine: set_input_transform: no linear module {}", module);
+  if (t)
+    impl_->transforms[module] = std::move(t);
+  else
+    impl_->transforms.erase(module);
+}
+
+}  // namespace calq::engine

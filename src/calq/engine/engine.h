@@ -1,0 +1,127 @@
+// CPU inference engine: fp32 forward pass of every architecture io::ModelConfig parses, from HF
+// checkpoints (bf16/fp16/fp32, sharded or not) and calq outputs (dequantized through
+// native::Model::load_f32), with a layer-by-layer API and an observer of every linear module's
+// input (the base of calibration / GPTQ). docs/engine.md describes the contract.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "calq/export/native.h"
+#include "calq/io/config.h"
+
+namespace calq::engine {
+
+// B sequences of T tokens, row-major [B, T]. `lengths` (optional, one per sequence, 1..T) marks
+// right padding: positions >= length are padding; they are computed (finite, meaningless) but
+// never seen as keys by real tokens.
+struct Batch {
+  int64_t batch = 0, seq = 0;
+  std::vector<int32_t> tokens;
+  std::vector<int64_t> lengths;  // empty: every sequence has length seq
+};
+
+// The residual stream, [batch*seq, hidden] fp32 row-major; row r is token (r / seq, r % seq).
+struct Activations {
+  int64_t batch = 0, seq = 0, hidden = 0;
+  std::vector<int64_t> lengths;  // always batch entries
+  std::vector<float> data;
+  int64_t rows() const { return batch * seq; }
+  bool real(int64_t row) const { return row % seq < lengths[static_cast<size_t>(row / seq)]; }
+  float* row(int64_t r) { return data.data() + r * hidden; }
+  const float* row(int64_t r) const { return data.data() + r * hidden; }
+};
+
+// The input of one or more linear modules that share it, exactly as multiplied with their
+// weights (after any input transform). Pointers are valid during the callback only.
+struct LinearInput {
+  std::vector<std::string> modules;  // HF module paths, e.g. model.layers.3.self_attn.q_proj
+  int64_t layer = 0;
+  const float* x = nullptr;          // [rows, cols] row-major
+  int64_t rows = 0, cols = 0;
+  const uint8_t* real = nullptr;     // [rows]: 1 for real tokens, 0 for padding
+  // MoE expert modules only (expert >= 0): the rows of x are the tokens routed to this expert;
+  // token_rows[i] is the Activations row of x's row i and routing_weight[i] its weight.
+  int64_t expert = -1;
+  const int64_t* token_rows = nullptr;
+  const float* routing_weight = nullptr;
+};
+
+// One MoE layer's routing: for every token row (padding included, as transformers routes it).
+struct Routing {
+  int64_t layer = 0;
+  std::string router;               // module path of the router (mlp.gate / block_sparse_moe.gate)
+  int64_t rows = 0, num_experts = 0, top_k = 0;
+  const float* router_logits = nullptr;  // [rows, num_experts]
+  const int32_t* experts = nullptr;      // [rows, top_k], by decreasing weight
+  const float* weights = nullptr;        // [rows, top_k]
+  const uint8_t* real = nullptr;         // [rows]
+};
+
+class Observer {
+ public:
+  virtual ~Observer() = default;
+  virtual void on_linear_input(const LinearInput& in) {}
+  virtual void on_routing(const Routing& r) {}
+};
+
+// Applied in place to a copy of a module's input [rows, cols] before its matmul (the slot for
+// online rotations such as Hadamard transforms). The weight must already be expressed in the
+// transformed basis (set_weight); modules sharing an input are then fed separately.
+using InputTransform = std::function<void(float* x, int64_t rows, int64_t cols)>;
+
+struct Options {
+  bool cache_weights = false;      // keep fp32 weights after first use (memory: 4 bytes/param)
+  bool check_nan = true;           // after each layer and the head: fail naming the first bad layer
+  bool allow_long_context = false; // allow seq > max_position_embeddings (rope models only)
+};
+
+class Model {
+ public:
+  static Model load(const std::filesystem::path& dir, const Options& opts = {});
+  Model(Model&&) noexcept;
+  Model& operator=(Model&&) noexcept;
+  ~Model();
+
+  const io::ModelConfig& config() const;
+  const native::Model& source() const;
+  int64_t num_layers() const;
+
+  Activations embed(const Batch& batch) const;
+  void run_layer(int64_t layer, Activations& h, Observer* observer = nullptr);
+  std::vector<float> head(const Activations& h);  // [rows, vocab]
+  std::vector<float> forward(const Batch& batch, Observer* observer = nullptr);
+
+  // Linear modules of the model (HF paths; router gates of MoE layers included, lm_head excluded).
+  std::vector<std::string> linear_modules() const;
+  // The fp32 weight of a linear module as [out, in] (GPT-2 Conv1D: the transpose of the stored
+  // [in, out] tensor), including any set_weight override.
+  std::vector<float> weight(const std::string& module);
+  int64_t in_features(const std::string& module) const;
+  int64_t out_features(const std::string& module) const;
+  // Replaces a linear module's weight ([out, in] fp32) for every later run; clear_weight undoes it.
+  void set_weight(const std::string& module, std::vector<float> w_out_in);
+  void clear_weight(const std::string& module);
+  void set_input_transform(const std::string& module, InputTransform t);
+
+ private:
+  struct Impl;
+  explicit Model(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Reference pieces, exposed for tests.
+// RoPE inverse frequencies as transformers computes them (fp32): default, linear, llama3, dynamic.
+std::vector<float> rope_inv_freq(const io::ModelConfig& c, int64_t seq_len);
+// Causal attention of one head: q [T, D], k/v [T, D] (strided by ld), out [T, D] (stride ldo);
+// keys j with j <= i, j < kv_len and i - j < window (window <= 0: none).
+void attention_head(const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v,
+                    int64_t ldv, float* out, int64_t ldo, int64_t T, int64_t D, int64_t kv_len,
+                    int64_t window, float scale);
+
+}  // namespace calq::engine
