@@ -19,5 +19,6 @@ const std::string& invocation();
 Command add_inspect(CLI::App& app);
 Command add_quantize(CLI::App& app);
 Command add_generate(CLI::App& app);
+Command add_tokenize(CLI::App& app);
 
 }  // namespace calq::cli

@@ -32,7 +32,7 @@ int main(int argc, char** argv) {
   app.add_flag("-v,--verbose", verbose, "Print debug messages");
 
   std::vector<calq::cli::Command> commands = {calq::cli::add_inspect(app), calq::cli::add_quantize(app),
-                                                calq::cli::add_generate(app)};
+                                                calq::cli::add_generate(app), calq::cli::add_tokenize(app)};
 
   try {
     app.parse(argc, argv);
