@@ -20,5 +20,9 @@ Command add_inspect(CLI::App& app);
 Command add_quantize(CLI::App& app);
 Command add_generate(CLI::App& app);
 Command add_export(CLI::App& app);
+Command add_tokenize(CLI::App& app);
+Command add_data(CLI::App& app);
+Command add_eval(CLI::App& app);
+Command add_calibrate(CLI::App& app);
 
 }  // namespace calq::cli

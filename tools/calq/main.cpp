@@ -32,7 +32,9 @@ int main(int argc, char** argv) {
   app.add_flag("-v,--verbose", verbose, "Print debug messages");
 
   std::vector<calq::cli::Command> commands = {calq::cli::add_inspect(app), calq::cli::add_quantize(app),
-                                                calq::cli::add_generate(app), calq::cli::add_export(app)};
+                                                calq::cli::add_generate(app), calq::cli::add_export(app),
+                                                calq::cli::add_tokenize(app), calq::cli::add_data(app),
+                                                calq::cli::add_eval(app), calq::cli::add_calibrate(app)};
 
   try {
     app.parse(argc, argv);
