@@ -47,6 +47,11 @@ class ByteTokenizer : public calq::text::Tokenizer {
   std::optional<int32_t> eos_id() const override { return 2; }
   bool adds_bos() const override { return adds_bos_; }
   std::string describe() const override { return "bytes"; }
+  std::string id_to_token(int32_t id) const override { return id >= 3 ? std::string(1, static_cast<char>(id - 3)) : ""; }
+  std::optional<int32_t> token_to_id(std::string_view t) const override {
+    if (t.size() == 1) return static_cast<unsigned char>(t[0]) + 3;
+    return std::nullopt;
+  }
 
  private:
   bool adds_bos_;

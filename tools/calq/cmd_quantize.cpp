@@ -3,6 +3,7 @@
 
 #include "calq/core/error.h"
 #include "calq/core/log.h"
+#include "calq/pipeline/calibrated.h"
 #include "calq/pipeline/quantize.h"
 #include "commands.h"
 
@@ -44,11 +45,23 @@ Command add_quantize(CLI::App& app) {
     int clip_grid = 20;
     float clip_min = 0.5f, clip_norm = 2.0f;
     std::vector<std::string> keep, overrides;
+    // calibrated methods
+    std::string calibration = "bartowski-v3", packing = "concatenate";
+    size_t samples = 128, seq_len = 512;
+    uint64_t seed = 0;
+    int64_t calib_batch = 8, min_tokens = 16, block = 128;
+    double damp = 0.01;
+    bool act_order = false, no_static_groups = false, no_true_sequential = false, unquantized_inputs = false,
+         offline = false;
   };
   auto a = std::make_shared<Args>();
   sub->add_option("-i,--input", a->input, "Input model directory (HF safetensors + config.json)")->required();
   sub->add_option("-o,--output", a->output, "Output directory (created atomically)")->required();
-  sub->add_option("--method", a->method, "Quantization method: rtn")->capture_default_str();
+  sub->add_option("--method", a->method,
+                  "rtn: round to nearest; gptq: GPTQ with Hessians from calibration text (layer by layer, "
+                  "true-sequential)")
+      ->check(CLI::IsMember({"rtn", "gptq"}))
+      ->capture_default_str();
   sub->add_option("-f,--format", a->format,
                   "Element format: int2, int3, int4, int8, fp4 (E2M1 + fp16 group scales), nvfp4 "
                   "(E2M1, g16, E4M3 scales, fp32 tensor scale), mxfp4 (E2M1, g32, E8M0 scales), nf4, "
@@ -79,6 +92,31 @@ Command add_quantize(CLI::App& app) {
   sub->add_flag("--overwrite", a->overwrite, "Replace the output directory if it exists");
   sub->add_flag("--dry-run", a->dry, "Print the plan (format of every tensor) and write nothing");
   sub->add_option("--max-shard-size", a->shard, "Largest output shard, e.g. 5GB, 500MB")->capture_default_str();
+  auto* cal = "Calibration (gptq)";
+  sub->add_option("--calibration", a->calibration,
+                  "Calibration text: bartowski-v3, wikitext2[:split] (train by default), c4[:N], or a file (docs/datasets.md)")
+      ->capture_default_str()->group(cal);
+  sub->add_option("--samples", a->samples, "Calibration sequences")->capture_default_str()->group(cal);
+  sub->add_option("--seq-len", a->seq_len, "Tokens per calibration sequence")->capture_default_str()->group(cal);
+  sub->add_option("--seed", a->seed, "Seed of the calibration sample shuffle")->capture_default_str()->group(cal);
+  sub->add_option("--packing", a->packing, "concatenate (token stream cut into sequences) or per-sample (padded)")
+      ->check(CLI::IsMember({"concatenate", "per-sample"}))->capture_default_str()->group(cal);
+  sub->add_option("--calib-batch", a->calib_batch, "Sequences per forward pass (memory)")->capture_default_str()->group(cal);
+  sub->add_option("--min-tokens", a->min_tokens, "A module seeing fewer calibration tokens is an error")
+      ->capture_default_str()->group(cal);
+  sub->add_flag("--offline", a->offline, "Never download calibration data (also CALQ_OFFLINE=1)")->group(cal);
+  auto* gq = "GPTQ";
+  sub->add_option("--damp", a->damp, "Damping: lambda = damp * mean(diag H), added once")->capture_default_str()->group(gq);
+  sub->add_option("--block-size", a->block, "Columns per lazy-update block")->capture_default_str()->group(gq);
+  sub->add_flag("--act-order", a->act_order, "Quantize columns in decreasing order of the Hessian diagonal")->group(gq);
+  sub->add_flag("--no-static-groups", a->no_static_groups,
+                "With --act-order: groups follow the processing order and the output carries g_idx "
+                "(default: static groups from the original column order)")->group(gq);
+  sub->add_flag("--no-true-sequential", a->no_true_sequential,
+                "Collect every module's Hessian of a layer in one pass (faster; later modules then see inputs "
+                "of unquantized earlier ones)")->group(gq);
+  sub->add_flag("--unquantized-inputs", a->unquantized_inputs,
+                "Feed layer i the outputs of the unquantized layers < i (default: of the quantized ones)")->group(gq);
 
   auto run = [a, sub]() -> int {
     pipeline::QuantizeOptions o;
@@ -104,6 +142,47 @@ Command add_quantize(CLI::App& app) {
     o.max_shard_bytes = parse_size(a->shard);
     o.command_line = invocation();
 
+    if (a->method == "gptq" && !o.dry_run) {
+      pipeline::GptqPipelineOptions g;
+      g.calib.source = a->calibration;
+      g.calib.select.samples = a->samples;
+      g.calib.select.seq_len = a->seq_len;
+      g.calib.select.seed = a->seed;
+      g.calib.select.packing = a->packing == "per-sample" ? data::Packing::PerSample : data::Packing::Concatenate;
+      g.calib.batch = a->calib_batch;
+      g.calib.load.allow_download = !a->offline;
+      g.min_tokens = a->min_tokens;
+      g.gptq.damp = a->damp;
+      g.gptq.block_size = a->block;
+      g.gptq.act_order = a->act_order;
+      g.gptq.static_groups = !a->no_static_groups;
+      g.gptq.clip_search = a->clip;
+      g.gptq.clip_grid = a->clip_grid;
+      g.gptq.clip_min = a->clip_min;
+      g.gptq.clip_norm = a->clip_norm;
+      g.true_sequential = !a->no_true_sequential;
+      g.quantized_inputs = !a->unquantized_inputs;
+      // The plan first (nothing written), then GPTQ on the modules it quantizes, then the writer.
+      pipeline::QuantizeOptions dry = o;
+      dry.dry_run = true;
+      const auto plan = pipeline::quantize_model(dry).plan;
+      auto results = std::make_shared<std::map<std::string, quant::QuantizedWeight>>(
+          pipeline::run_gptq(o.input, plan, g, o.report_extra));
+      o.quantizer = [results](const pipeline::TensorPlan& p,
+                              const std::vector<float>&) -> std::optional<quant::QuantizedWeight> {
+        auto it = results->find(p.name);
+        if (it == results->end()) return std::nullopt;
+        quant::QuantizedWeight q = std::move(it->second);
+        results->erase(it);
+        return q;
+      };
+      o.config_extra = {{"gptq", {{"damp", g.gptq.damp}, {"act_order", g.gptq.act_order},
+                                  {"static_groups", g.gptq.static_groups}, {"calibration", a->calibration},
+                                  {"samples", a->samples}, {"seq_len", a->seq_len}}}};
+    } else if (a->method == "rtn") {
+      for (const char* opt : {"--calibration", "--samples", "--seq-len", "--damp", "--act-order"})
+        CALQ_CHECK(sub->count(opt) == 0, "{} applies to --method gptq, not rtn", opt);
+    }
     auto r = pipeline::quantize_model(o);
     size_t nq = 0;
     for (const auto& p : r.plan) nq += p.format ? 1 : 0;

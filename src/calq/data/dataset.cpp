@@ -186,6 +186,7 @@ bool ends_with(const std::string& s, const std::string& suf) {
 
 void apply_min_chars(Dataset& d, size_t min_chars) {
   if (!min_chars) return;
+  d.metadata["min_chars"] = min_chars;
   const size_t before = d.samples.size();
   std::erase_if(d.samples, [&](const std::string& s) { return s.size() < min_chars; });
   d.dropped_short += before - d.samples.size();
@@ -501,7 +502,8 @@ std::string classify_domain(const std::string& s) {
     code += kw || punct;
   }
   if (chat >= 2 || (chat == 1 && lines.size() <= 4)) return "chat";
-  if (!lines.empty() && code * 10 >= lines.size() * 3 && lines.size() >= 2) return "code";
+  if (s.find("```") != std::string::npos) return "code";
+  if (!lines.empty() && code * 10 >= lines.size() * 3) return "code";
   size_t math_marks = 0, digits_ops = 0, letters = 0, non_ascii_letters = 0;
   for (const char* m : {"\\frac", "\\sum", "\\int", "\\sqrt", "\\(", "\\[", "$$", "^{", "_{", "\\cdot", "\\le", "\\ge"})
     for (size_t p = s.find(m); p != std::string::npos; p = s.find(m, p + 1)) ++math_marks;

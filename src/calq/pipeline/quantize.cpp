@@ -51,7 +51,7 @@ float tensor_absmax(const std::vector<float>& w) {
 
 QuantizeResult quantize_model(const QuantizeOptions& opt) {
   double t0 = now_s();
-  CALQ_CHECK(opt.method == "rtn", "--method '{}' is not available in this build; supported: rtn",
+  CALQ_CHECK(opt.method == "rtn" || opt.method == "gptq", "--method {} is not supported; supported: rtn, gptq",
              opt.method);
   CALQ_CHECK(fs::exists(opt.input), "--input {}: no such file or directory", opt.input.string());
   CALQ_CHECK(!opt.output.empty(), "--output is required");
