@@ -21,9 +21,27 @@ using io::Arch;
 void linear(const float* X, int64_t N, int64_t in, const float* W, int64_t out, const float* bias,
             float* Y) {
   if (N == 0) return;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(N), static_cast<int>(out),
-              static_cast<int>(in), 1.0f, X, static_cast<int>(in), W, static_cast<int>(in), 0.0f, Y,
-              static_cast<int>(out));
+  // The output columns are split over the OpenMP threads, each running a single-threaded sgemm:
+  // OpenBLAS's own thread pool and OpenMP's spinning threads otherwise fight over the cores
+  // (measured: 2x slower on 2 cores, bench/engine_bench.cpp).
+  const int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
+  const int64_t chunk = ((out + nt - 1) / nt + 15) / 16 * 16;
+  if (nt > 1 && out >= 64 * nt && N >= 16) {
+    const int prev = openblas_get_num_threads();
+    openblas_set_num_threads(1);
+#pragma omp parallel for schedule(static, 1) num_threads(nt)
+    for (int64_t o0 = 0; o0 < out; o0 += chunk) {
+      const int64_t n = std::min(chunk, out - o0);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(N), static_cast<int>(n),
+                  static_cast<int>(in), 1.0f, X, static_cast<int>(in), W + o0 * in, static_cast<int>(in),
+                  0.0f, Y + o0, static_cast<int>(out));
+    }
+    openblas_set_num_threads(prev);
+  } else {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(N), static_cast<int>(out),
+                static_cast<int>(in), 1.0f, X, static_cast<int>(in), W, static_cast<int>(in), 0.0f, Y,
+                static_cast<int>(out));
+  }
   if (bias) {
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < N; ++r)
