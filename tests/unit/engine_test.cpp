@@ -609,6 +609,43 @@ TEST(EngineErrors, NanReportsTheLayerAndLongContext) {
   EXPECT_THROW(m2.embed({1, 2, {1, 2}, {0}}), Error);     // length 0
 }
 
+TEST(EngineOptions, CachedWeightsGiveTheSameLogits) {
+  Expected e = load_expected(fixture("qwen3_moe_sparse"));
+  engine::Options o;
+  o.cache_weights = true;
+  auto a = engine::Model::load(fixture("qwen3_moe_sparse"), o);
+  auto b = engine::Model::load(fixture("qwen3_moe_sparse"));
+  engine::Batch batch{e.B, e.T, e.tokens, e.lengths};
+  auto la = a.forward(batch);
+  EXPECT_EQ(a.forward(batch), la);  // second run from the cache
+  EXPECT_EQ(b.forward(batch), la);
+}
+
+TEST(EngineErrors, MissingTensorIsAnError) {
+  calq_test::TempDir tmp;
+  const path src = fixture("llama_gqa");
+  calq_test::fs::copy_file(src / "config.json", tmp / "config.json");
+  auto f = io::SafetensorsFile::open(src / "model.safetensors");
+  const std::string dropped = "model.layers.1.mlp.up_proj.weight";
+  {
+    io::SafetensorsWriter w(tmp.path(), 1ull << 40, {});
+    for (const auto& t : f->tensors())
+      if (t.name != dropped) w.declare(t.name, t.dtype, t.shape);
+    for (const auto& t : f->tensors())
+      if (t.name != dropped) {
+        auto v = f->view(t.name);
+        w.write(t.name, v.data, v.nbytes);
+      }
+    w.finish();
+  }
+  try {
+    engine::Model::load(tmp.path());
+    FAIL() << "no error";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find(dropped), std::string::npos) << err.what();
+  }
+}
+
 // ---- calq quantized outputs -----------------------------------------------------------------
 TEST(EngineQuantized, CalqOutputEqualsTheDequantizedWeights) {
   calq_test::TempDir tmp;
