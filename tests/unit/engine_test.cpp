@@ -401,6 +401,14 @@ TEST(EngineObserver, DenseInputsAreTheModulesInputs) {
   auto yo = ref_linear(o.x, N, o.in.cols, m.weight("model.layers.0.self_attn.o_proj"), H);
   auto yd = ref_linear(dn.x, N, I, m.weight("model.layers.0.mlp.down_proj"), H);
   for (int64_t i = 0; i < N * H; ++i) ASSERT_NEAR(h.data[i], h0[i] + yo[i] + yd[i], 1e-5);
+  // the head: logits = observed lm_head input x lm_head weight
+  m.run_layer(1, h, nullptr);
+  Recorder rh;
+  auto logits = m.head(h, &rh);
+  const auto& hd = rh.find("lm_head");
+  EXPECT_EQ(hd.in.layer, 2);
+  auto ref = ref_linear(hd.x, N, H, m.source().load_f32("lm_head.weight"), e.V);
+  for (int64_t i = 0; i < N * e.V; ++i) ASSERT_NEAR(logits[i], ref[i], 1e-4);
 }
 
 TEST(EngineObserver, Gpt2ModuleNamesAndConv1D) {

@@ -577,7 +577,7 @@ void Model::run_layer(int64_t layer, Activations& h, Observer* observer) {
     fail("engine: non-finite activation after decoder layer {} (the first layer producing one)", layer);
 }
 
-std::vector<float> Model::head(const Activations& h) {
+std::vector<float> Model::head(const Activations& h, Observer* observer) {
   const io::ModelConfig& c = impl_->cfg;
   const int64_t N = h.rows(), H = c.hidden_size, V = c.vocab_size;
   std::vector<float> xn(static_cast<size_t>(N * H));
@@ -592,6 +592,17 @@ std::vector<float> Model::head(const Activations& h) {
     w = gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight";
   std::vector<float> logits(static_cast<size_t>(N * V));
   const float* W = w == "lm_head.weight" ? impl_->weight("lm_head") : impl_->tensor(w, false);
+  if (observer) {
+    const auto real = impl_->real_mask(h);
+    LinearInput in;
+    in.modules = {"lm_head"};
+    in.layer = c.num_hidden_layers;
+    in.x = xn.data();
+    in.rows = N;
+    in.cols = H;
+    in.real = real.data();
+    observer->on_linear_input(in);
+  }
   linear(xn.data(), N, H, W, V, nullptr, logits.data());
   impl_->release_scratch();
   if (impl_->opts.check_nan && !check_finite(logits.data(), logits.size()))
@@ -602,7 +613,7 @@ std::vector<float> Model::head(const Activations& h) {
 std::vector<float> Model::forward(const Batch& batch, Observer* observer) {
   Activations h = embed(batch);
   for (int64_t l = 0; l < num_layers(); ++l) run_layer(l, h, observer);
-  return head(h);
+  return head(h, observer);
 }
 
 std::vector<std::string> Model::linear_modules() const {
