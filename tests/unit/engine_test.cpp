@@ -401,6 +401,14 @@ TEST(EngineObserver, DenseInputsAreTheModulesInputs) {
   auto yo = ref_linear(o.x, N, o.in.cols, m.weight("model.layers.0.self_attn.o_proj"), H);
   auto yd = ref_linear(dn.x, N, I, m.weight("model.layers.0.mlp.down_proj"), H);
   for (int64_t i = 0; i < N * H; ++i) ASSERT_NEAR(h.data[i], h0[i] + yo[i] + yd[i], 1e-5);
+  // the head: logits = observed lm_head input x lm_head weight
+  m.run_layer(1, h, nullptr);
+  Recorder rh;
+  auto logits = m.head(h, &rh);
+  const auto& hd = rh.find("lm_head");
+  EXPECT_EQ(hd.in.layer, 2);
+  auto ref = ref_linear(hd.x, N, H, m.source().load_f32("lm_head.weight"), e.V);
+  for (int64_t i = 0; i < N * e.V; ++i) ASSERT_NEAR(logits[i], ref[i], 1e-4);
 }
 
 TEST(EngineObserver, Gpt2ModuleNamesAndConv1D) {
@@ -607,6 +615,43 @@ TEST(EngineErrors, NanReportsTheLayerAndLongContext) {
   EXPECT_NO_THROW(m2.embed({1, too_long, toks, {}}));
   EXPECT_THROW(m2.embed({1, 2, {1, 500}, {}}), Error);    // token outside the vocabulary
   EXPECT_THROW(m2.embed({1, 2, {1, 2}, {0}}), Error);     // length 0
+}
+
+TEST(EngineOptions, CachedWeightsGiveTheSameLogits) {
+  Expected e = load_expected(fixture("qwen3_moe_sparse"));
+  engine::Options o;
+  o.cache_weights = true;
+  auto a = engine::Model::load(fixture("qwen3_moe_sparse"), o);
+  auto b = engine::Model::load(fixture("qwen3_moe_sparse"));
+  engine::Batch batch{e.B, e.T, e.tokens, e.lengths};
+  auto la = a.forward(batch);
+  EXPECT_EQ(a.forward(batch), la);  // second run from the cache
+  EXPECT_EQ(b.forward(batch), la);
+}
+
+TEST(EngineErrors, MissingTensorIsAnError) {
+  calq_test::TempDir tmp;
+  const path src = fixture("llama_gqa");
+  calq_test::fs::copy_file(src / "config.json", tmp / "config.json");
+  auto f = io::SafetensorsFile::open(src / "model.safetensors");
+  const std::string dropped = "model.layers.1.mlp.up_proj.weight";
+  {
+    io::SafetensorsWriter w(tmp.path(), 1ull << 40, {});
+    for (const auto& t : f->tensors())
+      if (t.name != dropped) w.declare(t.name, t.dtype, t.shape);
+    for (const auto& t : f->tensors())
+      if (t.name != dropped) {
+        auto v = f->view(t.name);
+        w.write(t.name, v.data, v.nbytes);
+      }
+    w.finish();
+  }
+  try {
+    engine::Model::load(tmp.path());
+    FAIL() << "no error";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find(dropped), std::string::npos) << err.what();
+  }
 }
 
 // ---- calq quantized outputs -----------------------------------------------------------------

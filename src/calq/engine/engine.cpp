@@ -17,15 +17,39 @@ namespace {
 
 using io::Arch;
 
+// Elementwise loops smaller than this run on one thread: a parallel region costs more than the
+// work, and much more on a machine whose cores are shared (a descheduled thread stalls it).
+constexpr int64_t kParallelMin = int64_t{1} << 19;
+
 // Y[N, out] = X[N, in] * W[out, in]^T (+ bias)
 void linear(const float* X, int64_t N, int64_t in, const float* W, int64_t out, const float* bias,
             float* Y) {
   if (N == 0) return;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(N), static_cast<int>(out),
-              static_cast<int>(in), 1.0f, X, static_cast<int>(in), W, static_cast<int>(in), 0.0f, Y,
-              static_cast<int>(out));
+  // The output columns are split over the OpenMP threads, each running a single-threaded sgemm,
+  // and OpenBLAS's own thread pool is never used here: its threads keep spinning after a call
+  // and then fight OpenMP's threads for the cores (measured 2-3x slower on 2 cores).
+  const int prev = openblas_get_num_threads();
+  openblas_set_num_threads(1);
+  const int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
+  // Several chunks per thread, taken dynamically: on a shared machine a descheduled thread then
+  // holds up at most one chunk.
+  const int64_t chunk = std::max<int64_t>(64, ((out + 4 * nt - 1) / (4 * nt) + 15) / 16 * 16);
+  if (nt > 1 && out >= 64 * nt && N >= 16) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t o0 = 0; o0 < out; o0 += chunk) {
+      const int64_t n = std::min(chunk, out - o0);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(N), static_cast<int>(n),
+                  static_cast<int>(in), 1.0f, X, static_cast<int>(in), W + o0 * in, static_cast<int>(in),
+                  0.0f, Y + o0, static_cast<int>(out));
+    }
+  } else {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(N), static_cast<int>(out),
+                static_cast<int>(in), 1.0f, X, static_cast<int>(in), W, static_cast<int>(in), 0.0f, Y,
+                static_cast<int>(out));
+  }
+  openblas_set_num_threads(prev);
   if (bias) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * out >= kParallelMin)
     for (int64_t r = 0; r < N; ++r)
       for (int64_t o = 0; o < out; ++o) Y[r * out + o] += bias[o];
   }
@@ -33,7 +57,7 @@ void linear(const float* X, int64_t N, int64_t in, const float* W, int64_t out, 
 
 // RMSNorm as transformers: x * rsqrt(mean(x^2) + eps) in fp32, then * weight.
 void rms_norm_rows(const float* x, float* y, int64_t N, int64_t H, const float* w, double eps) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * H >= kParallelMin)
   for (int64_t r = 0; r < N; ++r) {
     const float* xr = x + r * H;
     float* yr = y + r * H;
@@ -46,7 +70,7 @@ void rms_norm_rows(const float* x, float* y, int64_t N, int64_t H, const float* 
 
 void layer_norm_rows(const float* x, float* y, int64_t N, int64_t H, const float* w, const float* b,
                      double eps) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * H >= kParallelMin)
   for (int64_t r = 0; r < N; ++r) {
     const float* xr = x + r * H;
     float* yr = y + r * H;
@@ -74,7 +98,7 @@ std::string layer_prefix(const io::ModelConfig& c, int64_t l) {
 
 bool check_finite(const float* x, size_t n) {
   bool ok = true;
-#pragma omp parallel for reduction(&& : ok) schedule(static)
+#pragma omp parallel for reduction(&& : ok) schedule(static) if (n >= kParallelMin)
   for (size_t i = 0; i < n; ++i) ok = ok && std::isfinite(x[i]);
   return ok;
 }
@@ -127,34 +151,41 @@ std::vector<float> rope_inv_freq(const io::ModelConfig& c, int64_t seq_len) {
 void attention_head(const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v,
                     int64_t ldv, float* out, int64_t ldo, int64_t T, int64_t D, int64_t kv_len,
                     int64_t window, float scale) {
-  std::vector<float> s(static_cast<size_t>(T));
-  for (int64_t i = 0; i < T; ++i) {
-    int64_t hi = std::min(i, kv_len - 1);
-    int64_t lo = window > 0 ? std::max<int64_t>(0, i - window + 1) : 0;
-    float* o = out + i * ldo;
-    std::fill(o, o + D, 0.0f);
-    if (hi < lo) continue;  // a padding row with no visible key (cannot happen for real rows)
-    const float* qi = q + i * ldq;
-    float mx = -INFINITY;
-    for (int64_t j = lo; j <= hi; ++j) {
-      const float* kj = k + j * ldk;
-      float d = 0;
-#pragma omp simd reduction(+ : d)
-      for (int64_t t = 0; t < D; ++t) d += qi[t] * kj[t];
-      s[j] = d * scale;
-      mx = std::max(mx, s[j]);
+  // Blocks of query rows: scores of the block against the keys it can see (sgemm), masked
+  // softmax per row, then probabilities x values (sgemm). At most kBlock x T scores at a time.
+  constexpr int64_t kBlock = 64;
+  std::vector<float> s;
+  for (int64_t i0 = 0; i0 < T; i0 += kBlock) {
+    const int64_t i1 = std::min(T, i0 + kBlock), bq = i1 - i0;
+    const int64_t kend = std::min(i1, kv_len);
+    const int64_t kstart = window > 0 ? std::max<int64_t>(0, i0 - window + 1) : 0;
+    const int64_t nk = kend - kstart;
+    if (nk <= 0) {
+      for (int64_t i = i0; i < i1; ++i) std::fill(out + i * ldo, out + i * ldo + D, 0.0f);
+      continue;
     }
-    double sum = 0;
-    for (int64_t j = lo; j <= hi; ++j) {
-      s[j] = std::exp(s[j] - mx);
-      sum += s[j];
+    s.assign(static_cast<size_t>(bq * nk), 0.0f);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(bq), static_cast<int>(nk),
+                static_cast<int>(D), scale, q + i0 * ldq, static_cast<int>(ldq), k + kstart * ldk,
+                static_cast<int>(ldk), 0.0f, s.data(), static_cast<int>(nk));
+    for (int64_t i = i0; i < i1; ++i) {
+      float* row = s.data() + (i - i0) * nk;
+      const int64_t hi = std::min(i, kv_len - 1);  // inclusive
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, i - window + 1) : 0;
+      if (hi < lo) {  // a padding row with no visible key (cannot happen for real rows)
+        std::fill(row, row + nk, 0.0f);
+        continue;
+      }
+      float mx = -INFINITY;
+      for (int64_t j = lo; j <= hi; ++j) mx = std::max(mx, row[j - kstart]);
+      double sum = 0;
+      for (int64_t j = lo; j <= hi; ++j) sum += (row[j - kstart] = std::exp(row[j - kstart] - mx));
+      const float inv = static_cast<float>(1.0 / sum);
+      for (int64_t j = kstart; j < kend; ++j) row[j - kstart] = (j >= lo && j <= hi) ? row[j - kstart] * inv : 0.0f;
     }
-    const float inv = static_cast<float>(1.0 / sum);
-    for (int64_t j = lo; j <= hi; ++j) {
-      const float p = s[j] * inv;
-      const float* vj = v + j * ldv;
-      for (int64_t t = 0; t < D; ++t) o[t] += p * vj[t];
-    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(bq), static_cast<int>(D),
+                static_cast<int>(nk), 1.0f, s.data(), static_cast<int>(nk), v + kstart * ldv,
+                static_cast<int>(ldv), 0.0f, out + i0 * ldo, static_cast<int>(ldo));
   }
 }
 
@@ -242,6 +273,8 @@ struct Model::Impl {
                  int64_t window) {
     const int64_t B = h.batch, T = h.seq, groups = NQ / NKV;
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+    const int prev = openblas_get_num_threads();
+    openblas_set_num_threads(1);  // one sgemm per (sequence, head) and thread
 #pragma omp parallel for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t hd = 0; hd < NQ; ++hd) {
@@ -251,6 +284,7 @@ struct Model::Impl {
                        ldv, out + r0 * NQ * D + hd * D, NQ * D, T, D, h.lengths[static_cast<size_t>(b)],
                        window, scale);
       }
+    openblas_set_num_threads(prev);
   }
 
   void apply_rope(float* x, int64_t ld, int64_t heads, int64_t D, const Activations& h) {
@@ -264,7 +298,7 @@ struct Model::Impl {
         sinv[t * half + i] = std::sin(f);
       }
     const int64_t N = h.rows();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * ld >= kParallelMin)
     for (int64_t r = 0; r < N; ++r) {
       const int64_t t = r % T;
       for (int64_t hd = 0; hd < heads; ++hd) {
@@ -324,7 +358,7 @@ struct Model::Impl {
 
   static void add_into(std::vector<float>& h, const std::vector<float>& o) {
     const int64_t n = static_cast<int64_t>(h.size());
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
     for (int64_t i = 0; i < n; ++i) h[i] += o[i];
   }
 
@@ -336,7 +370,7 @@ struct Model::Impl {
     std::vector<float> g(static_cast<size_t>(N * I)), u(static_cast<size_t>(N * I));
     linears({gate, up}, {I, I}, l, x, N, H, real, obs, {g.data(), u.data()}, expert, token_rows, rw);
     const int64_t n = N * I;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
     for (int64_t i = 0; i < n; ++i) g[i] = silu(g[i]) * u[i];
     linears({down}, {H}, l, g.data(), N, I, real, obs, {out}, expert, token_rows, rw);
   }
@@ -355,7 +389,7 @@ struct Model::Impl {
     const bool renorm = mixtral || cfg.norm_topk_prob;
     std::vector<int32_t> sel(static_cast<size_t>(N * K));
     std::vector<float> wts(static_cast<size_t>(N * K));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * E * 8 >= kParallelMin)
     for (int64_t r = 0; r < N; ++r) {
       const float* lg = logits.data() + r * E;
       const float mx = *std::max_element(lg, lg + E);
@@ -437,7 +471,7 @@ struct Model::Impl {
     std::vector<float> f(static_cast<size_t>(N * I));
     linears({p + "mlp.c_fc"}, {I}, l, xn.data(), N, H, real.data(), obs, {f.data()});
     const int64_t n = N * I;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
     for (int64_t i = 0; i < n; ++i) f[i] = gelu_tanh(f[i]);
     linears({p + "mlp.c_proj"}, {H}, l, f.data(), N, I, real.data(), obs, {o.data()});
     add_into(h.data, o);
@@ -559,7 +593,7 @@ void Model::run_layer(int64_t layer, Activations& h, Observer* observer) {
     fail("engine: non-finite activation after decoder layer {} (the first layer producing one)", layer);
 }
 
-std::vector<float> Model::head(const Activations& h) {
+std::vector<float> Model::head(const Activations& h, Observer* observer) {
   const io::ModelConfig& c = impl_->cfg;
   const int64_t N = h.rows(), H = c.hidden_size, V = c.vocab_size;
   std::vector<float> xn(static_cast<size_t>(N * H));
@@ -574,6 +608,17 @@ std::vector<float> Model::head(const Activations& h) {
     w = gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight";
   std::vector<float> logits(static_cast<size_t>(N * V));
   const float* W = w == "lm_head.weight" ? impl_->weight("lm_head") : impl_->tensor(w, false);
+  if (observer) {
+    const auto real = impl_->real_mask(h);
+    LinearInput in;
+    in.modules = {"lm_head"};
+    in.layer = c.num_hidden_layers;
+    in.x = xn.data();
+    in.rows = N;
+    in.cols = H;
+    in.real = real.data();
+    observer->on_linear_input(in);
+  }
   linear(xn.data(), N, H, W, V, nullptr, logits.data());
   impl_->release_scratch();
   if (impl_->opts.check_nan && !check_finite(logits.data(), logits.size()))
@@ -584,7 +629,7 @@ std::vector<float> Model::head(const Activations& h) {
 std::vector<float> Model::forward(const Batch& batch, Observer* observer) {
   Activations h = embed(batch);
   for (int64_t l = 0; l < num_layers(); ++l) run_layer(l, h, observer);
-  return head(h);
+  return head(h, observer);
 }
 
 std::vector<std::string> Model::linear_modules() const {

@@ -94,7 +94,9 @@ class Model {
 
   Activations embed(const Batch& batch) const;
   void run_layer(int64_t layer, Activations& h, Observer* observer = nullptr);
-  std::vector<float> head(const Activations& h);  // [rows, vocab]
+  // [rows, vocab]. The observer sees the lm head's input as module "lm_head", layer = num_layers()
+  // (also when the head is tied to the embedding).
+  std::vector<float> head(const Activations& h, Observer* observer = nullptr);
   std::vector<float> forward(const Batch& batch, Observer* observer = nullptr);
 
   // Linear modules of the model (HF paths; router gates of MoE layers included, lm_head excluded).
