@@ -321,7 +321,7 @@ class BpeTokenizer final : public Tokenizer {
   // cut bytes are ASCII, so UTF-8 repair is local too.
   std::vector<int32_t> encode_parallel(std::string_view text, bool add_special, int threads) const override {
     int nt = threads > 0 ? threads : omp_get_max_threads();
-    const size_t kMin = 1 << 16;
+    const size_t kMin = 1 << 14;
     if (!parallel_safe || nt <= 1 || text.size() < 2 * kMin) return encode(text, add_special);
     size_t want = std::min<size_t>(size_t(nt) * 8, text.size() / kMin);
     std::vector<size_t> cuts{0};
