@@ -389,3 +389,69 @@ TEST(Tokenizer, MalformedFilesAreNamed) {
 }
 
 }  // namespace
+
+namespace {
+
+std::unique_ptr<Tokenizer> tiny(const json& j) {
+  static int n = 0;
+  auto dir = fs::temp_directory_path() / ("calq-tok-tiny-" + std::to_string(getpid()) + "-" + std::to_string(n++));
+  fs::create_directories(dir);
+  std::ofstream(dir / "tokenizer.json") << j.dump();
+  auto t = load_tokenizer(dir / "tokenizer.json");
+  fs::remove_all(dir);
+  return t;
+}
+
+json split_tok(const std::string& behavior, bool invert) {
+  json j = json::parse(R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "-": 2, "a-": 3, "-b": 4, "--": 5},
+                           "merges": ["a -", "- b", "- -"]}})");
+  j["pre_tokenizer"] = {{"type", "Split"}, {"pattern", {{"String", "-"}}}, {"behavior", behavior}, {"invert", invert}};
+  return j;
+}
+
+}  // namespace
+
+// Split behaviours, seen through merges that only happen inside one piece.
+TEST(Tokenizer, SplitBehaviors) {
+  using V = std::vector<int32_t>;
+  EXPECT_EQ(tiny(split_tok("Isolated", false))->encode("a-b"), (V{0, 2, 1}));
+  EXPECT_EQ(tiny(split_tok("Removed", false))->encode("a-b"), (V{0, 1}));
+  EXPECT_EQ(tiny(split_tok("MergedWithPrevious", false))->encode("a-b"), (V{3, 1}));
+  EXPECT_EQ(tiny(split_tok("MergedWithNext", false))->encode("a-b"), (V{0, 4}));
+  EXPECT_EQ(tiny(split_tok("Isolated", false))->encode("a--b"), (V{0, 2, 2, 1}));
+  EXPECT_EQ(tiny(split_tok("Contiguous", false))->encode("a--b"), (V{0, 5, 1}));
+  EXPECT_EQ(tiny(split_tok("Removed", true))->encode("a-b"), (V{2}));
+  auto bad = split_tok("Sideways", false);
+  EXPECT_THROW(tiny(bad), calq::Error);
+}
+
+TEST(Tokenizer, MetaspaceByteFallbackAndStrippedAddedTokens) {
+  using V = std::vector<int32_t>;
+  json j = json::parse(R"({"model": {"type": "BPE", "vocab": {"<unk>": 0, "\u2581": 1, "a": 2, "b": 3, "\u2581a": 4,
+                           "\u2581b": 5, "<0x41>": 6, "<0xC3>": 7, "<0xA9>": 8, " ": 9, "x": 10, "<m>": 11},
+                           "merges": ["\u2581 a", "\u2581 b"], "byte_fallback": true, "unk_token": "<unk>", "fuse_unk": true},
+                           "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": true},
+                           "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always"}]}})");
+  auto t = tiny(j);
+  EXPECT_EQ(t->encode("a b"), (V{4, 5}));
+  EXPECT_EQ(t->encode("aA"), (V{4, 6}));       // 'A' is not in the vocabulary: byte fallback
+  EXPECT_EQ(t->encode("a\xc3\xa9"), (V{4, 7, 8}));  // é as two byte tokens
+  EXPECT_EQ(t->encode("a\xe2\x82\xac\xe2\x82\xac"), (V{4, 0}));  // no byte tokens for €: one fused <unk>
+  EXPECT_EQ(t->decode(V{4, 5, 6, 7, 8}), "a bA\xc3\xa9");
+  EXPECT_EQ(t->decode(V{4, 7}), "a\xef\xbf\xbd");  // a lone byte decodes to U+FFFD
+  j["pre_tokenizer"]["prepend_scheme"] = "never";
+  EXPECT_EQ(tiny(j)->encode("a b"), (V{2, 5}));
+
+  json k = json::parse(R"({"model": {"type": "BPE", "vocab": {" ": 0, "x": 1, "y": 2}, "merges": []},
+                           "added_tokens": [{"id": 3, "content": "<m>", "special": true, "lstrip": true, "rstrip": true,
+                                             "single_word": false, "normalized": false},
+                                            {"id": 4, "content": "<w>", "special": false, "lstrip": false, "rstrip": false,
+                                             "single_word": true, "normalized": false}]})");
+  auto s = tiny(k);
+  EXPECT_EQ(s->encode("x <m> y"), (V{1, 3, 2}));
+  EXPECT_EQ(s->encode("x <w> y"), (V{1, 0, 4, 0, 2}));
+  // single_word: not inside a word; then '<' 'w' '>' are text, unknown and (no unk_token) dropped
+  EXPECT_EQ(s->encode("x<w>y"), (V{1, 2}));
+  EXPECT_EQ(s->encode_plain("x <m> y"), (V{1, 0, 0, 2}));  // a special token written in the text is text
+  EXPECT_EQ(s->decode(V{1, 3, 2}, true), "xy");
+}
