@@ -16,6 +16,7 @@
 #include <array>
 #include <atomic>
 #include <fstream>
+#include <functional>
 #include <queue>
 #include <sstream>
 #include <unordered_map>
@@ -178,6 +179,7 @@ struct Added {
   std::string content;
   int32_t id;
   bool special, lstrip, rstrip, single_word, normalized;
+  std::string match = {};  // what is matched: content, or normalize(content) for normalized tokens
 };
 
 // Open-addressing map (id pair) -> (rank, merged id).
@@ -276,15 +278,16 @@ class BpeTokenizer final : public Tokenizer {
     vocab_size_ = n;
     added_by_id_.clear();
     for (size_t i = 0; i < added.size(); ++i) added_by_id_[added[i].id] = i;
+    for (auto& a : added) a.match = a.normalized && !normalizers.empty() ? normalize(a.content) : a.content;
     for (int pass = 0; pass < 2; ++pass) {
       auto& idx = by_first_[pass];
       for (auto& v : idx) v.clear();
       for (size_t i = 0; i < added.size(); ++i)
-        if (!added[i].content.empty() && added[i].normalized == (pass == 1))
-          idx[static_cast<unsigned char>(added[i].content[0])].push_back(i);
+        if (!added[i].match.empty() && added[i].normalized == (pass == 1))
+          idx[static_cast<unsigned char>(added[i].match[0])].push_back(i);
       for (auto& v : idx)
         std::stable_sort(v.begin(), v.end(),
-                         [&](size_t x, size_t y) { return added[x].content.size() > added[y].content.size(); });
+                         [&](size_t x, size_t y) { return added[x].match.size() > added[y].match.size(); });
     }
     // Parallel encoding is exact only for the known regex pre-tokenizers (see encode_parallel).
     bool ok_regex = false, ok_other = true;
@@ -321,7 +324,7 @@ class BpeTokenizer final : public Tokenizer {
   // cut bytes are ASCII, so UTF-8 repair is local too.
   std::vector<int32_t> encode_parallel(std::string_view text, bool add_special, int threads) const override {
     int nt = threads > 0 ? threads : omp_get_max_threads();
-    const size_t kMin = 1 << 16;
+    const size_t kMin = 1 << 14;
     if (!parallel_safe || nt <= 1 || text.size() < 2 * kMin) return encode(text, add_special);
     size_t want = std::min<size_t>(size_t(nt) * 8, text.size() / kMin);
     std::vector<size_t> cuts{0};
@@ -364,7 +367,8 @@ class BpeTokenizer final : public Tokenizer {
       auto it = added_by_id_.find(id);
       if (it != added_by_id_.end()) {
         if (skip_special && added[it->second].special) continue;
-        toks.push_back(added[it->second].content);
+        // As `tokenizers`: a normalized added token decodes as its normalized form.
+        toks.push_back(added[it->second].match);
       } else if (size_t(id) < vocab.size()) {
         toks.push_back(byte_level ? map_bytes(vocab[id]) : vocab[id]);
       } else {
@@ -432,9 +436,9 @@ class BpeTokenizer final : public Tokenizer {
         for (size_t c : cands) {
           const Added& a = added[c];
           if (plain && a.special) continue;
-          if (s.compare(i, a.content.size(), a.content) != 0) continue;
+          if (s.compare(i, a.match.size(), a.match) != 0) continue;
           if (a.single_word) {
-            size_t e = i + a.content.size();
+            size_t e = i + a.match.size();
             if ((i > 0 && is_word_byte(s[i - 1])) || (e < s.size() && is_word_byte(s[e]))) continue;
           }
           hit = &a;
@@ -444,7 +448,7 @@ class BpeTokenizer final : public Tokenizer {
           ++i;
           continue;
         }
-        size_t b = i, e = i + hit->content.size();
+        size_t b = i, e = i + hit->match.size();
         if (hit->lstrip)
           while (b > last && is_ws(s[b - 1])) --b;
         if (hit->rstrip)
@@ -1108,10 +1112,11 @@ std::pair<std::string, std::string> split_merge_string(const std::string& m,
 }
 
 void build_merges(BpeTokenizer& tk, const std::unordered_map<std::string, int32_t>& raw_vocab,
-                  const std::vector<std::pair<std::string, std::string>>& merges, const std::string& where) {
+                  const std::vector<std::pair<std::string, std::string>>& merges,
+                  const std::function<std::string(size_t)>& where) {
   auto id = [&](const std::string& s, size_t i) -> int32_t {
     auto it = raw_vocab.find(s);
-    if (it == raw_vocab.end()) fail("{}[{}]: merge token \"{}\" is not in the vocabulary", where, i, s);
+    if (it == raw_vocab.end()) fail("{}: merge token \"{}\" is not in the vocabulary", where(i), s);
     return it->second;
   };
   tk.merge_list.reserve(merges.size());
@@ -1122,7 +1127,7 @@ void build_merges(BpeTokenizer& tk, const std::unordered_map<std::string, int32_
     if (!tk.prefix.empty() && ab.compare(0, 0, "") == 0 && b.compare(0, tk.prefix.size(), tk.prefix) == 0)
       ab = a + b.substr(tk.prefix.size());
     auto it = raw_vocab.find(ab);
-    if (it == raw_vocab.end()) fail("{}[{}]: merged token \"{}\" is not in the vocabulary", where, i, ab);
+    if (it == raw_vocab.end()) fail("{}: merged token \"{}\" is not in the vocabulary", where(i), ab);
     tk.merge_list.emplace_back(ia, ib, uint32_t(i), it->second);
   }
 }
@@ -1247,7 +1252,7 @@ std::unique_ptr<Tokenizer> load_hf_json(const std::filesystem::path& file, const
         else if (mj[i].is_array() && mj[i].size() == 2) merges.push_back({mj[i][0].get<std::string>(), mj[i][1].get<std::string>()});
         else fail("model.merges[{}]: expected \"a b\" or [a, b]", i);
       }
-      build_merges(*tk, *vref, merges, "model.merges");
+      build_merges(*tk, *vref, merges, [](size_t i) { return fmt::format("model.merges[{}]", i); });
       if (j.contains("added_tokens") && j["added_tokens"].is_array()) {
         const auto& at = j["added_tokens"];
         for (size_t i = 0; i < at.size(); ++i) {
@@ -1279,6 +1284,7 @@ std::unique_ptr<Tokenizer> load_bpe_pair(const std::filesystem::path& vocab_file
   std::unordered_map<std::string, int32_t> written;
   for (auto it = v.begin(); it != v.end(); ++it) written[it.key()] = it.value().get<int32_t>();
   std::vector<std::pair<std::string, std::string>> merges;
+  std::vector<size_t> linenos;
   {
     std::string text = read_file(merges_file);
     std::istringstream in(text);
@@ -1289,9 +1295,10 @@ std::unique_ptr<Tokenizer> load_bpe_pair(const std::filesystem::path& vocab_file
       if (!line.empty() && line.back() == '\r') line.pop_back();
       if (line.empty() || line.rfind("#version", 0) == 0) continue;
       merges.push_back(split_merge_string(line, written, fmt::format("{}:{}", merges_file.string(), lineno)));
+      linenos.push_back(lineno);
     }
   }
-  build_merges(*tk, written, merges, merges_file.string() + ": merges");
+  build_merges(*tk, written, merges, [&](size_t i) { return fmt::format("{}:{}", merges_file.string(), linenos[i]); });
   bool llama3 = tk->vocab.size() == 128000;
   if (cfg.added_tokens_decoder.is_object())
     for (auto it = cfg.added_tokens_decoder.begin(); it != cfg.added_tokens_decoder.end(); ++it)
