@@ -177,7 +177,9 @@ TEST_F(CliErrors, BadOptions) {
   expect_failure(quantize(model(), out, "--override 'q_proj=int9'"), {"int9"}, out);
   expect_failure(quantize(model(), out, "--keep '(['"), {"--keep"}, out);
   expect_failure(quantize(tmp_ / "nope", out), {"nope"}, out);
-  expect_failure(quantize(model(), out, "--method gptq"), {"gptq"}, out);
+  expect_failure(quantize(model(), out, "--method awq"), {"awq"}, out);
+  // GPTQ needs calibration text, so a model without a tokenizer is refused before any work.
+  expect_failure(quantize(model(), out, "--method gptq"), {"tokenizer"}, out);
 }
 
 }  // namespace
