@@ -50,7 +50,7 @@ Expected load_expected(const path& dir) {
   e.V = io::load_config(dir).vocab_size;
   e.tokens = read_i32(*f, "tokens");
   for (int32_t l : read_i32(*f, "lengths")) e.lengths.push_back(l);
-  if (f->contains("logits")) {  // absent for gpt2 (tests/data/engine/README.md)
+  {
     EXPECT_EQ(f->info("logits").shape, (Shape{e.B, e.T, e.V}));
     e.logits = read_f32(*f, "logits");
     e.logits_pad = read_f32(*f, "logits_pad");
@@ -83,7 +83,7 @@ double max_rel_err(const std::vector<float>& got, const std::vector<float>& ref,
 const char* kFixtures[] = {"llama_gqa",       "llama_mha_bias_tied", "llama3_rope",      "llama_linear_rope",
                            "mistral_swa",     "qwen2_bias",          "qwen3_qknorm",     "qwen3_mha",
                            "qwen3_moe_norm",  "qwen3_moe_sparse",    "qwen3_moe_step2",  "mixtral",
-                           };
+                           "gpt2"};
 
 class Parity : public ::testing::TestWithParam<const char*> {};
 
