@@ -455,3 +455,36 @@ TEST(Tokenizer, MetaspaceByteFallbackAndStrippedAddedTokens) {
   EXPECT_EQ(s->encode_plain("x <m> y"), (V{1, 0, 0, 2}));  // a special token written in the text is text
   EXPECT_EQ(s->decode(V{1, 3, 2}, true), "xy");
 }
+
+// tokenizer_config.json: bos/eos as strings or AddedToken objects; explicit add_bos_token /
+// add_eos_token replace the post-processor's template.
+TEST(Tokenizer, TokenizerConfigBosEos) {
+  calq_test::TempDir tmp;
+  json j = tiny_json();
+  j["added_tokens"].push_back({{"id", 6}, {"content", "</s>"}, {"special", true}, {"normalized", false}});
+  std::ofstream(tmp.path() / "tokenizer.json") << j.dump();
+  using V = std::vector<int32_t>;
+  {
+    auto t = load_tokenizer(tmp.path());
+    EXPECT_EQ(t->encode("a", true), (V{5, 0}));  // the template
+    EXPECT_EQ(t->eos_id(), std::nullopt);
+  }
+  std::ofstream(tmp.path() / "tokenizer_config.json")
+      << R"({"bos_token": {"__type": "AddedToken", "content": "<s>"}, "eos_token": "</s>", "add_eos_token": true})";
+  {
+    auto t = load_tokenizer(tmp.path());
+    EXPECT_EQ(t->bos_id(), 5);
+    EXPECT_EQ(t->eos_id(), 6);
+    EXPECT_TRUE(t->adds_bos());
+    EXPECT_EQ(t->encode("a", true), (V{5, 0, 6}));
+    EXPECT_EQ(t->encode("a", false), (V{0}));
+  }
+  std::ofstream(tmp.path() / "tokenizer_config.json") << R"({"eos_token": "</s>", "add_bos_token": false})";
+  {
+    auto t = load_tokenizer(tmp.path());
+    EXPECT_FALSE(t->adds_bos());
+    EXPECT_EQ(t->encode("a", true), (V{0}));
+  }
+  std::ofstream(tmp.path() / "tokenizer_config.json") << R"({"eos_token": "<nope>"})";
+  EXPECT_THROW(load_tokenizer(tmp.path()), calq::Error);
+}

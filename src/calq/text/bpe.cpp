@@ -86,6 +86,16 @@ std::string map_bytes(std::string_view raw) {
 }
 
 // ---- PCRE2 regex (UTF + UCP, JIT) ----
+// One match block per thread, freed when the thread ends.
+pcre2_match_data* thread_match_data() {
+  struct Holder {
+    pcre2_match_data* md = pcre2_match_data_create(32, nullptr);
+    ~Holder() { pcre2_match_data_free(md); }
+  };
+  thread_local Holder h;
+  return h.md;
+}
+
 class Regex {
  public:
   explicit Regex(const std::string& pattern, const std::string& where) : pattern_(pattern) {
@@ -108,7 +118,7 @@ class Regex {
   // Calls fn(start, end) for each non-empty match, left to right.
   template <typename Fn>
   void for_each_match(std::string_view s, Fn&& fn) const {
-    thread_local pcre2_match_data* md = pcre2_match_data_create(32, nullptr);
+    pcre2_match_data* md = thread_match_data();
     size_t pos = 0;
     auto subj = reinterpret_cast<PCRE2_SPTR>(s.data());
     while (pos <= s.size()) {
@@ -151,26 +161,26 @@ enum class Behavior { Removed, Isolated, MergedWithPrevious, MergedWithNext, Con
 struct NormStep {
   enum Kind { Unicode, Lowercase, Prepend, Replace, Strip } kind;
   const icu::Normalizer2* norm = nullptr;
-  std::string a, b;  // Prepend: a; Replace: pattern a (string) -> b
-  std::shared_ptr<Regex> re;
+  std::string a = {}, b = {};  // Prepend: a; Replace: pattern a (string) -> b
+  std::shared_ptr<Regex> re = {};
   bool left = false, right = false;
 };
 
 struct PreStep {
   enum Kind { Split, ByteLevel, Metaspace } kind;
-  std::shared_ptr<Regex> re;  // Split; ByteLevel with use_regex
+  std::shared_ptr<Regex> re = {};  // Split; ByteLevel with use_regex
   Behavior behavior = Behavior::Isolated;
   bool invert = false;
   bool add_prefix_space = false;
-  std::string replacement;   // Metaspace
+  std::string replacement = {};  // Metaspace
   int prepend = 0;           // 0 always, 1 first, 2 never
   bool split = true;
 };
 
 struct DecStep {
   enum Kind { ByteLevel, Metaspace, ByteFallback, Fuse, Strip, Replace } kind;
-  std::string a, b;  // Metaspace replacement; Strip content; Replace pattern -> content
-  std::shared_ptr<Regex> re;
+  std::string a = {}, b = {};  // Metaspace replacement; Strip content; Replace pattern -> content
+  std::shared_ptr<Regex> re = {};
   int start = 0, stop = 0;
   bool prepend = true;
 };

@@ -51,9 +51,10 @@ class Tokenizer {
   // Many texts at once, in parallel (0: all cores).
   std::vector<std::vector<int32_t>> encode_batch(std::span<const std::string> texts,
                                                  bool add_special_tokens = false, int threads = 0) const;
-  // The token string of an id as the tokenizer file writes it; std::nullopt for unknown strings.
-  virtual std::string id_to_token(int32_t id) const = 0;
-  virtual std::optional<int32_t> token_to_id(std::string_view token) const = 0;
+  // The token string of an id as the tokenizer file writes it (default: its decoded text).
+  virtual std::string id_to_token(int32_t id) const { return decode(std::span<const int32_t>(&id, 1)); }
+  // The id of a token string as the tokenizer file writes it; std::nullopt when there is none.
+  virtual std::optional<int32_t> token_to_id(std::string_view token) const { return std::nullopt; }
 };
 
 // Loads a tokenizer from a model directory (tokenizer.json, else tokenizer.model, else
