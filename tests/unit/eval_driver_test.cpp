@@ -117,6 +117,37 @@ TEST(EvalDriver, KlDivergenceInProcessAndFromFile) {
   EXPECT_EQ(kf.same_top, k.same_top);
 }
 
+TEST(EvalDriver, BatchedWindowsGiveTheSameResults) {
+  Bigram base(23, 8, 2.0f), q = base;
+  std::mt19937 rng(9);
+  std::normal_distribution<float> noise(0, 0.3f);
+  for (auto& x : q.table) x += noise(rng);
+  auto tok = random_tokens(32 * 7, 23, 10);
+  auto windows = llama_chunks(tok, 32, -1, std::nullopt);
+  RunOptions one;
+  one.progress = false;
+  RunOptions batched = one;
+  batched.batch = 3;  // 7 windows: groups of 3, 3, 1
+  int calls = 0;
+  auto qf = q.fn(), bf = base.fn();
+  batched.batch_fn = [&](const std::vector<const std::vector<int32_t>*>& in, int64_t first, std::vector<float>& out) {
+    ++calls;
+    out.clear();
+    std::vector<float> part;
+    for (auto* w : in) {
+      qf(*w, first, part);
+      out.insert(out.end(), part.begin(), part.end());
+    }
+  };
+  auto a = run_perplexity(windows, 23, qf, one), b = run_perplexity(windows, 23, qf, batched);
+  EXPECT_EQ(a.ppl, b.ppl);
+  EXPECT_EQ(calls, 2);
+  auto ka = run_kl_divergence(windows, 23, qf, {&bf, nullptr}, one);
+  auto kb = run_kl_divergence(windows, 23, qf, {&bf, nullptr}, batched);
+  EXPECT_EQ(ka.kld_mean, kb.kld_mean);
+  EXPECT_EQ(ka.same_top, kb.same_top);
+}
+
 TEST(EvalDriver, NonFiniteLogitsNameTheChunk) {
   Bigram m(11, 6, 1.0f);
   auto tok = random_tokens(16 * 3, 11, 7);

@@ -38,7 +38,7 @@ uint64_t available_memory_bytes() {
 struct EvalArgs {
   std::string model, reference, metric = "perplexity", dataset = "wikitext2", method = "llama", save_logits,
               reference_logits, json_out, calibration = "bartowski-v3", field = "text";
-  int64_t ctx = 512, chunks = -1, stride = 0, samples = 16, seq_len = 512;
+  int64_t ctx = 512, chunks = -1, stride = 0, samples = 16, seq_len = 512, batch = 4;
   bool allow_long = false, offline = false;
 };
 
@@ -57,6 +57,28 @@ eval::ForwardFn engine_forward(engine::Model& m) {
     tail.hidden = h.hidden;
     tail.lengths = {tail.seq};
     tail.data.assign(h.data.begin() + first * h.hidden, h.data.end());
+    logits = m.head(tail);
+  };
+}
+
+// Several windows of equal length in one batched forward pass.
+eval::BatchForwardFn engine_batch_forward(engine::Model& m) {
+  return [&m](const std::vector<const std::vector<int32_t>*>& inputs, int64_t first, std::vector<float>& logits) {
+    engine::Batch b;
+    b.batch = static_cast<int64_t>(inputs.size());
+    b.seq = static_cast<int64_t>(inputs.front()->size());
+    for (auto* in : inputs) b.tokens.insert(b.tokens.end(), in->begin(), in->end());
+    engine::Activations h = m.embed(b);
+    for (int64_t l = 0; l < m.num_layers(); ++l) m.run_layer(l, h);
+    engine::Activations tail;
+    tail.batch = 1;
+    tail.seq = b.batch * (b.seq - first);
+    tail.hidden = h.hidden;
+    tail.lengths = {tail.seq};
+    tail.data.reserve(static_cast<size_t>(tail.seq * h.hidden));
+    for (int64_t s = 0; s < b.batch; ++s)
+      tail.data.insert(tail.data.end(), h.data.begin() + (s * b.seq + first) * h.hidden,
+                       h.data.begin() + (s + 1) * b.seq * h.hidden);
     logits = m.head(tail);
   };
 }
@@ -140,6 +162,9 @@ int run_eval(const EvalArgs& a) {
              a.model, vocab);
   auto fwd = engine_forward(m);
   eval::RunOptions ro;
+  CALQ_CHECK(a.batch >= 1, "--batch must be at least 1, got {}", a.batch);
+  ro.batch = a.batch;
+  ro.batch_fn = engine_batch_forward(m);
   eval::RunStats st;
   log_info("{}: {} chunks of {} tokens ({} method), {} threads", a.model, windows.size(), a.ctx, a.method,
            omp_get_max_threads());
@@ -243,6 +268,7 @@ Command add_eval(CLI::App& app) {
   c->add_option("--calibration", a->calibration, "layer-error: calibration source")->capture_default_str();
   c->add_option("--samples", a->samples, "layer-error: calibration sequences")->capture_default_str();
   c->add_option("--seq-len", a->seq_len, "layer-error: tokens per calibration sequence")->capture_default_str();
+  c->add_option("--batch", a->batch, "Chunks per forward pass (weights are read once per batch)")->capture_default_str();
   c->add_flag("--allow-long-context", a->allow_long, "Allow --ctx beyond max_position_embeddings");
   c->add_flag("--offline", a->offline, "Never download datasets (also CALQ_OFFLINE=1)");
   return {c, [a]() { return run_eval(*a); }};

@@ -25,29 +25,11 @@ constexpr int64_t kParallelMin = int64_t{1} << 19;
 void linear(const float* X, int64_t N, int64_t in, const float* W, int64_t out, const float* bias,
             float* Y) {
   if (N == 0) return;
-  // The output columns are split over the OpenMP threads, each running a single-threaded sgemm,
-  // and OpenBLAS's own thread pool is never used here: its threads keep spinning after a call
-  // and then fight OpenMP's threads for the cores (measured 2-3x slower on 2 cores).
-  const int prev = openblas_get_num_threads();
-  openblas_set_num_threads(1);
-  const int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
-  // Several chunks per thread, taken dynamically: on a shared machine a descheduled thread then
-  // holds up at most one chunk.
-  const int64_t chunk = std::max<int64_t>(64, ((out + 4 * nt - 1) / (4 * nt) + 15) / 16 * 16);
-  if (nt > 1 && out >= 64 * nt && N >= 16) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-    for (int64_t o0 = 0; o0 < out; o0 += chunk) {
-      const int64_t n = std::min(chunk, out - o0);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(N), static_cast<int>(n),
-                  static_cast<int>(in), 1.0f, X, static_cast<int>(in), W + o0 * in, static_cast<int>(in),
-                  0.0f, Y + o0, static_cast<int>(out));
-    }
-  } else {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(N), static_cast<int>(out),
-                static_cast<int>(in), 1.0f, X, static_cast<int>(in), W, static_cast<int>(in), 0.0f, Y,
-                static_cast<int>(out));
-  }
-  openblas_set_num_threads(prev);
+  // OpenBLAS is linked in its OpenMP build (CMakeLists.txt): it threads the product on calq's own
+  // OpenMP pool, and runs single-threaded when called inside a parallel region.
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(N), static_cast<int>(out),
+              static_cast<int>(in), 1.0f, X, static_cast<int>(in), W, static_cast<int>(in), 0.0f, Y,
+              static_cast<int>(out));
   if (bias) {
 #pragma omp parallel for schedule(static) if (N * out >= kParallelMin)
     for (int64_t r = 0; r < N; ++r)

@@ -10,18 +10,48 @@ namespace calq::eval {
 
 namespace {
 
-// Runs the model on window w and checks the shape and for NaN/Inf.
-void forward(const ForwardFn& model, const Window& w, size_t index, int64_t vocab, std::vector<float>& logits,
-             const char* who) {
-  model(w.input, w.scored_from, logits);
-  const size_t rows = w.input.size() - static_cast<size_t>(w.scored_from);
-  CALQ_CHECK(logits.size() == rows * static_cast<size_t>(vocab),
-             "{} model returned {} logits for {} rows of vocab {} (chunk {})", who, logits.size(), rows, vocab,
-             index + 1);
-  for (size_t i = 0; i < logits.size(); ++i)
-    if (!std::isfinite(logits[i]))
-      fail("{} model: non-finite logit ({}) in chunk {} at position {}, token id {}", who, logits[i], index + 1,
-           static_cast<int64_t>(i / static_cast<size_t>(vocab)) + w.scored_from, i % static_cast<size_t>(vocab));
+// Computes the logits of windows [c0, c1) (one call per window, or batched) into `logits`, one
+// window after the other, and checks their shape and that they are finite.
+void forward_group(const ForwardFn& model, const RunOptions& o, const std::vector<Window>& ws, size_t c0, size_t c1,
+                   int64_t vocab, std::vector<float>& logits, const char* who) {
+  size_t expected = 0;
+  for (size_t c = c0; c < c1; ++c) expected += (ws[c].input.size() - static_cast<size_t>(ws[c].scored_from));
+  expected *= static_cast<size_t>(vocab);
+  if (c1 - c0 > 1) {
+    std::vector<const std::vector<int32_t>*> in;
+    for (size_t c = c0; c < c1; ++c) in.push_back(&ws[c].input);
+    o.batch_fn(in, ws[c0].scored_from, logits);
+  } else {
+    model(ws[c0].input, ws[c0].scored_from, logits);
+  }
+  CALQ_CHECK(logits.size() == expected, "{} model returned {} logits for chunks {}..{} (expected {})", who,
+             logits.size(), c0 + 1, c1, expected);
+  size_t off = 0;
+  for (size_t c = c0; c < c1; ++c) {
+    const size_t rows = ws[c].input.size() - static_cast<size_t>(ws[c].scored_from);
+    for (size_t i = 0; i < rows * static_cast<size_t>(vocab); ++i)
+      if (!std::isfinite(logits[off + i]))
+        fail("{} model: non-finite logit ({}) in chunk {} at position {}, token id {}", who, logits[off + i], c + 1,
+             static_cast<int64_t>(i / static_cast<size_t>(vocab)) + ws[c].scored_from, i % static_cast<size_t>(vocab));
+    off += rows * static_cast<size_t>(vocab);
+  }
+}
+
+// The end of the group of windows starting at c0 that can run in one batch.
+size_t group_end(const RunOptions& o, const std::vector<Window>& ws, size_t c0) {
+  size_t c1 = c0 + 1;
+  if (!o.batch_fn || o.batch <= 1) return c1;
+  while (c1 < ws.size() && static_cast<int64_t>(c1 - c0) < o.batch && ws[c1].input.size() == ws[c0].input.size() &&
+         ws[c1].scored_from == ws[c0].scored_from)
+    ++c1;
+  return c1;
+}
+
+// Offset of window c's logits inside its group's buffer.
+size_t window_offset(const std::vector<Window>& ws, size_t c0, size_t c, int64_t vocab) {
+  size_t off = 0;
+  for (size_t k = c0; k < c; ++k) off += (ws[k].input.size() - static_cast<size_t>(ws[k].scored_from));
+  return off * static_cast<size_t>(vocab);
 }
 
 struct Timer {
@@ -40,13 +70,18 @@ PerplexityResult run_perplexity(const std::vector<Window>& windows, int64_t voca
   if (opts.progress) bar = std::make_unique<Progress>(opts.label, windows.size(), "chunks");
   Timer t;
   int64_t processed = 0;
-  for (size_t c = 0; c < windows.size(); ++c) {
-    const Window& w = windows[c];
-    forward(model, w, c, vocab, logits, "the");
-    const size_t rows = w.targets.size();
-    acc.add(std::span<const float>(logits).subspan(0, rows * static_cast<size_t>(vocab)), vocab, w.targets);
-    processed += static_cast<int64_t>(w.input.size());
-    if (bar) bar->advance(1, 0, fmt::format("PPL {:.4f}", acc.result().ppl));
+  for (size_t c0 = 0; c0 < windows.size();) {
+    const size_t c1 = group_end(opts, windows, c0);
+    forward_group(model, opts, windows, c0, c1, vocab, logits, "the");
+    for (size_t c = c0; c < c1; ++c) {
+      const Window& w = windows[c];
+      const size_t rows = w.targets.size();
+      acc.add(std::span<const float>(logits).subspan(window_offset(windows, c0, c, vocab), rows * static_cast<size_t>(vocab)),
+              vocab, w.targets);
+      processed += static_cast<int64_t>(w.input.size());
+    }
+    if (bar) bar->advance(c1 - c0, 0, fmt::format("PPL {:.4f}", acc.result().ppl));
+    c0 = c1;
   }
   if (bar) bar->finish();
   if (stats) *stats = {t.s(), processed};
@@ -65,28 +100,36 @@ KldResult run_kl_divergence(const std::vector<Window>& windows, int64_t vocab, c
   Timer t;
   int64_t processed = 0;
   const size_t V = static_cast<size_t>(vocab);
-  for (size_t c = 0; c < windows.size(); ++c) {
-    const Window& w = windows[c];
-    const size_t rows = w.targets.size();
-    if (base.model) {
-      forward(*base.model, w, c, vocab, bl, "the reference");
-      blp.resize(rows * V);
-      for (size_t r = 0; r < rows; ++r) {
-        log_softmax(std::span<const float>(bl).subspan(r * V, V), row);
-        std::copy(row.begin(), row.end(), blp.begin() + static_cast<std::ptrdiff_t>(r * V));
+  // The base model runs one window at a time (its batch function is not known here).
+  RunOptions one = opts;
+  one.batch_fn = nullptr;
+  for (size_t c0 = 0; c0 < windows.size();) {
+    const size_t c1 = group_end(opts, windows, c0);
+    forward_group(q, opts, windows, c0, c1, vocab, ql, "the");
+    for (size_t c = c0; c < c1; ++c) {
+      const Window& w = windows[c];
+      const size_t rows = w.targets.size();
+      if (base.model) {
+        forward_group(*base.model, one, windows, c, c + 1, vocab, bl, "the reference");
+        blp.resize(rows * V);
+        for (size_t r = 0; r < rows; ++r) {
+          log_softmax(std::span<const float>(bl).subspan(r * V, V), row);
+          std::copy(row.begin(), row.end(), blp.begin() + static_cast<std::ptrdiff_t>(r * V));
+        }
+        processed += static_cast<int64_t>(w.input.size());
+      } else {
+        const int64_t got = base.file->next_window(blp);
+        CALQ_CHECK(static_cast<size_t>(got) == rows, "reference logits: chunk {} has {} rows, expected {}", c + 1, got,
+                   rows);
       }
+      const size_t off = window_offset(windows, c0, c, vocab);
+      for (size_t r = 0; r < rows; ++r)
+        acc.add_row(std::span<const float>(ql).subspan(off + r * V, V), std::span<const double>(blp).subspan(r * V, V),
+                    w.targets[r]);
       processed += static_cast<int64_t>(w.input.size());
-    } else {
-      const int64_t got = base.file->next_window(blp);
-      CALQ_CHECK(static_cast<size_t>(got) == rows, "reference logits: chunk {} has {} rows, expected {}", c + 1, got,
-                 rows);
     }
-    forward(q, w, c, vocab, ql, "the");
-    for (size_t r = 0; r < rows; ++r)
-      acc.add_row(std::span<const float>(ql).subspan(r * V, V), std::span<const double>(blp).subspan(r * V, V),
-                  w.targets[r]);
-    processed += static_cast<int64_t>(w.input.size());
-    if (bar) bar->advance(1, 0, fmt::format("KLD {:.5f}", acc.result().kld_mean));
+    if (bar) bar->advance(c1 - c0, 0, fmt::format("KLD {:.5f}", acc.result().kld_mean));
+    c0 = c1;
   }
   if (bar) bar->finish();
   if (stats) *stats = {t.s(), processed};
@@ -104,19 +147,23 @@ PerplexityResult save_logprobs(const std::vector<Window>& windows, int64_t vocab
   Timer t;
   int64_t processed = 0;
   const size_t V = static_cast<size_t>(vocab);
-  for (size_t c = 0; c < windows.size(); ++c) {
-    const Window& w = windows[c];
-    forward(model, w, c, vocab, logits, "the");
-    const size_t rows = w.targets.size();
-    lp.resize(rows * V);
-    for (size_t r = 0; r < rows; ++r) {
-      log_softmax(std::span<const float>(logits).subspan(r * V, V), row);
-      std::copy(row.begin(), row.end(), lp.begin() + static_cast<std::ptrdiff_t>(r * V));
-      acc.add_nll(-row[static_cast<size_t>(w.targets[r])]);
+  for (size_t c0 = 0; c0 < windows.size();) {
+    const size_t c1 = group_end(opts, windows, c0);
+    forward_group(model, opts, windows, c0, c1, vocab, logits, "the");
+    for (size_t c = c0; c < c1; ++c) {
+      const Window& w = windows[c];
+      const size_t rows = w.targets.size(), off = window_offset(windows, c0, c, vocab);
+      lp.resize(rows * V);
+      for (size_t r = 0; r < rows; ++r) {
+        log_softmax(std::span<const float>(logits).subspan(off + r * V, V), row);
+        std::copy(row.begin(), row.end(), lp.begin() + static_cast<std::ptrdiff_t>(r * V));
+        acc.add_nll(-row[static_cast<size_t>(w.targets[r])]);
+      }
+      out.add_window(lp, static_cast<int64_t>(rows));
+      processed += static_cast<int64_t>(w.input.size());
     }
-    out.add_window(lp, static_cast<int64_t>(rows));
-    processed += static_cast<int64_t>(w.input.size());
-    if (bar) bar->advance(1);
+    if (bar) bar->advance(c1 - c0);
+    c0 = c1;
   }
   if (bar) bar->finish();
   out.finish();

@@ -18,9 +18,18 @@ namespace calq::eval {
 using ForwardFn =
     std::function<void(const std::vector<int32_t>& input, int64_t first_row, std::vector<float>& logits)>;
 
+// The same for several windows of equal length at once (one batched forward pass): on return,
+// `logits` holds, window after window, (length - first_row) × vocab values each.
+using BatchForwardFn = std::function<void(const std::vector<const std::vector<int32_t>*>& inputs, int64_t first_row,
+                                          std::vector<float>& logits)>;
+
 struct RunOptions {
   bool progress = true;
   std::string label = "eval";
+  // When set, consecutive windows of equal length and offset are run `batch` at a time through
+  // it (weights are read once per batch, and the matrix products are larger).
+  BatchForwardFn batch_fn;
+  int64_t batch = 1;
 };
 
 struct RunStats {
