@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 
 #include "calq/core/dtype.h"
@@ -67,7 +68,7 @@ void layer_norm_rows(const float* x, float* y, int64_t N, int64_t H, const float
   }
 }
 
-float silu(float x) { return x / (1.0f + std::exp(-x)); }
+float silu(float x) { return x / (1.0f + fast_exp(-x)); }
 float gelu_tanh(float x) {
   const double c = std::sqrt(2.0 / M_PI);
   const double xd = x;
@@ -160,8 +161,11 @@ void attention_head(const float* q, int64_t ldq, const float* k, int64_t ldk, co
       }
       float mx = -INFINITY;
       for (int64_t j = lo; j <= hi; ++j) mx = std::max(mx, row[j - kstart]);
+      float* vis = row + (lo - kstart);
+      const int64_t nv = hi - lo + 1;
+      for (int64_t j = 0; j < nv; ++j) vis[j] = fast_exp(vis[j] - mx);  // vectorizes
       double sum = 0;
-      for (int64_t j = lo; j <= hi; ++j) sum += (row[j - kstart] = std::exp(row[j - kstart] - mx));
+      for (int64_t j = 0; j < nv; ++j) sum += vis[j];
       const float inv = static_cast<float>(1.0 / sum);
       for (int64_t j = kstart; j < kend; ++j) row[j - kstart] = (j >= lo && j <= hi) ? row[j - kstart] * inv : 0.0f;
     }

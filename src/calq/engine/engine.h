@@ -4,7 +4,10 @@
 // input (the base of calibration / GPTQ). docs/engine.md describes the contract.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <map>
@@ -116,6 +119,33 @@ class Model {
   explicit Model(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// exp(x) for float, branch-free so that loops over it vectorize (plain SSE2 is enough): x =
+// n·ln2 + r with |r| <= ln2/2 (ln2 split in two parts so r is exact; n rounded by the 1.5·2^23
+// trick), exp(r) by its degree-7 Taylor polynomial (relative error < 6e-9 on that interval), times
+// 2^n built in the exponent bits. Below -87.3 it returns 0 (the true value is subnormal), above 88
+// +inf (a little early: exp(88.72) is the largest finite float); NaN stays NaN. Within a few ulp
+// of std::exp (tests/unit/engine_test.cpp).
+inline float fast_exp(float x) {
+  const float xc = std::min(std::max(x, -87.33654f), 88.0f);
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, sizeof scale);
+  float y = p * scale;
+  y = x < -87.33654f ? 0.0f : y;
+  y = x > 88.0f ? INFINITY : y;
+  return x != x ? x : y;
+}
 
 // Reference pieces, exposed for tests.
 // RoPE inverse frequencies as transformers computes them (fp32): default, linear, llama3, dynamic.
