@@ -128,7 +128,7 @@ KldResult run_kl_divergence(const std::vector<Window>& windows, int64_t vocab, c
                     w.targets[r]);
       processed += static_cast<int64_t>(w.input.size());
     }
-    if (bar) bar->advance(c1 - c0, 0, fmt::format("KLD {:.5f}", acc.result().kld_mean));
+    if (bar) bar->advance(c1 - c0, 0, fmt::format("KLD {:.5f}", acc.mean_kld()));
     c0 = c1;
   }
   if (bar) bar->finish();

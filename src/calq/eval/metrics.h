@@ -94,6 +94,8 @@ class KldAccumulator {
   void add_row(std::span<const float> q_logits, std::span<const double> base_logprobs, int32_t target);
   KldResult result() const;
   int64_t count() const { return n_; }
+  // The running mean KLD (cheap: result() sorts every value for the percentiles).
+  double mean_kld() const { return n_ ? s_kld_ / static_cast<double>(n_) : 0.0; }
 
  private:
   double s_nll_ = 0, s_nll2_ = 0, s_nllb_ = 0, s_nllb2_ = 0, s_nll_nllb_ = 0;
