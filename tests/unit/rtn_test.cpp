@@ -288,3 +288,46 @@ TEST(Rtn, ErrorBounds) {
   for (int64_t i = 0; i < R * C; ++i)
     ASSERT_LE(std::fabs(w[i] - d[i]), q.params[(i / C) * 4 + (i % C) / 64].scale * (1 + 1e-6));
 }
+
+namespace {
+
+// Column-weighted clip search: unit weights reproduce the unweighted search exactly; a heavily
+// weighted column gets a smaller error than without weights, at the others' expense.
+TEST(RtnWeightedClip, UnitWeightsEqualPlainAndHeavyColumnsWin) {
+  using namespace calq::quant;
+  std::mt19937 rng(11);
+  std::normal_distribution<float> d;
+  const int rows = 32, cols = 128;
+  std::vector<float> w(rows * cols);
+  for (auto& v : w) v = d(rng);
+  for (int r = 0; r < rows; ++r) w[r * cols + 7] *= 4.f;  // an outlier column
+  for (const char* name : {"int4", "int3", "nvfp4", "fp4"}) {
+    SCOPED_TRACE(name);
+    auto f = Format::parse(name);
+    RtnOptions o;
+    o.clip_search = true;
+    auto plain = rtn_quantize(w.data(), rows, cols, f, o);
+    std::vector<float> ones(cols, 1.f);
+    o.col_weight = ones.data();
+    auto unit = rtn_quantize(w.data(), rows, cols, f, o);
+    EXPECT_EQ(unit.codes, plain.codes);
+    std::vector<float> heavy(cols, 1.f);
+    for (int c = 0; c < cols; c += 3) heavy[c] = 1000.f;
+    o.col_weight = heavy.data();
+    auto hq = rtn_quantize(w.data(), rows, cols, f, o);
+    auto err = [&](const QuantizedWeight& q, bool weighted) {
+      auto dq = q.dequantize();
+      double e = 0;
+      for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < cols; ++c) {
+          const double x = static_cast<double>(w[r * cols + c]) - dq[r * cols + c];
+          e += (weighted ? heavy[c] : 1.0) * x * x;
+        }
+      return e;
+    };
+    EXPECT_LE(err(hq, true), err(plain, true));
+    EXPECT_LT(err(hq, true), 0.999 * err(plain, true));
+  }
+}
+
+}  // namespace

@@ -24,17 +24,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// MemAvailable from /proc/meminfo (0 when unknown).
-uint64_t available_memory_bytes() {
-  std::ifstream in("/proc/meminfo");
-  std::string key;
-  uint64_t kb = 0;
-  std::string unit;
-  while (in >> key >> kb >> unit)
-    if (key == "MemAvailable:") return kb * 1024;
-  return 0;
-}
-
 struct EvalArgs {
   std::string model, reference, metric = "perplexity", dataset = "wikitext2", method = "llama", save_logits,
               reference_logits, json_out, calibration = "bartowski-v3", field = "text";
@@ -101,7 +90,7 @@ engine::Model load_engine(const std::string& dir, const EvalArgs& a) {
     auto probe = native::Model::open(dir);
     uint64_t params = 0;
     for (const auto& e : probe.entries()) params += static_cast<uint64_t>(shape_numel(e.shape));
-    o.cache_weights = 4 * params < available_memory_bytes() / 2;
+    o.cache_weights = 4 * params < mem_available_bytes() / 2;
   }
   auto m = engine::Model::load(dir, o);
   const auto& c = m.config();

@@ -1,6 +1,9 @@
 // calq quantize: checkpoint in, quantized calq directory out.
 #include <fmt/format.h>
 
+#include <filesystem>
+#include <fstream>
+
 #include "calq/core/error.h"
 #include "calq/core/log.h"
 #include "calq/pipeline/calibrated.h"
@@ -9,15 +12,17 @@
 
 namespace calq::cli {
 
+namespace fs = std::filesystem;
+
 namespace {
 
-uint64_t parse_size(const std::string& s) {
+uint64_t parse_size(const std::string& s, const char* opt = "--max-shard-size") {
   size_t used = 0;
   double v = 0;
   try {
     v = std::stod(s, &used);
   } catch (const std::exception&) {
-    fail("--max-shard-size '{}': expected a size such as 5GB or 500MB", s);
+    fail("{} '{}': expected a size such as 5GB or 500MB", opt, s);
   }
   std::string unit = s.substr(used);
   double mul = 1;
@@ -28,8 +33,8 @@ uint64_t parse_size(const std::string& s) {
   else if (unit == "KiB") mul = 1024.0;
   else if (unit == "MiB") mul = 1024.0 * 1024;
   else if (unit == "GiB") mul = 1024.0 * 1024 * 1024;
-  else fail("--max-shard-size '{}': unknown unit '{}' (use B, KB, MB, GB, KiB, MiB, GiB)", s, unit);
-  CALQ_CHECK(v > 0, "--max-shard-size '{}' must be positive", s);
+  else fail("{} '{}': unknown unit '{}' (use B, KB, MB, GB, KiB, MiB, GiB)", opt, s, unit);
+  CALQ_CHECK(v > 0, "{} '{}' must be positive", opt, s);
   return static_cast<uint64_t>(v * mul);
 }
 
@@ -53,12 +58,18 @@ Command add_quantize(CLI::App& app) {
     double damp = 0.01;
     bool act_order = false, no_static_groups = false, no_true_sequential = false, unquantized_inputs = false,
          offline = false;
+    int act_grid = 20;
+    bool no_clip = false;
+    // long runs
+    std::string work_dir, max_memory;
+    bool resume = false, layerwise = false, keep_work_dir = false;
   };
   auto a = std::make_shared<Args>();
   sub->add_option("-i,--input", a->input, "Input model directory (HF safetensors + config.json)")->required();
   sub->add_option("-o,--output", a->output, "Output directory (created atomically)")->required();
   sub->add_option("--method", a->method,
-                  "rtn: round to nearest; gptq: GPTQ with Hessians from calibration text (layer by layer, "
+                  "rtn: round to nearest (with --calibration: activation-aware input scaling folded into the "
+                  "preceding norm or rows); gptq: GPTQ with Hessians from calibration text (layer by layer, "
                   "true-sequential)")
       ->check(CLI::IsMember({"rtn", "gptq"}))
       ->capture_default_str();
@@ -92,10 +103,18 @@ Command add_quantize(CLI::App& app) {
   sub->add_flag("--overwrite", a->overwrite, "Replace the output directory if it exists");
   sub->add_flag("--dry-run", a->dry, "Print the plan (format of every tensor) and write nothing");
   sub->add_option("--max-shard-size", a->shard, "Largest output shard, e.g. 5GB, 500MB")->capture_default_str();
-  auto* cal = "Calibration (gptq)";
+  auto* cal = "Calibration (gptq; rtn with activation statistics)";
   sub->add_option("--calibration", a->calibration,
-                  "Calibration text: bartowski-v3, wikitext2[:split] (train by default), c4[:N], or a file (docs/datasets.md)")
+                  "Calibration text: bartowski-v3, wikitext2[:split] (train by default), c4[:N], or a file "
+                  "(docs/datasets.md). With --method rtn: enables activation-aware scaling; may also be an "
+                  "activation_ranges.json from `calq calibrate` (or its directory)")
       ->capture_default_str()->group(cal);
+  sub->add_option("--act-grid", a->act_grid,
+                  "rtn with --calibration: number of exponents alpha in [0, 1) tried for the input scales")
+      ->capture_default_str()->check(CLI::Range(1, 1000))->group(cal);
+  sub->add_flag("--no-clip-search", a->no_clip,
+                "rtn with --calibration: skip the clipping search (on by default there, its error weighted by "
+                "each input channel's mean square)")->group(cal);
   sub->add_option("--samples", a->samples, "Calibration sequences")->capture_default_str()->group(cal);
   sub->add_option("--seq-len", a->seq_len, "Tokens per calibration sequence")->capture_default_str()->group(cal);
   sub->add_option("--seed", a->seed, "Seed of the calibration sample shuffle")->capture_default_str()->group(cal);
@@ -117,6 +136,21 @@ Command add_quantize(CLI::App& app) {
                 "of unquantized earlier ones)")->group(gq);
   sub->add_flag("--unquantized-inputs", a->unquantized_inputs,
                 "Feed layer i the outputs of the unquantized layers < i (default: of the quantized ones)")->group(gq);
+
+  auto* lr = "Long runs (gptq; rtn with --calibration)";
+  sub->add_option("--work-dir", a->work_dir,
+                  "Per-layer checkpoints and spilled activations (default: OUTPUT.calq-work; removed after success)")
+      ->group(lr);
+  sub->add_flag("--resume", a->resume,
+                "Continue an interrupted run from its work directory (same model and options; the output is "
+                "byte-identical to an uninterrupted run)")->group(lr);
+  sub->add_option("--max-memory", a->max_memory,
+                  "RAM for calibration activations, e.g. 8GB (default: half of the available memory); the rest "
+                  "is spilled to the work directory")->group(lr);
+  sub->add_flag("--layerwise", a->layerwise,
+                "Stream weights: read each layer from the checkpoint when it runs instead of caching fp32 "
+                "weights (peak memory about one layer)")->group(lr);
+  sub->add_flag("--keep-work-dir", a->keep_work_dir, "Keep the work directory after success")->group(lr);
 
   auto run = [a, sub]() -> int {
     pipeline::QuantizeOptions o;
@@ -142,48 +176,118 @@ Command add_quantize(CLI::App& app) {
     o.max_shard_bytes = parse_size(a->shard);
     o.command_line = invocation();
 
-    if (a->method == "gptq" && !o.dry_run) {
-      pipeline::GptqPipelineOptions g;
-      g.calib.source = a->calibration;
-      g.calib.select.samples = a->samples;
-      g.calib.select.seq_len = a->seq_len;
-      g.calib.select.seed = a->seed;
-      g.calib.select.packing = a->packing == "per-sample" ? data::Packing::PerSample : data::Packing::Concatenate;
-      g.calib.batch = a->calib_batch;
-      g.calib.load.allow_download = !a->offline;
-      g.min_tokens = a->min_tokens;
-      g.gptq.damp = a->damp;
-      g.gptq.block_size = a->block;
-      g.gptq.act_order = a->act_order;
-      g.gptq.static_groups = !a->no_static_groups;
-      g.gptq.clip_search = a->clip;
-      g.gptq.clip_grid = a->clip_grid;
-      g.gptq.clip_min = a->clip_min;
-      g.gptq.clip_norm = a->clip_norm;
-      g.true_sequential = !a->no_true_sequential;
-      g.quantized_inputs = !a->unquantized_inputs;
-      // The plan first (nothing written), then GPTQ on the modules it quantizes, then the writer.
+    const bool act_rtn = a->method == "rtn" && sub->count("--calibration") > 0;
+    const bool calibrated = a->method == "gptq" || act_rtn;
+    if (a->method == "rtn") {
+      for (const char* opt : {"--damp", "--act-order", "--block-size", "--no-static-groups", "--no-true-sequential",
+                              "--unquantized-inputs"})
+        CALQ_CHECK(sub->count(opt) == 0, "{} applies to --method gptq, not rtn", opt);
+      if (!act_rtn)
+        for (const char* opt : {"--samples", "--seq-len", "--seed", "--packing", "--calib-batch", "--min-tokens",
+                                "--act-grid", "--work-dir", "--resume", "--max-memory", "--layerwise", "--keep-work-dir"})
+          CALQ_CHECK(sub->count(opt) == 0, "{} needs calibration: add --calibration SOURCE (activation-aware RTN) or use "
+                                           "--method gptq", opt);
+    } else {
+      CALQ_CHECK(sub->count("--act-grid") == 0, "--act-grid applies to --method rtn with --calibration");
+    }
+    CALQ_CHECK(!(a->no_clip && !act_rtn), "--no-clip-search applies to --method rtn with --calibration");
+    CALQ_CHECK(!(a->no_clip && a->clip), "--clip-search and --no-clip-search are mutually exclusive");
+    if (act_rtn) o.rtn.clip_search = !a->no_clip;
+    std::shared_ptr<pipeline::CalibratedResults> results;
+    if (calibrated && !o.dry_run) {
+      CALQ_CHECK(a->overwrite || !fs::exists(o.output),
+                 "--output {} exists; pass --overwrite to replace it (checked before calibrating)", o.output.string());
+      pipeline::CalibrationSpec calib;
+      calib.source = a->calibration;
+      calib.select.samples = a->samples;
+      calib.select.seq_len = a->seq_len;
+      calib.select.seed = a->seed;
+      calib.select.packing = a->packing == "per-sample" ? data::Packing::PerSample : data::Packing::Concatenate;
+      calib.batch = a->calib_batch;
+      calib.load.allow_download = !a->offline;
+      pipeline::RunStorage st;
+      st.work_dir = a->work_dir.empty() ? fs::path(o.output.string() + ".calq-work") : fs::path(a->work_dir);
+      st.max_memory = a->max_memory.empty() ? mem_available_bytes() / 2 : parse_size(a->max_memory, "--max-memory");
+      st.resume = a->resume;
+      st.overwrite = a->overwrite;
+      st.layerwise = a->layerwise;
+      st.keep = a->keep_work_dir;
+      // What must match for --resume (the plan and the calibration are checked separately).
+      nlohmann::json identity = {{"method", a->method},
+                                 {"format", o.plan.format.describe()},
+                                 {"clip_search", o.rtn.clip_search || a->clip},
+                                 {"clip_grid", a->clip_grid},
+                                 {"clip_min", a->clip_min},
+                                 {"clip_norm", a->clip_norm},
+                                 {"min_tokens", a->min_tokens}};
+      // The plan first (nothing written), then the calibrated pass on the modules it quantizes,
+      // then the writer, which takes their results from the work directory.
       pipeline::QuantizeOptions dry = o;
       dry.dry_run = true;
       const auto plan = pipeline::quantize_model(dry).plan;
-      auto results = std::make_shared<std::map<std::string, quant::QuantizedWeight>>(
-          pipeline::run_gptq(o.input, plan, g, o.report_extra));
+      if (a->method == "gptq") {
+        pipeline::GptqPipelineOptions g;
+        g.calib = calib;
+        g.storage = st;
+        g.min_tokens = a->min_tokens;
+        g.gptq.damp = a->damp;
+        g.gptq.block_size = a->block;
+        g.gptq.act_order = a->act_order;
+        g.gptq.static_groups = !a->no_static_groups;
+        g.gptq.clip_search = a->clip;
+        g.gptq.clip_grid = a->clip_grid;
+        g.gptq.clip_min = a->clip_min;
+        g.gptq.clip_norm = a->clip_norm;
+        g.true_sequential = !a->no_true_sequential;
+        g.quantized_inputs = !a->unquantized_inputs;
+        identity["gptq"] = {{"damp", g.gptq.damp},
+                            {"block_size", g.gptq.block_size},
+                            {"act_order", g.gptq.act_order},
+                            {"static_groups", g.gptq.static_groups},
+                            {"true_sequential", g.true_sequential},
+                            {"quantized_inputs", g.quantized_inputs}};
+        results = std::make_shared<pipeline::CalibratedResults>(
+            pipeline::run_gptq(o.input, plan, g, identity, o.report_extra));
+        o.config_extra = {{"gptq", {{"damp", g.gptq.damp}, {"act_order", g.gptq.act_order},
+                                    {"static_groups", g.gptq.static_groups}, {"calibration", a->calibration},
+                                    {"samples", a->samples}, {"seq_len", a->seq_len}}}};
+      } else {
+        pipeline::ActRtnOptions ar;
+        ar.calib = calib;
+        ar.storage = st;
+        ar.min_tokens = a->min_tokens;
+        ar.act.grid = a->act_grid;
+        ar.act.rtn = o.rtn;
+        fs::path src = a->calibration;
+        if (fs::is_directory(src) && fs::exists(src / "activation_ranges.json")) src /= "activation_ranges.json";
+        if (fs::is_regular_file(src) && src.extension() == ".json") {
+          std::ifstream f(src);
+          std::string head(4096, '\0');
+          f.read(head.data(), static_cast<std::streamsize>(head.size()));
+          if (head.find("\"detailed_stats\"") != std::string::npos || head.find("\"layer_ranges\"") != std::string::npos)
+            ar.stats_file = src;
+        }
+        identity["act_grid"] = a->act_grid;
+        results = std::make_shared<pipeline::CalibratedResults>(
+            pipeline::run_act_rtn(o.input, plan, ar, identity, o.report_extra));
+        o.config_extra = {{"act_scale", {{"grid", a->act_grid}, {"calibration", a->calibration}}}};
+        if (ar.stats_file.empty()) {
+          o.config_extra["act_scale"]["samples"] = a->samples;
+          o.config_extra["act_scale"]["seq_len"] = a->seq_len;
+        }
+      }
       o.quantizer = [results](const pipeline::TensorPlan& p,
                               const std::vector<float>&) -> std::optional<quant::QuantizedWeight> {
-        auto it = results->find(p.name);
-        if (it == results->end()) return std::nullopt;
-        quant::QuantizedWeight q = std::move(it->second);
-        results->erase(it);
-        return q;
+        return results->weight(p);
       };
-      o.config_extra = {{"gptq", {{"damp", g.gptq.damp}, {"act_order", g.gptq.act_order},
-                                  {"static_groups", g.gptq.static_groups}, {"calibration", a->calibration},
-                                  {"samples", a->samples}, {"seq_len", a->seq_len}}}};
-    } else if (a->method == "rtn") {
-      for (const char* opt : {"--calibration", "--samples", "--seq-len", "--damp", "--act-order"})
-        CALQ_CHECK(sub->count(opt) == 0, "{} applies to --method gptq, not rtn", opt);
+      o.replace = [results](const pipeline::TensorPlan& p) { return results->replaced(p.name); };
+      if (act_rtn) o.method = "rtn+act";
     }
     auto r = pipeline::quantize_model(o);
+    if (results) {
+      if (a->keep_work_dir) log_info("work directory kept: {}", results->work_dir().path().string());
+      else results->work_dir().remove();
+    }
     size_t nq = 0;
     for (const auto& p : r.plan) nq += p.format ? 1 : 0;
     if (o.dry_run) {

@@ -115,9 +115,11 @@ nlohmann::json StatsCollector::activation_ranges(double percentile, double smoot
   for (auto& [m, i] : by_module_) {
     const InputStats& s = inputs_[i];
     ranges[m] = {s.min, s.max};
-    std::vector<double> mean_abs(s.ch_sum_abs.size());
+    std::vector<double> mean_abs(s.ch_sum_abs.size()), mean_sq(s.ch_sum_sq.size());
     for (size_t j = 0; j < mean_abs.size(); ++j)
       mean_abs[j] = s.tokens ? s.ch_sum_abs[j] / static_cast<double>(s.tokens) : 0.0;
+    for (size_t j = 0; j < mean_sq.size(); ++j)
+      mean_sq[j] = s.tokens ? s.ch_sum_sq[j] / static_cast<double>(s.tokens) : 0.0;
     detail[m] = {{"min", s.min},
                  {"max", s.max},
                  {"absmax", s.absmax},
@@ -126,7 +128,8 @@ nlohmann::json StatsCollector::activation_ranges(double percentile, double smoot
                  {"tokens", s.tokens},
                  {"percentile_absmax", s.abs_percentile(percentile)},
                  {"channel_absmax", s.ch_absmax},
-                 {"channel_mean_abs", mean_abs}};
+                 {"channel_mean_abs", mean_abs},
+                 {"channel_mean_sq", mean_sq}};
   }
   return {{"layer_ranges", ranges},
           {"percentile", percentile},

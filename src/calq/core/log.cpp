@@ -50,6 +50,15 @@ uint64_t peak_rss_bytes() {
   return 0;
 }
 
+uint64_t mem_available_bytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key, unit;
+  uint64_t kb = 0;
+  while (in >> key >> kb >> unit)
+    if (key == "MemAvailable:") return kb * 1024;
+  return 0;
+}
+
 Progress::Progress(std::string label, uint64_t total, std::string unit)
     : label_(std::move(label)), unit_(std::move(unit)), total_(total) {
   start_ = last_draw_ = std::chrono::steady_clock::now();

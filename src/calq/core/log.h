@@ -55,5 +55,7 @@ std::string format_duration(double seconds);  // "1:02:03" / "4:05"
 std::string format_bytes(double bytes);       // "1.23 GB"
 // Peak resident set size of this process in bytes (from /proc/self/status VmHWM).
 uint64_t peak_rss_bytes();
+// MemAvailable from /proc/meminfo (0 when unknown).
+uint64_t mem_available_bytes();
 
 }  // namespace calq

@@ -5,6 +5,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cctype>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
 #include <set>
 
 #include "calq/calib/stats.h"
@@ -161,16 +166,151 @@ json calibrate_model(const CalibrateOptions& opt) {
   return rep;
 }
 
-std::map<std::string, quant::QuantizedWeight> run_gptq(const fs::path& model_dir, const std::vector<TensorPlan>& plan,
-                                                       const GptqPipelineOptions& opt, json& report) {
+CalibratedResults::CalibratedResults(std::shared_ptr<WorkDir> wd, std::vector<TensorPlan> plan) : wd_(std::move(wd)) {
+  weights_ = wd_->weight_index();
+  replaced_ = wd_->replaced_index();
+  (void)plan;
+}
+
+std::optional<quant::QuantizedWeight> CalibratedResults::weight(const TensorPlan& p) const {
+  auto it = weights_.find(p.name);
+  if (it == weights_.end() || !p.format) return std::nullopt;
+  return wd_->load_weight(it->second, p.name, *p.format);
+}
+
+std::optional<Tensor> CalibratedResults::replaced(const std::string& tensor) const {
+  auto it = replaced_.find(tensor);
+  if (it == replaced_.end()) return std::nullopt;
+  return wd_->load_replaced(it->second, tensor);
+}
+
+namespace {
+
+// What a layer function gets: the model and the activations entering the layer.
+struct LayerCtx {
+  engine::Model& m;
+  const ActivationStore* acts = nullptr;  // null when the method needs no calibration pass
+  // Runs the layer (current weights) on a copy of every chunk with `obs` watching.
+  void observe(int64_t layer, engine::Observer& obs) const {
+    for (size_t i = 0; i < acts->size(); ++i) {
+      engine::Activations a = acts->get(i);
+      m.run_layer(layer, a, &obs);
+    }
+  }
+};
+using LayerFn = std::function<LayerOutput(int64_t layer, LayerCtx& ctx)>;
+
+// The layer loop shared by the calibrated methods: checkpoints after every layer in the work
+// directory, resumes from it, keeps activations within the memory budget (input and output of the
+// running layer each get half of it). `fn` quantizes layer l and sets the engine's weights of the
+// modules it quantized (their dequantized values), which are cleared once the layer's output is
+// computed.
+std::shared_ptr<WorkDir> run_layerwise(engine::Model& m, const CalibrationInputs* ci, int64_t batch,
+                                       const RunStorage& st, const json& manifest, bool quantized_inputs,
+                                       const std::string& label, const LayerFn& fn) {
+  auto wd = std::make_shared<WorkDir>(st.work_dir, manifest, st.resume, st.overwrite);
+  const int64_t L = m.num_layers();
+  const int64_t start = wd->completed_layers();
+  const uint64_t half = st.max_memory / 2;
+  std::optional<ActivationStore> cur;
+  if (ci && start < L) {
+    if (start == 0) {
+      auto chunks = embed_chunks(m, ci->set, batch);
+      cur.emplace(wd->acts_dir(0), half, chunks.size());
+      for (size_t i = 0; i < chunks.size(); ++i) cur->put(i, std::move(chunks[i]));
+    } else {
+      cur.emplace(ActivationStore::open(wd->acts_dir(start), half));
+    }
+    if (cur->chunks_on_disk())
+      log_info("{} of {} activation chunks spilled to {} (--max-memory {})", cur->chunks_on_disk(), cur->size(),
+               cur->dir().string(), format_bytes(static_cast<double>(st.max_memory)));
+  }
+  const char* abort_env = std::getenv("CALQ_TEST_ABORT_AFTER_LAYER");
+  const int64_t abort_after = abort_env ? std::atoll(abort_env) : -1;
+  Progress bar(label, static_cast<uint64_t>(L - start), "layers");
+  for (int64_t l = start; l < L; ++l) {
+    std::optional<ActivationStore> next;
+    if (cur) {
+      next.emplace(wd->acts_dir(l + 1), half, cur->size());
+      if (!quantized_inputs)
+        for (size_t i = 0; i < cur->size(); ++i) {
+          engine::Activations a = cur->get(i);
+          m.run_layer(l, a);
+          next->put(i, std::move(a));
+        }
+    }
+    LayerCtx ctx{m, cur ? &*cur : nullptr};
+    LayerOutput out = fn(l, ctx);
+    if (cur && quantized_inputs)
+      for (size_t i = 0; i < cur->size(); ++i) {
+        engine::Activations a = cur->get(i);
+        m.run_layer(l, a);
+        next->put(i, std::move(a));
+      }
+    for (auto& [name, q] : out.weights) m.clear_weight(name.substr(0, name.size() - 7));
+    if (!next) next.emplace(wd->acts_dir(l + 1), 0, 0);
+    wd->finish_layer(l, out, *next);
+    cur = std::move(next);
+    bar.advance(1, 0, fmt::format("layer {}", l));
+    if (l == abort_after) {
+      log_warn("CALQ_TEST_ABORT_AFTER_LAYER={}: stopping as if killed", l);
+      std::_Exit(75);
+    }
+  }
+  bar.finish();
+  return wd;
+}
+
+json plan_identity(const std::vector<TensorPlan>& plan) {
+  std::string desc;
+  for (auto& p : plan) desc += p.name + "=" + (p.format ? p.format->describe() : "keep") + "\n";
+  return data::sha256_hex(desc);
+}
+
+json calibration_identity(const CalibrationSpec& c, const CalibrationInputs& ci) {
+  return {{"source", c.source},
+          {"files", ci.provenance["files"]},
+          {"sequences", ci.set.tokens.size()},
+          {"seq_len", ci.set.seq_len},
+          {"tokens", ci.set.real_tokens()},
+          {"seed", c.select.seed},
+          {"packing", ci.provenance["packing"]},
+          {"batch", c.batch}};
+}
+
+json make_manifest(const fs::path& model_dir, const std::vector<TensorPlan>& plan, const json& identity,
+                   const json& calibration) {
+  return {{"calq_version", CALQ_VERSION},
+          {"input", fs::absolute(model_dir).lexically_normal().string()},
+          {"model", model_fingerprint(model_dir)},
+          {"plan_sha256", plan_identity(plan)},
+          {"options", identity},
+          {"calibration", calibration}};
+}
+
+engine::Options engine_options(const RunStorage& st, const fs::path& model_dir) {
+  engine::Options eo;
+  if (!st.layerwise) {
+    // fp32 weight cache when 4 bytes/param fit comfortably (a layer is run several times).
+    uint64_t bytes = 0;
+    auto ck = io::Checkpoint::open(model_dir);
+    for (auto& n : ck.names()) bytes += static_cast<uint64_t>(shape_numel(ck.info(n).shape)) * 4;
+    eo.cache_weights = bytes < mem_available_bytes() / 2;
+  }
+  return eo;
+}
+
+}  // namespace
+
+CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPlan>& plan,
+                           const GptqPipelineOptions& opt, const json& identity, json& report) {
   const double t0 = now_s();
-  auto m = engine::Model::load(model_dir);
+  auto m = engine::Model::load(model_dir, engine_options(opt.storage, model_dir));
   std::map<std::string, const TensorPlan*> by_module;
   for (auto& p : plan)
     if (p.format) by_module[p.module] = &p;
   auto ci = load_calibration(model_dir, opt.calib);
   report["calibration"] = ci.provenance;
-  auto hs = embed_chunks(m, ci.set, opt.calib.batch);
 
   // nvfp4: fused modules (q/k/v, gate/up) share the global scale of their original weights.
   std::map<std::string, float> fused_global;
@@ -182,10 +322,8 @@ std::map<std::string, quant::QuantizedWeight> run_gptq(const fs::path& model_dir
   }
   for (auto& [g, a] : fused_global) a = quant::nvfp4_global_scale(a);
 
-  std::map<std::string, quant::QuantizedWeight> results;
-  json modules = json::array();
-  Progress bar("gptq", static_cast<uint64_t>(m.num_layers()), "layers");
-  for (int64_t l = 0; l < m.num_layers(); ++l) {
+  auto fn = [&](int64_t l, LayerCtx& ctx) {
+    LayerOutput out;
     // The inputs of this layer, in execution order, restricted to planned modules.
     std::vector<std::vector<std::string>> groups;
     {
@@ -197,13 +335,8 @@ std::map<std::string, quant::QuantizedWeight> run_gptq(const fs::path& model_dir
           if (by_module.count(mod)) g.push_back(mod);
         if (!g.empty() && seen.insert(g.front()).second) groups.push_back(g);
       };
-      engine::Activations probe = hs.front();
+      engine::Activations probe = ctx.acts->get(0);
       m.run_layer(l, probe, &rec);
-    }
-    std::vector<engine::Activations> next;
-    if (!opt.quantized_inputs) {
-      next = hs;
-      for (auto& h : next) m.run_layer(l, h);
     }
     // Steps: each group alone (true-sequential) or all groups from one pass.
     std::vector<std::vector<size_t>> steps;
@@ -228,10 +361,7 @@ std::map<std::string, quant::QuantizedWeight> run_gptq(const fs::path& model_dir
         if (it == acc.end()) it = acc.emplace(key, quant::HessianAccumulator(in.cols)).first;
         it->second.add(in.x, in.rows, mask.data());
       };
-      for (auto& h : hs) {
-        engine::Activations copy = h;
-        m.run_layer(l, copy, &obs);
-      }
+      ctx.observe(l, obs);
       for (size_t g : step) {
         const auto& mods = groups[g];
         auto it = acc.find(mods.front());
@@ -248,26 +378,28 @@ std::map<std::string, quant::QuantizedWeight> run_gptq(const fs::path& model_dir
             go.global_scale = fused_global[p.fuse_group];
           auto r = quant::gptq_quantize(w.data(), p.rows(), p.cols(), H, *p.format, go, mod);
           m.set_weight(mod, r.q.dequantize());
-          modules.push_back({{"module", mod},
-                             {"proxy_loss", r.proxy_loss},
-                             {"seconds", r.seconds},
-                             {"tokens", tokens},
-                             {"damp", r.damp_used},
-                             {"dead_inputs", r.dead_inputs}});
-          results.emplace(p.name, std::move(r.q));
+          out.report.push_back({{"module", mod},
+                                {"proxy_loss", r.proxy_loss},
+                                {"seconds", r.seconds},
+                                {"tokens", tokens},
+                                {"damp", r.damp_used},
+                                {"dead_inputs", r.dead_inputs}});
+          out.weights.emplace(p.name, std::move(r.q));
         }
       }
     }
-    if (opt.quantized_inputs)
-      for (auto& h : hs) m.run_layer(l, h);
-    else
-      hs = std::move(next);
-    bar.advance(1, 0, fmt::format("layer {}", l));
-  }
-  bar.finish();
+    return out;
+  };
+  json calib_id = calibration_identity(opt.calib, ci);
+  auto wd = run_layerwise(m, &ci, opt.calib.batch, opt.storage, make_manifest(model_dir, plan, identity, calib_id),
+                          opt.quantized_inputs, "gptq", fn);
+  CalibratedResults res(wd, plan);
   // Planned modules the engine never fed (e.g. a quantized lm_head) fall back to RTN in the writer.
+  json modules = json::array();
+  for (int64_t l = 0; l < wd->completed_layers(); ++l)
+    for (auto& r : wd->layer_report(l)) modules.push_back(r);
   for (auto& [mod, p] : by_module)
-    if (!results.count(p->name)) log_warn("{}: no calibration input reaches it; quantized with RTN", mod);
+    if (!res.weight(*p)) log_warn("{}: no calibration input reaches it; quantized with RTN", mod);
   report["gptq"] = {{"damp", opt.gptq.damp},
                     {"block_size", opt.gptq.block_size},
                     {"act_order", opt.gptq.act_order},
@@ -276,7 +408,11 @@ std::map<std::string, quant::QuantizedWeight> run_gptq(const fs::path& model_dir
                     {"quantized_inputs", opt.quantized_inputs},
                     {"seconds", now_s() - t0},
                     {"modules", modules}};
-  return results;
+  report["storage"] = {{"work_dir", fs::absolute(opt.storage.work_dir).string()},
+                       {"max_memory", opt.storage.max_memory},
+                       {"layerwise", opt.storage.layerwise},
+                       {"resumed", opt.storage.resume}};
+  return res;
 }
 
 std::vector<LayerErrorRow> layer_error(const fs::path& quantized, const fs::path& base, const CalibrationSpec& spec) {
@@ -334,6 +470,322 @@ std::vector<LayerErrorRow> layer_error(const fs::path& quantized, const fs::path
     rows.push_back({mod, a.den > 0 ? std::sqrt(a.num / a.den) : 0.0, a.tokens});
   }
   return rows;
+}
+
+}  // namespace calq::pipeline
+
+namespace calq::pipeline {
+
+namespace {
+
+// One input shared by `modules`, and where its scales fold: into a norm's weight (and bias), or
+// into the rows (and bias) of the module producing it. kind None: nothing to fold into.
+struct FoldGroup {
+  enum Kind { None, Norm, Rows } kind = None;
+  std::vector<std::string> modules;
+  std::string norm_weight, norm_bias;  // tensor names (bias may be empty)
+  std::string rows_module, rows_bias;  // module, tensor name (may be empty)
+  std::string target() const { return kind == Norm ? norm_weight : kind == Rows ? rows_module : ""; }
+};
+
+// The fold groups of layer l, in processing order: an input folding into rows comes before the
+// group that owns those rows (down before gate/up, o before q/k/v), so the owner is quantized
+// with its rows already divided by the scales.
+std::vector<FoldGroup> fold_groups(const io::ModelConfig& cfg, const io::Checkpoint& ck, int64_t l) {
+  auto has = [&](const std::string& t) { return ck.contains(t); };
+  auto opt = [&](const std::string& t) { return has(t) ? t : std::string(); };
+  std::vector<FoldGroup> gs;
+  if (cfg.arch == io::Arch::Gpt2) {
+    std::string P;
+    for (const char* pre : {"transformer.h.", "h."})
+      if (has(fmt::format("{}{}.attn.c_attn.weight", pre, l))) P = fmt::format("{}{}.", pre, l);
+    if (P.empty()) return gs;
+    gs.push_back({FoldGroup::None, {P + "mlp.c_proj"}, "", "", "", ""});
+    gs.push_back({FoldGroup::Norm, {P + "mlp.c_fc"}, P + "ln_2.weight", opt(P + "ln_2.bias"), "", ""});
+    gs.push_back({FoldGroup::None, {P + "attn.c_proj"}, "", "", "", ""});
+    gs.push_back({FoldGroup::Norm, {P + "attn.c_attn"}, P + "ln_1.weight", opt(P + "ln_1.bias"), "", ""});
+    return gs;
+  }
+  const std::string P = fmt::format("model.layers.{}.", l);
+  const bool moe = cfg.arch == io::Arch::Qwen3Moe || cfg.arch == io::Arch::Mixtral;
+  if (!moe && has(P + "mlp.down_proj.weight")) {
+    gs.push_back({FoldGroup::Rows, {P + "mlp.down_proj"}, "", "", P + "mlp.up_proj", opt(P + "mlp.up_proj.bias")});
+    gs.push_back({FoldGroup::Norm, {P + "mlp.gate_proj", P + "mlp.up_proj"}, P + "post_attention_layernorm.weight", "",
+                  "", ""});
+  }
+  const bool mha = cfg.num_key_value_heads == cfg.num_attention_heads;
+  FoldGroup o{mha ? FoldGroup::Rows : FoldGroup::None, {P + "self_attn.o_proj"}, "", "", "", ""};
+  if (mha) {
+    o.rows_module = P + "self_attn.v_proj";
+    o.rows_bias = opt(P + "self_attn.v_proj.bias");
+  }
+  gs.push_back(o);
+  gs.push_back({FoldGroup::Norm, {P + "self_attn.q_proj", P + "self_attn.k_proj", P + "self_attn.v_proj"},
+                P + "input_layernorm.weight", "", "", ""});
+  return gs;
+}
+
+// Per-input statistics for the scale search: channel mean |x| and the second moment.
+struct InputMoments {
+  std::vector<double> mean_abs;
+  quant::InputMoment h;
+  int64_t tokens = 0;
+};
+
+// The decoder layer a module belongs to (".layers.N." or "h.N."), -1 for none.
+int64_t layer_of(const std::string& mod) {
+  for (const char* key : {"layers.", "h."}) {
+    size_t pos = 0;
+    while ((pos = mod.find(key, pos)) != std::string::npos) {
+      if (pos == 0 || mod[pos - 1] == '.') {
+        size_t b = pos + std::strlen(key), e = b;
+        while (e < mod.size() && std::isdigit(static_cast<unsigned char>(mod[e]))) ++e;
+        if (e > b && e < mod.size() && mod[e] == '.') return std::stoll(mod.substr(b, e - b));
+      }
+      pos += 1;
+    }
+  }
+  return -1;
+}
+
+Tensor tensor_from_f32(const std::vector<float>& v, DType dt, const Shape& shape) {
+  Tensor t(dt, shape);
+  from_f32(v.data(), dt, t.bytes.data(), v.size());
+  return t;
+}
+
+}  // namespace
+
+CalibratedResults run_act_rtn(const fs::path& model_dir, const std::vector<TensorPlan>& plan, const ActRtnOptions& opt,
+                              const json& identity, json& report) {
+  const double t0 = now_s();
+  auto m = engine::Model::load(model_dir, engine_options(opt.storage, model_dir));
+  const io::ModelConfig& cfg = m.config();
+  auto ck = io::Checkpoint::open(model_dir);
+  std::map<std::string, const TensorPlan*> by_module;
+  for (auto& p : plan)
+    if (p.format) by_module[p.module] = &p;
+
+  // Statistics: from activation_ranges.json, or collected layer by layer from calibration text.
+  json stats_file;
+  std::optional<CalibrationInputs> ci;
+  json calib_id;
+  if (!opt.stats_file.empty()) {
+    std::ifstream f(opt.stats_file);
+    CALQ_CHECK(f.good(), "--calibration {}: cannot read it", opt.stats_file.string());
+    try {
+      stats_file = json::parse(f);
+    } catch (const std::exception& e) {
+      fail("--calibration {}: not valid JSON ({})", opt.stats_file.string(), e.what());
+    }
+    CALQ_CHECK(stats_file.contains("detailed_stats") && stats_file["detailed_stats"].is_object(),
+               "--calibration {}: no detailed_stats; expected the activation_ranges.json of `calq calibrate`",
+               opt.stats_file.string());
+    calib_id = {{"activation_ranges", fs::absolute(opt.stats_file).string()},
+                {"sha256", data::sha256_file(opt.stats_file)}};
+    report["calibration"] = calib_id;
+  } else {
+    ci = load_calibration(model_dir, opt.calib);
+    report["calibration"] = ci->provenance;
+    calib_id = calibration_identity(opt.calib, *ci);
+  }
+  auto file_moments = [&](const std::string& mod, int64_t cols) {
+    const json& ds = stats_file["detailed_stats"];
+    CALQ_CHECK(ds.contains(mod), "--calibration {}: no statistics for {} (was it written for this model?)",
+               opt.stats_file.string(), mod);
+    const json& e = ds[mod];
+    CALQ_CHECK(e.contains("channel_mean_abs") && e.contains("channel_mean_sq"),
+               "--calibration {}: {} lacks channel_mean_abs/channel_mean_sq; rerun `calq calibrate` (calq {} writes both)",
+               opt.stats_file.string(), mod, CALQ_VERSION);
+    InputMoments im;
+    im.mean_abs = e["channel_mean_abs"].get<std::vector<double>>();
+    auto sq = e["channel_mean_sq"].get<std::vector<double>>();
+    CALQ_CHECK(static_cast<int64_t>(im.mean_abs.size()) == cols && static_cast<int64_t>(sq.size()) == cols,
+               "--calibration {}: {} has {} channels, the model's module has {}", opt.stats_file.string(), mod,
+               im.mean_abs.size(), cols);
+    im.h.diagonal = true;
+    im.h.h.assign(sq.begin(), sq.end());
+    im.tokens = e.value("tokens", int64_t{0});
+    return im;
+  };
+
+  auto fn = [&](int64_t l, LayerCtx& ctx) {
+    LayerOutput out;
+    const auto groups = fold_groups(cfg, ck, l);
+    // Moments of every planned input of this layer, from one pass over the calibration chunks.
+    std::map<std::string, InputMoments> moments;
+    if (ci) {
+      std::map<std::string, quant::HessianAccumulator> hacc;
+      std::map<std::string, std::vector<double>> sum_abs;
+      FnObserver obs;
+      obs.fn = [&](const engine::LinearInput& in) {
+        bool planned = false;
+        for (auto& mod : in.modules) planned |= by_module.count(mod) > 0;
+        if (!planned || in.expert >= 0) return;
+        const std::string& key = in.modules.front();
+        auto mask = real_mask(in);
+        auto it = hacc.find(key);
+        if (it == hacc.end()) {
+          it = hacc.emplace(key, quant::HessianAccumulator(in.cols)).first;
+          sum_abs[key].assign(static_cast<size_t>(in.cols), 0.0);
+        }
+        it->second.add(in.x, in.rows, mask.data());
+        auto& sa = sum_abs[key];
+        for (int64_t r = 0; r < in.rows; ++r)
+          if (mask[r])
+            for (int64_t j = 0; j < in.cols; ++j) sa[j] += std::fabs(in.x[r * in.cols + j]);
+      };
+      ctx.observe(l, obs);
+      for (auto& [key, acc] : hacc) {
+        InputMoments im;
+        im.tokens = acc.tokens();
+        CALQ_CHECK(im.tokens >= opt.min_tokens,
+                   "{} saw {} calibration tokens, fewer than --min-tokens {}: use more --samples or a lower --min-tokens",
+                   key, im.tokens, opt.min_tokens);
+        const auto H = acc.hessian();
+        im.h.h.assign(H.begin(), H.end());
+        im.mean_abs = sum_abs[key];
+        for (auto& v : im.mean_abs) v /= static_cast<double>(im.tokens);
+        moments.emplace(key, std::move(im));
+      }
+    }
+    std::map<std::string, std::vector<float>> w;         // working weights [out, in]
+    std::map<std::string, std::vector<float>> row_scale; // rows divided by these (folded)
+    auto weight = [&](const std::string& mod) -> std::vector<float>& {
+      auto it = w.find(mod);
+      if (it == w.end()) it = w.emplace(mod, m.weight(mod)).first;
+      return it->second;
+    };
+    std::set<std::string> done;
+    auto finish_module = [&](const std::string& mod, quant::QuantizedWeight q, const std::vector<float>& s) {
+      // The engine gets Ŵ in the original basis: diag(row scale) · deq · diag(1/s).
+      auto eff = q.dequantize();
+      const int64_t rows = q.rows, cols = q.cols;
+      auto rs = row_scale.count(mod) ? row_scale[mod] : std::vector<float>();
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < cols; ++j) {
+          float& v = eff[r * cols + j];
+          if (!s.empty()) v /= s[j];
+          if (!rs.empty()) v *= rs[r];
+        }
+      m.set_weight(mod, std::move(eff));
+      out.weights.emplace(mod + ".weight", std::move(q));
+      done.insert(mod);
+    };
+    for (const auto& g : groups) {
+      bool all_planned = true;
+      for (auto& mod : g.modules) all_planned &= by_module.count(mod) > 0;
+      bool any_planned = false;
+      for (auto& mod : g.modules) any_planned |= by_module.count(mod) > 0;
+      if (!any_planned) continue;
+      FoldGroup::Kind kind = g.kind;
+      std::string why;
+      if (!all_planned) kind = FoldGroup::None, why = "not every module reading this input is quantized";
+      if (kind == FoldGroup::Rows && !by_module.count(g.rows_module))
+        kind = FoldGroup::None, why = g.rows_module + " is not quantized";
+      if (kind == FoldGroup::None && why.empty())
+        why = g.kind == FoldGroup::None ? "nothing to fold the scales into" : "";
+      const TensorPlan& p0 = *by_module.at(g.modules.front());
+      std::vector<std::string> mods;
+      for (auto& mod : g.modules)
+        if (by_module.count(mod)) mods.push_back(mod);
+      bool same_format = true;
+      for (auto& mod : mods) same_format &= by_module.at(mod)->format->describe() == p0.format->describe();
+      if (kind != FoldGroup::None && !same_format) kind = FoldGroup::None, why = "modules of this input differ in format";
+      json row = {{"modules", mods}, {"layer", l}};
+      if (kind == FoldGroup::None) {
+        // No scaling; the clip search still weights columns by the input's mean squares.
+        std::vector<float> cw;
+        if (ci && moments.count(g.modules.front())) {
+          for (double v : quant::moment_diagonal(moments.at(g.modules.front()).h, p0.cols()))
+            cw.push_back(static_cast<float>(v));
+        } else if (!ci && stats_file["detailed_stats"].contains(g.modules.front())) {
+          for (double v : file_moments(g.modules.front(), p0.cols()).h.h) cw.push_back(static_cast<float>(v));
+        }
+        for (auto& mod : mods) {
+          const TensorPlan& p = *by_module.at(mod);
+          auto& wm = weight(mod);
+          quant::RtnOptions ro = opt.act.rtn;
+          if (!cw.empty() && ro.clip_search && static_cast<int64_t>(cw.size()) == p.cols()) ro.col_weight = cw.data();
+          finish_module(mod, quant::rtn_quantize(wm.data(), p.rows(), p.cols(), *p.format, ro, mod), {});
+        }
+        row["scaled"] = false;
+        row["reason"] = why;
+        out.report.push_back(row);
+        continue;
+      }
+      const int64_t cols = p0.cols();
+      InputMoments im = ci ? moments.at(g.modules.front()) : file_moments(g.modules.front(), cols);
+      std::vector<quant::ActScaleModule> am;
+      for (auto& mod : mods) am.push_back({weight(mod).data(), by_module.at(mod)->rows()});
+      auto r = quant::act_scale_search(am, cols, im.h, im.mean_abs, *p0.format, opt.act, g.modules.front());
+      std::vector<float> s = r.scales;
+      std::vector<quant::QuantizedWeight> qs = std::move(r.q);
+      if (r.alpha > 0 && kind == FoldGroup::Norm) {
+        // Fold into the norm: g' = g/s rounded to the norm's dtype; then s' = g/g' makes the fold
+        // exact, and the weights are quantized with s'.
+        const auto& ni = ck.info(g.norm_weight);
+        auto gw = to_f32_vector(ck.view(g.norm_weight));
+        std::vector<float> gq(gw.size());
+        for (int64_t j = 0; j < cols; ++j) gq[j] = gw[j] / s[j];
+        Tensor gt = tensor_from_f32(gq, ni.dtype, ni.shape);
+        auto gr = to_f32_vector(gt.view());
+        for (int64_t j = 0; j < cols; ++j)
+          if (gw[j] != 0 && gr[j] != 0 && std::isfinite(gr[j])) s[j] = gw[j] / gr[j];
+        out.replaced.emplace(g.norm_weight, std::move(gt));
+        if (!g.norm_bias.empty()) {
+          const auto& bi = ck.info(g.norm_bias);
+          auto b = to_f32_vector(ck.view(g.norm_bias));
+          for (int64_t j = 0; j < cols; ++j) b[j] /= s[j];
+          out.replaced.emplace(g.norm_bias, tensor_from_f32(b, bi.dtype, bi.shape));
+        }
+        quant::RtnOptions base = opt.act.rtn;
+        base.clip_search = r.clipped;
+        const auto ro = quant::group_rtn_options(am, cols, s, *p0.format, base);
+        qs.clear();
+        const auto diag = quant::moment_diagonal(im.h, cols);
+        for (size_t i = 0; i < mods.size(); ++i)
+          qs.push_back(quant::scaled_rtn(am[i], cols, s, *p0.format, ro, mods[i], &diag));
+      } else if (r.alpha > 0 && kind == FoldGroup::Rows) {
+        // Fold into the producing module's rows (and bias): exact in fp32 before it is quantized.
+        auto& wr = weight(g.rows_module);
+        for (int64_t o = 0; o < cols; ++o)
+          for (int64_t j = 0, in = by_module.at(g.rows_module)->cols(); j < in; ++j) wr[o * in + j] /= s[o];
+        row_scale[g.rows_module] = s;
+        if (!g.rows_bias.empty()) {
+          const auto& bi = ck.info(g.rows_bias);
+          auto b = to_f32_vector(ck.view(g.rows_bias));
+          for (int64_t j = 0; j < cols; ++j) b[j] /= s[j];
+          out.replaced.emplace(g.rows_bias, tensor_from_f32(b, bi.dtype, bi.shape));
+        }
+      }
+      for (size_t i = 0; i < mods.size(); ++i) finish_module(mods[i], std::move(qs[i]), r.alpha > 0 ? s : std::vector<float>());
+      row["scaled"] = r.alpha > 0;
+      row["alpha"] = r.alpha;
+      row["fold"] = g.target();
+      row["output_error"] = r.error;
+      row["output_error_rtn"] = r.error_plain;
+      row["clipped"] = r.clipped;
+      row["tokens"] = im.tokens;
+      out.report.push_back(row);
+    }
+    // Planned modules of this layer outside every group (MoE experts, routers) get plain RTN.
+    for (auto& [mod, p] : by_module) {
+      if (done.count(mod) || layer_of(mod) != l) continue;
+      auto& wm = weight(mod);
+      finish_module(mod, quant::rtn_quantize(wm.data(), p->rows(), p->cols(), *p->format, opt.act.rtn, mod), {});
+      out.report.push_back({{"modules", {mod}}, {"layer", l}, {"scaled", false}, {"reason", "no shared-input group"}});
+    }
+    return out;
+  };
+  auto wd = run_layerwise(m, ci ? &*ci : nullptr, opt.calib.batch, opt.storage,
+                          make_manifest(model_dir, plan, identity, calib_id), true, "act-rtn", fn);
+  CalibratedResults res(wd, plan);
+  json groups = json::array();
+  for (int64_t l = 0; l < wd->completed_layers(); ++l)
+    for (auto& r : wd->layer_report(l)) groups.push_back(r);
+  report["act_scale"] = {{"grid", opt.act.grid}, {"seconds", now_s() - t0}, {"inputs", groups}};
+  return res;
 }
 
 }  // namespace calq::pipeline

@@ -5,6 +5,8 @@
 
 #include <filesystem>
 #include <map>
+#include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -14,6 +16,7 @@
 #include "calq/pipeline/quantize.h"
 #include "calq/quant/act_scale.h"
 #include "calq/quant/gptq.h"
+#include "calq/pipeline/work_dir.h"
 
 namespace calq::pipeline {
 
@@ -48,6 +51,30 @@ struct CalibrateOptions {
 };
 nlohmann::json calibrate_model(const CalibrateOptions& opt);
 
+// Where a layer-wise calibrated run keeps its state (docs/cli.md, "Long runs").
+struct RunStorage {
+  std::filesystem::path work_dir;  // required: per-layer checkpoints and spilled activations
+  uint64_t max_memory = 0;         // bytes of calibration activations kept in RAM (0: no limit)
+  bool resume = false;             // continue the run recorded in work_dir
+  bool overwrite = false;          // discard an existing work_dir instead of refusing
+  bool layerwise = false;          // never cache fp32 weights: read each layer from the checkpoint
+  bool keep = false;               // keep work_dir after success (default: removed by the caller)
+};
+
+// The outputs of a finished layer-wise run, read back from its work directory on demand.
+class CalibratedResults {
+ public:
+  explicit CalibratedResults(std::shared_ptr<WorkDir> wd, std::vector<TensorPlan> plan);
+  std::optional<quant::QuantizedWeight> weight(const TensorPlan& p) const;
+  std::optional<Tensor> replaced(const std::string& tensor) const;
+  size_t weights() const { return weights_.size(); }
+  WorkDir& work_dir() { return *wd_; }
+
+ private:
+  std::shared_ptr<WorkDir> wd_;
+  std::map<std::string, int64_t> weights_, replaced_;
+};
+
 // The GPTQ pass: every module the plan quantizes gets its Hessian from the layer's real inputs
 // (true-sequential: the modules of a layer are quantized in execution order, each seeing inputs
 // that the already quantized modules before it produced) and is quantized with GPTQ.
@@ -57,12 +84,30 @@ struct GptqPipelineOptions {
   bool true_sequential = true;
   bool quantized_inputs = true;  // layer i sees the outputs of the quantized layers < i
   int64_t min_tokens = 16;       // a module seeing fewer calibration tokens is an error
+  RunStorage storage;
 };
-// Runs calibration + GPTQ for `plan` and returns the quantized weights by tensor name, with a
-// report (per module: proxy loss, seconds, tokens, damping, dead inputs).
-std::map<std::string, quant::QuantizedWeight> run_gptq(const std::filesystem::path& model_dir,
-                                                       const std::vector<TensorPlan>& plan,
-                                                       const GptqPipelineOptions& opt, nlohmann::json& report);
+// Runs calibration + GPTQ for `plan`, layer by layer with a checkpoint after each, and returns the
+// quantized weights (from the work directory), with a report (per module: proxy loss, seconds,
+// tokens, damping, dead inputs). `identity`: what must match for --resume (method and options).
+CalibratedResults run_gptq(const std::filesystem::path& model_dir, const std::vector<TensorPlan>& plan,
+                           const GptqPipelineOptions& opt, const nlohmann::json& identity, nlohmann::json& report);
+
+// Activation-aware RTN (docs/algorithms.md): per input shared by modules, input-channel scales
+// s = mean|x|^α with α searched to minimise the modules' output error, folded exactly into the
+// op that produces the input (RMSNorm/LayerNorm weight before q/k/v and gate/up; v_proj rows
+// before o_proj when heads = kv heads; up_proj rows before down_proj). Inputs with nothing to fold
+// into get plain RTN. Statistics come from calibration text (full second moment H = XᵀX/n of the
+// real inputs, layer by layer with quantized earlier layers) or from an activation_ranges.json
+// written by `calq calibrate` (per-channel mean |x| and mean x²: the error uses diag(H)).
+struct ActRtnOptions {
+  CalibrationSpec calib;             // used when stats_file is empty
+  std::filesystem::path stats_file;  // activation_ranges.json
+  quant::ActScaleOptions act;
+  int64_t min_tokens = 16;
+  RunStorage storage;
+};
+CalibratedResults run_act_rtn(const std::filesystem::path& model_dir, const std::vector<TensorPlan>& plan,
+                              const ActRtnOptions& opt, const nlohmann::json& identity, nlohmann::json& report);
 
 // Per linear module of a quantized model: ‖XWᵀ − XŴᵀ‖ / ‖XWᵀ‖ over the real calibration tokens,
 // X being the module's input in the base model (so each module's own error is measured).

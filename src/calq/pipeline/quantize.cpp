@@ -51,7 +51,7 @@ float tensor_absmax(const std::vector<float>& w) {
 
 QuantizeResult quantize_model(const QuantizeOptions& opt) {
   double t0 = now_s();
-  CALQ_CHECK(opt.method == "rtn" || opt.method == "gptq", "--method {} is not supported; supported: rtn, gptq",
+  CALQ_CHECK(opt.method == "rtn" || opt.method == "rtn+act" || opt.method == "gptq", "--method {} is not supported; supported: rtn, gptq",
              opt.method);
   CALQ_CHECK(fs::exists(opt.input), "--input {}: no such file or directory", opt.input.string());
   CALQ_CHECK(!opt.output.empty(), "--output is required");
@@ -118,8 +118,16 @@ QuantizeResult quantize_model(const QuantizeOptions& opt) {
     tr.name = p.name;
     double ts = now_s();
     if (!p.format) {
-      auto v = ck.view(p.name);
-      writer.write(p.name, v.data, v.nbytes);
+      std::optional<Tensor> r;
+      if (opt.replace) r = opt.replace(p);
+      if (r) {
+        CALQ_CHECK(r->dtype == info.dtype && r->shape == info.shape, "{}: replacement has another dtype or shape",
+                   p.name);
+        writer.write(p.name, *r);
+      } else {
+        auto v = ck.view(p.name);
+        writer.write(p.name, v.data, v.nbytes);
+      }
     } else {
       std::vector<float> w = load_linear(ck, p);
       quant::RtnOptions ro = opt.rtn;

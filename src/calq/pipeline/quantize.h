@@ -29,6 +29,9 @@ struct QuantizeOptions {
   // When set, called for every tensor the plan quantizes; a returned weight is written instead
   // of RTN's (calibrated methods: GPTQ, MR-GPTQ, activation-aware RTN). nullopt: RTN.
   std::function<std::optional<quant::QuantizedWeight>(const TensorPlan&, const std::vector<float>& w)> quantizer;
+  // When set, called for every tensor the plan keeps; a returned tensor (same dtype and shape) is
+  // written instead of the input's (norm weights that absorbed activation scales).
+  std::function<std::optional<Tensor>(const TensorPlan&)> replace;
   nlohmann::json report_extra = nlohmann::json::object();  // merged into calq_report.json
   nlohmann::json config_extra = nlohmann::json::object();  // merged into quantization_config.calq
 };

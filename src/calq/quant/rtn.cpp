@@ -69,6 +69,18 @@ void group_range(const float* x, int64_t n, float& mn, float& mx) {
 
 constexpr uint32_t kNonFiniteBits = 0x7F800000u;
 
+// Σ_i c_i |x_i − deq(q(x_i))|^norm over a group, in double.
+double weighted_group_error(const Format& f, const float* x, const float* c, int64_t n, const GroupParams& p,
+                            float global, float norm, uint8_t* codes) {
+  quantize_group(f, x, n, p, global, codes);
+  double e = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = std::fabs(static_cast<double>(x[i]) - dequantize_element(f, codes[i], p, global));
+    e += static_cast<double>(c[i]) * (norm == 2.f ? d * d : std::pow(d, norm));
+  }
+  return e;
+}
+
 }  // namespace
 
 QuantizedWeight rtn_quantize(const float* w, int64_t rows, int64_t cols, const Format& f,
@@ -128,14 +140,20 @@ QuantizedWeight rtn_quantize(const float* w, int64_t rows, int64_t cols, const F
   int64_t saturated = 0;
 #pragma omp parallel for schedule(static) reduction(+ : saturated) if (parallel)
   for (int64_t r = 0; r < rows; ++r) {
+    std::vector<uint8_t> scratch(opt.col_weight ? static_cast<size_t>(len) : 0);
     for (int64_t g = 0; g < G; ++g) {
       const float* x = w + r * cols + g * len;
+      const float* cw = opt.col_weight ? opt.col_weight + g * len : nullptr;
+      auto err = [&](const GroupParams& p) {
+        return cw ? weighted_group_error(f, x, cw, len, p, global, opt.clip_norm, scratch.data())
+                  : group_error(f, x, len, p, global, opt.clip_norm);
+      };
       float mn, mx;
       group_range(x, len, mn, mx);
       bool sat = false;
       GroupParams best = group_params_from_range(f, mn, mx, 1.f, global, &sat);
       if (shrink.size() > 1) {
-        double best_err = group_error(f, x, len, best, global, opt.clip_norm);
+        double best_err = err(best);
         GroupParams prev = best;
         for (size_t i = 1; i < shrink.size(); ++i) {
           bool cand_sat = false;
@@ -144,7 +162,7 @@ QuantizedWeight rtn_quantize(const float* w, int64_t rows, int64_t cols, const F
           // for mxfp4 this leaves only the grid's distinct exponents.
           if (cand.scale == prev.scale && cand.zero == prev.zero) continue;
           prev = cand;
-          double e = group_error(f, x, len, cand, global, opt.clip_norm);
+          double e = err(cand);
           if (e < best_err) {  // strict: ties keep the earlier, larger range
             best_err = e;
             best = cand;

@@ -18,6 +18,10 @@ struct RtnOptions {
   int clip_grid = 20;
   float clip_min = 0.5f;
   float clip_norm = 2.0f;
+  // Clip search: when set (length cols), the error of column c is weighted by col_weight[c] (an
+  // input channel's mean square, so the search minimises the output error of a diagonal
+  // second moment rather than the weight error).
+  const float* col_weight = nullptr;
   // nvfp4: use this global scale instead of the tensor's own (for modules that engines fuse).
   std::optional<float> global_scale;
 };

@@ -1,0 +1,194 @@
+// Layer-wise calibrated runs: --resume after a kill gives the same bytes as an uninterrupted run,
+// a resume with other options is refused, activations spilled beyond --max-memory and --layerwise
+// change nothing in the output; activation-aware RTN folds its scales exactly and beats plain RTN.
+// On the real bench-qwen3-16m model (skipped when ../shared is absent).
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "support.h"
+
+using namespace calq_test;
+using nlohmann::json;
+
+namespace {
+
+struct Shared {
+  fs::path m16, wiki, v3;
+  bool ok = false;
+  Shared() {
+    m16 = shared_file("data/models/bench-qwen3-16m");
+    wiki = shared_file("data/wikitext-2-raw/wiki.test.raw");
+    v3 = shared_file("data/calibration/calibration_datav3.txt");
+    ok = !m16.empty() && !wiki.empty() && !v3.empty();
+  }
+};
+
+json read_json(const fs::path& p) { return json::parse(read_file(p)); }
+
+RunResult run_calq(const std::string& args, const fs::path& data_dir, const std::string& env = "") {
+  return run(env + " CALQ_OFFLINE=1 CALQ_DATA=" + data_dir.string() + " " + calq_bin() + " " + args);
+}
+
+fs::path data_dir(const TempDir& t, const Shared& s) {
+  const fs::path d = t / "data";
+  fs::create_directories(d);
+  fs::create_symlink(s.wiki, d / "wiki.test.raw");
+  fs::create_symlink(s.v3, d / "calibration_datav3.txt");
+  return d;
+}
+
+// Every file of two output directories, byte for byte, except the report (times, paths).
+void expect_same_files(const fs::path& a, const fs::path& b) {
+  std::vector<std::string> names;
+  for (auto& e : fs::directory_iterator(a)) names.push_back(e.path().filename().string());
+  size_t nb = 0;
+  for (auto& e : fs::directory_iterator(b)) nb += e.is_regular_file() ? 1 : 0;
+  EXPECT_EQ(names.size(), nb);
+  for (auto& n : names) {
+    if (n == "calq_report.json") continue;
+    ASSERT_TRUE(fs::exists(b / n)) << n;
+    EXPECT_TRUE(read_file(a / n) == read_file(b / n)) << n << " differs";
+  }
+}
+
+std::string gptq_args(int samples = 6) {
+  return " --method gptq --format int4 --samples " + std::to_string(samples) + " --seq-len 128 --calib-batch 2";
+}
+const std::string kGptq = gptq_args();
+
+TEST(LongRun, ResumeAfterKillIsByteIdentical) {
+  Shared s;
+  if (!s.ok) GTEST_SKIP() << "../shared absent";
+  TempDir t;
+  auto d = data_dir(t, s);
+  const std::string in = " -i " + s.m16.string();
+  auto r = run_calq("-q quantize" + in + " -o " + (t / "full").string() + kGptq, d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_FALSE(fs::exists(t / "full.calq-work")) << "work directory left behind";
+
+  // Killed after layer 1 (the process exits without cleanup, as with SIGKILL).
+  r = run_calq("-q quantize" + in + " -o " + (t / "res").string() + kGptq, d, "CALQ_TEST_ABORT_AFTER_LAYER=1");
+  ASSERT_EQ(r.rc, 75) << r.output;
+  ASSERT_TRUE(fs::exists(t / "res.calq-work" / "state.json"));
+  EXPECT_EQ(read_json(t / "res.calq-work" / "state.json")["completed_layers"], 2);
+  EXPECT_FALSE(fs::exists(t / "res"));
+
+  // Without --resume the stale work directory is not silently reused or discarded.
+  r = run_calq("-q quantize" + in + " -o " + (t / "res").string() + kGptq, d);
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("--resume"), std::string::npos) << r.output;
+
+  // Other options: refused, naming what differs.
+  r = run_calq("-q quantize" + in + " -o " + (t / "res").string() + kGptq + " --damp 0.05 --resume", d);
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("options.gptq.damp"), std::string::npos) << r.output;
+  r = run_calq("-q quantize" + in + " -o " + (t / "res").string() + gptq_args(4) + " --resume", d);
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("calibration.sequences"), std::string::npos) << r.output;
+
+  // Resume with every activation chunk spilled to disk and weights streamed (--max-memory and
+  // --layerwise are not part of the run's identity: they change where data lives, not results).
+  r = run_calq("quantize" + in + " -o " + (t / "res").string() + kGptq + " --resume --max-memory 1KB --layerwise", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_NE(r.output.find("spilled"), std::string::npos) << r.output;
+  expect_same_files(t / "full", t / "res");
+  auto rep = read_json(t / "res" / "calq_report.json");
+  EXPECT_EQ(rep["gptq"]["modules"].size(), 56u);  // the report includes the layers done before the kill
+  EXPECT_FALSE(fs::exists(t / "res.calq-work"));
+}
+
+TEST(LongRun, StorageOptionErrors) {
+  Shared s;
+  if (!s.ok) GTEST_SKIP() << "../shared absent";
+  TempDir t;
+  auto d = data_dir(t, s);
+  const std::string in = " -i " + s.m16.string();
+  auto r = run_calq("-q quantize" + in + " -o " + (t / "c").string() + kGptq + " --max-memory 12XB", d);
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("--max-memory"), std::string::npos) << r.output;
+  // Storage options need a calibrated method.
+  r = run_calq("-q quantize" + in + " -o " + (t / "c").string() + " --format int4 --resume", d);
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("--calibration"), std::string::npos) << r.output;
+  // --resume without an interrupted run.
+  r = run_calq("-q quantize" + in + " -o " + (t / "c").string() + kGptq + " --resume", d);
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("no interrupted run"), std::string::npos) << r.output;
+  // An existing output is refused before any calibration work.
+  fs::create_directories(t / "exists");
+  r = run_calq("-q quantize" + in + " -o " + (t / "exists").string() + kGptq, d);
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("--overwrite"), std::string::npos) << r.output;
+}
+
+// Activation-aware RTN: the norm weights change (the scales are folded into them), the fold is
+// exact (with int8, where quantization costs little, the model stays as close to the base as
+// plain int8 RTN), and at int4 it beats plain RTN in KL divergence. Also from an
+// activation_ranges.json written by calq calibrate.
+TEST(LongRun, ActivationAwareRtn) {
+  Shared s;
+  if (!s.ok) GTEST_SKIP() << "../shared absent";
+  TempDir t;
+  auto d = data_dir(t, s);
+  const std::string in = " -i " + s.m16.string();
+  auto kld = [&](const fs::path& m) {
+    auto r = run_calq("-q eval --metric kl-divergence --model " + m.string() + " --reference " + s.m16.string() +
+                          " --chunks 3 --json " + (m.string() + ".json"),
+                      d);
+    EXPECT_EQ(r.rc, 0) << r.output;
+    return read_json(m.string() + ".json")["kld_mean"].get<double>();
+  };
+  const std::string cal = " --calibration bartowski-v3 --samples 12 --seq-len 256";
+  auto r = run_calq("-q quantize" + in + " -o " + (t / "act4").string() + " --format int4" + cal, d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  r = run_calq("-q quantize" + in + " -o " + (t / "rtn4").string() + " --format int4", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  auto rep = read_json(t / "act4" / "calq_report.json");
+  EXPECT_EQ(rep["method"], "rtn+act");
+  int scaled = 0;
+  for (auto& g : rep["act_scale"]["inputs"]) {
+    if (!g["scaled"].get<bool>()) continue;
+    ++scaled;
+    EXPECT_LE(g["output_error"].get<double>(), g["output_error_rtn"].get<double>());
+  }
+  EXPECT_GT(scaled, 4);
+  auto a = read_model_tensors(t / "act4"), b = read_model_tensors(s.m16);
+  int changed = 0;
+  for (auto& [name, tensor] : a)
+    if (name.find("layernorm.weight") != std::string::npos && tensor.bytes != b.at(name).bytes) ++changed;
+  EXPECT_GT(changed, 2) << "no norm weight absorbed the scales";
+  const double k_act = kld(t / "act4"), k_rtn = kld(t / "rtn4");
+  EXPECT_LT(k_act, 0.95 * k_rtn) << "act " << k_act << " rtn " << k_rtn;
+
+  r = run_calq("-q quantize" + in + " -o " + (t / "act8").string() + " --format int8" + cal, d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  r = run_calq("-q quantize" + in + " -o " + (t / "rtn8").string() + " --format int8", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  const double k8a = kld(t / "act8"), k8r = kld(t / "rtn8");
+  EXPECT_LT(k8a, 2.0 * k8r + 1e-5) << k8a << " " << k8r;
+  EXPECT_LT(k8a, 1e-3);
+
+  // From calq calibrate's statistics (diagonal second moment).
+  r = run_calq("-q calibrate --input " + s.m16.string() + " --output " + (t / "stats").string() +
+                   " --samples 12 --seq-len 256",
+               d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  r = run_calq("-q quantize" + in + " -o " + (t / "acts").string() + " --format int4 --calibration " +
+                   (t / "stats").string(),
+               d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(read_json(t / "acts" / "calq_report.json")["calibration"]["sha256"].get<std::string>().size(), 64u);
+  EXPECT_LT(kld(t / "acts"), k_rtn);
+  // Statistics of another model: refused.
+  auto j = read_json(t / "stats" / "activation_ranges.json");
+  j["detailed_stats"].erase("model.layers.0.self_attn.q_proj");
+  write_file(t / "bad.json", j.dump());
+  r = run_calq("-q quantize" + in + " -o " + (t / "x").string() + " --format int4 --calibration " +
+                   (t / "bad.json").string(),
+               d);
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("model.layers.0.self_attn.q_proj"), std::string::npos) << r.output;
+}
+
+}  // namespace
