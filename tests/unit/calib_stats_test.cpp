@@ -138,6 +138,8 @@ TEST(Imatrix, GgufContents) {
   EXPECT_DOUBLE_EQ(j["detailed_stats"]["model.layers.0.self_attn.q_proj"]["int4_scale"].get<double>(), 3.0 / 7);
   EXPECT_EQ(j["detailed_stats"]["model.layers.0.self_attn.q_proj"]["channel_mean_abs"],
             nlohmann::json({1.0, 1.0, 2.5}));
+  EXPECT_EQ(j["detailed_stats"]["model.layers.0.self_attn.q_proj"]["channel_mean_sq"],
+            nlohmann::json({1.0, 2.0, 6.5}));
   EXPECT_EQ(c.ranges_minmax()["model.layers.0.mlp.experts.2.down_proj"]["max"], 2.0);
 }
 
