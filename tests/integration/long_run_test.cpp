@@ -6,6 +6,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include <set>
+
 #include "support.h"
 
 using namespace calq_test;
@@ -189,6 +191,66 @@ TEST(LongRun, ActivationAwareRtn) {
                d);
   EXPECT_EQ(r.rc, 1);
   EXPECT_NE(r.output.find("model.layers.0.self_attn.q_proj"), std::string::npos) << r.output;
+}
+
+}  // namespace
+
+namespace {
+
+// GPTQ on a small random Qwen3-MoE: every expert is quantized from its own routed tokens (also
+// experts the first calibration chunk never reaches), experts of a layer batched per stage; with
+// --min-tokens 0 an expert without tokens is RTN-quantized loudly, never silently.
+TEST(LongRun, MoeExpertsGetGptq) {
+  Shared s;
+  const fs::path cfg30 = shared_file("data/configs/Qwen3-30B-A3B/config.json");
+  const fs::path m28 = shared_file("data/models/bench-qwen3-28m");
+  if (!s.ok || cfg30.empty() || m28.empty()) GTEST_SKIP() << "../shared absent";
+  TempDir t;
+  auto d = data_dir(t, s);
+  json c = read_json(cfg30);
+  c["hidden_size"] = 128;
+  c["num_attention_heads"] = 4;
+  c["num_key_value_heads"] = 2;
+  c["head_dim"] = 32;
+  c["moe_intermediate_size"] = 64;
+  c["intermediate_size"] = 256;
+  c["num_experts"] = 8;
+  c["num_experts_per_tok"] = 2;
+  c["num_hidden_layers"] = 2;
+  c["max_window_layers"] = 2;
+  c["vocab_size"] = 8192;
+  c["tie_word_embeddings"] = false;
+  c.erase("layer_types");
+  fs::create_directories(t / "cfg");
+  write_file(t / "cfg" / "config.json", c.dump());
+  auto r = run(calq_bin() + " -q generate-model --config " + (t / "cfg").string() + " --output " + (t / "moe").string());
+  ASSERT_EQ(r.rc, 0) << r.output;
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json"}) fs::copy_file(m28 / f, t / "moe" / f);
+  const std::string q = "-q quantize -i " + (t / "moe").string() + " --method gptq --format int4 --group-size 32";
+  r = run_calq(q + " -o " + (t / "q").string() + " --samples 4 --seq-len 64", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  auto rep = read_json(t / "q" / "calq_report.json");
+  std::set<std::string> mods;
+  for (auto& m : rep["gptq"]["modules"]) {
+    mods.insert(m["module"].get<std::string>());
+    EXPECT_GT(m["tokens"].get<int>(), 0);
+    EXPECT_FALSE(m.contains("fallback"));
+  }
+  EXPECT_EQ(mods.size(), 2u * (4 + 8 * 3));
+  EXPECT_TRUE(mods.count("model.layers.1.mlp.experts.7.down_proj"));
+  EXPECT_FALSE(mods.count("model.layers.0.mlp.gate")) << "the router must stay unquantized";
+  // Three calibration tokens (six routings) cannot reach all eight experts.
+  r = run_calq(q + " -o " + (t / "q2").string() + " --samples 1 --seq-len 3 --min-tokens 0", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  int fallback = 0;
+  const json rep2 = read_json(t / "q2" / "calq_report.json");  // named: a temporary would dangle in the loop
+  for (auto& m : rep2["gptq"]["modules"]) fallback += m.contains("fallback") ? 1 : 0;
+  EXPECT_GT(fallback, 0);
+  // With the default --min-tokens the same run is an error naming the module.
+  r = run_calq(q + " -o " + (t / "q3").string() + " --samples 1 --seq-len 8", d);
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("--min-tokens"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(t / "q3.calq-work")) << "a run failing in its first layer leaves no work directory";
 }
 
 }  // namespace

@@ -186,6 +186,8 @@ std::optional<Tensor> CalibratedResults::replaced(const std::string& tensor) con
 
 namespace {
 
+int64_t layer_of(const std::string& mod);
+
 // What a layer function gets: the model and the activations entering the layer.
 struct LayerCtx {
   engine::Model& m;
@@ -205,10 +207,26 @@ using LayerFn = std::function<LayerOutput(int64_t layer, LayerCtx& ctx)>;
 // running layer each get half of it). `fn` quantizes layer l and sets the engine's weights of the
 // modules it quantized (their dequantized values), which are cleared once the layer's output is
 // computed.
+std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* ci, int64_t batch,
+                                    const RunStorage& st, bool quantized_inputs, const std::string& label,
+                                    const LayerFn& fn, std::shared_ptr<WorkDir> wd);
+
 std::shared_ptr<WorkDir> run_layerwise(engine::Model& m, const CalibrationInputs* ci, int64_t batch,
                                        const RunStorage& st, const json& manifest, bool quantized_inputs,
                                        const std::string& label, const LayerFn& fn) {
   auto wd = std::make_shared<WorkDir>(st.work_dir, manifest, st.resume, st.overwrite);
+  try {
+    return run_layers(m, ci, batch, st, quantized_inputs, label, fn, wd);
+  } catch (...) {
+    // A run that failed before finishing any layer leaves nothing worth resuming.
+    if (wd->completed_layers() == 0) wd->remove();
+    throw;
+  }
+}
+
+std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* ci, int64_t batch,
+                                    const RunStorage& st, bool quantized_inputs, const std::string& label,
+                                    const LayerFn& fn, std::shared_ptr<WorkDir> wd) {
   const int64_t L = m.num_layers();
   const int64_t start = wd->completed_layers();
   const uint64_t half = st.max_memory / 2;
@@ -338,11 +356,57 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
       engine::Activations probe = ctx.acts->get(0);
       m.run_layer(l, probe, &rec);
     }
-    // Steps: each group alone (true-sequential) or all groups from one pass.
+    // Planned modules of this layer that the probe chunk did not reach (MoE experts none of its
+    // tokens was routed to) get their groups from the shared-input rule: gate/up (w1/w3) of an
+    // expert share one input, its down (w2) reads its own. Gate/up groups go first.
+    {
+      std::set<std::string> grouped;
+      for (auto& g : groups) grouped.insert(g.begin(), g.end());
+      std::vector<std::vector<std::string>> extra_first, extra_second;
+      auto ends = [](const std::string& m, const char* suf) {
+        const size_t n = std::strlen(suf);
+        return m.size() >= n && m.compare(m.size() - n, n, suf) == 0;
+      };
+      for (auto& [mod, p] : by_module) {
+        if (grouped.count(mod) || layer_of(mod) != l) continue;
+        const std::string stem = mod.substr(0, mod.rfind('.') + 1);
+        std::vector<std::string> g;
+        bool first = false;
+        for (auto [a, b] : {std::pair{"gate_proj", "up_proj"}, std::pair{"w1", "w3"}})
+          if (ends(mod, a) || ends(mod, b)) {
+            for (const char* x : {a, b})
+              if (by_module.count(stem + x)) g.push_back(stem + x);
+            first = true;
+          }
+        if (g.empty()) g.push_back(mod);
+        for (auto& x : g) grouped.insert(x);
+        (first ? extra_first : extra_second).push_back(g);
+      }
+      for (auto* v : {&extra_first, &extra_second})
+        for (auto& g : *v) groups.push_back(g);
+    }
+    // Steps: true-sequential runs the groups in execution order, one pass each, except that the
+    // experts of a MoE layer are independent given the router, so all experts' gate/up form one
+    // step and all their downs another; otherwise one pass collects every group.
+    auto stage_of = [](const std::string& mod) {
+      const size_t e = mod.find(".experts.");
+      if (e == std::string::npos) return mod;
+      const size_t b = e + 9, d = mod.find('.', b);
+      return mod.substr(0, b) + "*" + (d == std::string::npos ? "" : mod.substr(d));
+    };
     std::vector<std::vector<size_t>> steps;
-    if (opt.true_sequential)
-      for (size_t g = 0; g < groups.size(); ++g) steps.push_back({g});
-    else {
+    if (opt.true_sequential) {
+      std::map<std::string, size_t> step_of;
+      for (size_t g = 0; g < groups.size(); ++g) {
+        const std::string st = stage_of(groups[g].front());
+        auto it = step_of.find(st);
+        if (it == step_of.end()) {
+          it = step_of.emplace(st, steps.size()).first;
+          steps.emplace_back();
+        }
+        steps[it->second].push_back(g);
+      }
+    } else {
       steps.emplace_back();
       for (size_t g = 0; g < groups.size(); ++g) steps.back().push_back(g);
     }
@@ -369,6 +433,22 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
         CALQ_CHECK(tokens >= opt.min_tokens,
                    "{} saw {} calibration tokens, fewer than --min-tokens {}: use more --samples or a lower --min-tokens",
                    mods.front(), tokens, opt.min_tokens);
+        if (tokens == 0) {
+          // Only reachable with --min-tokens 0: no Hessian exists, so RTN, said loudly.
+          for (auto& mod : mods) {
+            const TensorPlan& p = *by_module.at(mod);
+            log_warn("{}: no calibration token reached it (--min-tokens 0); quantized with RTN", mod);
+            const auto w = m.weight(mod);
+            quant::RtnOptions ro;
+            if (p.format->family == quant::Family::NVFP4 && fused_global.count(p.fuse_group))
+              ro.global_scale = fused_global[p.fuse_group];
+            auto q = quant::rtn_quantize(w.data(), p.rows(), p.cols(), *p.format, ro, mod);
+            m.set_weight(mod, q.dequantize());
+            out.report.push_back({{"module", mod}, {"tokens", 0}, {"fallback", "rtn: no calibration tokens"}});
+            out.weights.emplace(p.name, std::move(q));
+          }
+          continue;
+        }
         const auto H = it->second.hessian();
         for (auto& mod : mods) {
           const TensorPlan& p = *by_module.at(mod);
