@@ -10,6 +10,7 @@
 
 #include "calq/core/dtype.h"
 #include "calq/core/error.h"
+#include "calq/engine/gemm.h"
 #include "calq/model/layout.h"
 
 namespace calq::engine {
@@ -26,11 +27,9 @@ constexpr int64_t kParallelMin = int64_t{1} << 19;
 void linear(const float* X, int64_t N, int64_t in, const float* W, int64_t out, const float* bias,
             float* Y) {
   if (N == 0) return;
-  // OpenBLAS is linked in its OpenMP build (CMakeLists.txt): it threads the product on calq's own
-  // OpenMP pool, and runs single-threaded when called inside a parallel region.
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(N), static_cast<int>(out),
-              static_cast<int>(in), 1.0f, X, static_cast<int>(in), W, static_cast<int>(in), 0.0f, Y,
-              static_cast<int>(out));
+  // calq's gemm (gemm.h) threads the product on the OpenMP pool, and runs on one thread when
+  // called inside a parallel region.
+  gemm_nt(X, N, in, W, false, out, Y);
   if (bias) {
 #pragma omp parallel for schedule(static) if (N * out >= kParallelMin)
     for (int64_t r = 0; r < N; ++r)
@@ -147,10 +146,19 @@ void attention_head(const float* q, int64_t ldq, const float* k, int64_t ldk, co
       for (int64_t i = i0; i < i1; ++i) std::fill(out + i * ldo, out + i * ldo + D, 0.0f);
       continue;
     }
-    s.assign(static_cast<size_t>(bq * nk), 0.0f);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(bq), static_cast<int>(nk),
-                static_cast<int>(D), scale, q + i0 * ldq, static_cast<int>(ldq), k + kstart * ldk,
-                static_cast<int>(ldk), 0.0f, s.data(), static_cast<int>(nk));
+    s.resize(static_cast<size_t>(bq * nk));
+    GemmArgs qk;  // s = scale · q kᵀ
+    qk.M = bq;
+    qk.N = nk;
+    qk.K = D;
+    qk.alpha = scale;
+    qk.A = q + i0 * ldq;
+    qk.lda = ldq;
+    qk.B = k + kstart * ldk;
+    qk.ldb = ldk;
+    qk.C = s.data();
+    qk.ldc = nk;
+    gemm(qk);
     for (int64_t i = i0; i < i1; ++i) {
       float* row = s.data() + (i - i0) * nk;
       const int64_t hi = std::min(i, kv_len - 1);  // inclusive
@@ -169,9 +177,18 @@ void attention_head(const float* q, int64_t ldq, const float* k, int64_t ldk, co
       const float inv = static_cast<float>(1.0 / sum);
       for (int64_t j = kstart; j < kend; ++j) row[j - kstart] = (j >= lo && j <= hi) ? row[j - kstart] * inv : 0.0f;
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(bq), static_cast<int>(D),
-                static_cast<int>(nk), 1.0f, s.data(), static_cast<int>(nk), v + kstart * ldv,
-                static_cast<int>(ldv), 0.0f, out + i0 * ldo, static_cast<int>(ldo));
+    GemmArgs pv;  // out = p v
+    pv.M = bq;
+    pv.N = D;
+    pv.K = nk;
+    pv.A = s.data();
+    pv.lda = nk;
+    pv.B = v + kstart * ldv;
+    pv.b_layout = GemmB::Normal;
+    pv.ldb = ldv;
+    pv.C = out + i0 * ldo;
+    pv.ldc = ldo;
+    gemm(pv);
   }
 }
 
