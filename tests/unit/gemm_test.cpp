@@ -236,3 +236,29 @@ TEST(Gemm, KernelSelection) {
   EXPECT_NE(engine::gemm_kernel(), GemmKernel::Auto);
   engine::set_gemm_kernel(before);
 }
+
+TEST(Gemm, PackedWeightsEqualGemmEveryKernel) {
+  std::mt19937 rng(5);
+  const Shape shapes[] = {{1, 1, 1}, {13, 33, 7}, {50, 65, 385}, {7, 800, 1000}, {30, 3, 2}};
+  for (GemmKernel k : kernels())
+    for (const Shape& s : shapes)
+      for (bool bf16 : {false, true})
+        for (bool integers : {true, false}) {
+          Problem p;
+          p.s = s;
+          p.bf16 = bf16;
+          p.pad = 5;
+          p.fill(rng, integers);
+          const auto W = engine::PackedB::pack(bf16 ? static_cast<const void*>(p.Bh.data()) : p.B.data(), bf16, s.N,
+                                               s.K, p.ldb, k);
+          EXPECT_EQ(W.kernel(), k);
+          std::vector<float> C = p.C0;
+          engine::gemm_packed(p.A.data(), s.M, p.lda, W, C.data(), p.ldc);
+          p.check(C, integers, describe(k, p, integers) + " packed");
+          const auto direct = p.run(k);
+          for (int64_t i = 0; i < s.M; ++i)
+            for (int64_t j = 0; j < s.N; ++j)
+              ASSERT_EQ(C[static_cast<size_t>(i * p.ldc + j)], direct[static_cast<size_t>(i * p.ldc + j)])
+                  << describe(k, p, integers) << " packed vs gemm at " << i << "," << j;
+        }
+}

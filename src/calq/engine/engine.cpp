@@ -23,20 +23,6 @@ using io::Arch;
 // work, and much more on a machine whose cores are shared (a descheduled thread stalls it).
 constexpr int64_t kParallelMin = int64_t{1} << 19;
 
-// Y[N, out] = X[N, in] * W[out, in]^T (+ bias)
-void linear(const float* X, int64_t N, int64_t in, const float* W, int64_t out, const float* bias,
-            float* Y) {
-  if (N == 0) return;
-  // calq's gemm (gemm.h) threads the product on the OpenMP pool, and runs on one thread when
-  // called inside a parallel region.
-  gemm_nt(X, N, in, W, false, out, Y);
-  if (bias) {
-#pragma omp parallel for schedule(static) if (N * out >= kParallelMin)
-    for (int64_t r = 0; r < N; ++r)
-      for (int64_t o = 0; o < out; ++o) Y[r * out + o] += bias[o];
-  }
-}
-
 // RMSNorm as transformers: x * rsqrt(mean(x^2) + eps) in fp32, then * weight.
 void rms_norm_rows(const float* x, float* y, int64_t N, int64_t H, const float* w, double eps) {
 #pragma omp parallel for schedule(static) if (N * H >= kParallelMin)
@@ -204,8 +190,11 @@ struct Model::Impl {
 
   // Per-layer scratch of loaded tensors (dropped after the layer unless caching).
   std::map<std::string, std::vector<float>> scratch;
+  // With cache_weights: linear weights packed for the gemm kernel, by tensor name (instead of
+  // fp32 copies in `cache`; Model::weight still goes through `cache`).
+  std::map<std::string, PackedB> packed;
+  std::vector<std::string> viewed;  // checkpoint tensors multiplied in place this layer
 
-  bool conv1d(const std::string& module) const { return cfg.arch == Arch::Gpt2 && module.find(".ln_") == std::string::npos; }
 
   // fp32 tensor by HF name, in HF layout, except that linear weights are [out, in].
   const float* tensor(const std::string& name, bool is_linear_weight) {
@@ -234,6 +223,76 @@ struct Model::Impl {
     for (const auto& [name, v] : scratch)
       if (!src.entry(name).format) src.checkpoint().release(name);
     scratch.clear();
+    for (const auto& name : viewed) src.checkpoint().release(name);
+    viewed.clear();
+  }
+
+  // A linear weight [out, in] ready for products, and its bias: a packed copy (cache_weights), the
+  // checkpoint's own bf16/fp32 tensor (widened while gemm packs it), or an fp32 [out, in] array
+  // (overrides, quantized calq outputs, GPT-2's transposed Conv1D weights).
+  struct WeightRef {
+    const PackedB* packed = nullptr;
+    const void* data = nullptr;
+    bool bf16 = false;
+    const float* bias = nullptr;
+  };
+  // `name`: the weight tensor (a module's "<module>.weight", or the tied embedding for the head);
+  // `stored_in_out`: stored [in, out] (GPT-2 Conv1D).
+  WeightRef weight_ref(const std::string& name, const std::string& module, bool stored_in_out) {
+    WeightRef w;
+    w.bias = bias(module);
+    if (auto o = overrides.find(module); o != overrides.end()) {
+      w.data = o->second.data();
+      return w;
+    }
+    const auto& e = src.entry(name);
+    const bool in_place = !e.format && !stored_in_out &&
+                          (src.checkpoint().view(name).dtype == DType::BF16 || src.checkpoint().view(name).dtype == DType::F32);
+    if (opts.cache_weights) {
+      auto it = packed.find(name);
+      if (it == packed.end()) {
+        const int64_t out = e.shape[stored_in_out ? 1 : 0], in = e.shape[stored_in_out ? 0 : 1];
+        PackedB pb;
+        if (in_place) {
+          const TensorView v = src.checkpoint().view(name);
+          pb = PackedB::pack(v.data, v.dtype == DType::BF16, out, in, in);
+          src.checkpoint().release(name);
+        } else {
+          std::vector<float> f = with_context("loading " + name, [&] { return src.load_f32(name); });
+          if (stored_in_out) f = transpose(f, e.shape[0], e.shape[1]);
+          pb = PackedB::pack(f.data(), false, out, in, in);
+        }
+        it = packed.emplace(name, std::move(pb)).first;
+      }
+      w.packed = &it->second;
+      return w;
+    }
+    if (in_place) {
+      const TensorView v = src.checkpoint().view(name);
+      w.data = v.data;
+      w.bf16 = v.dtype == DType::BF16;
+      viewed.push_back(name);
+      return w;
+    }
+    w.data = tensor(name, stored_in_out);
+    return w;
+  }
+  WeightRef module_ref(const std::string& module) {
+    return weight_ref(module + ".weight", module, cfg.arch == Arch::Gpt2);
+  }
+
+  // Y[N, out] = X[N, in] · Wᵀ + bias
+  static void apply(const WeightRef& w, const float* X, int64_t N, int64_t in, int64_t out, float* Y) {
+    if (N == 0) return;
+    if (w.packed)
+      gemm_packed(X, N, in, *w.packed, Y, out);
+    else
+      gemm_nt(X, N, in, w.data, w.bf16, out, Y);
+    if (w.bias) {
+#pragma omp parallel for schedule(static) if (N * out >= kParallelMin)
+      for (int64_t r = 0; r < N; ++r)
+        for (int64_t o = 0; o < out; ++o) Y[r * out + o] += w.bias[o];
+    }
   }
 
   // Observes the shared input of `modules` and runs each module's matmul into outs[i].
@@ -259,15 +318,14 @@ struct Model::Impl {
     };
     if (!any_transform) {
       notify(modules, x);
-      for (size_t i = 0; i < modules.size(); ++i)
-        linear(x, rows, cols, weight(modules[i]), outs_n[i], bias(modules[i]), outs[i]);
+      for (size_t i = 0; i < modules.size(); ++i) apply(module_ref(modules[i]), x, rows, cols, outs_n[i], outs[i]);
       return;
     }
     for (size_t i = 0; i < modules.size(); ++i) {
       std::vector<float> xt(x, x + rows * cols);
       if (auto t = transforms.find(modules[i]); t != transforms.end()) t->second(xt.data(), rows, cols);
       notify({modules[i]}, xt.data());
-      linear(xt.data(), rows, cols, weight(modules[i]), outs_n[i], bias(modules[i]), outs[i]);
+      apply(module_ref(modules[i]), xt.data(), rows, cols, outs_n[i], outs[i]);
     }
   }
 
@@ -290,24 +348,38 @@ struct Model::Impl {
     openblas_set_num_threads(prev);
   }
 
-  void apply_rope(float* x, int64_t ld, int64_t heads, int64_t D, const Activations& h) {
-    const std::vector<float> inv = rope_inv_freq(cfg, h.seq);
-    const int64_t half = D / 2, T = h.seq;
-    std::vector<float> cosv(static_cast<size_t>(T * half)), sinv(static_cast<size_t>(T * half));
+  // cos / sin of position t times each inverse frequency, [T, D/2] each.
+  struct RopeTable {
+    int64_t T = 0, half = 0;
+    std::vector<float> cos, sin;
+  };
+  RopeTable rope_table(int64_t T) const {
+    const std::vector<float> inv = rope_inv_freq(cfg, T);
+    RopeTable rt;
+    rt.T = T;
+    rt.half = cfg.head_dim / 2;
+    rt.cos.resize(static_cast<size_t>(T * rt.half));
+    rt.sin.resize(static_cast<size_t>(T * rt.half));
     for (int64_t t = 0; t < T; ++t)
-      for (int64_t i = 0; i < half; ++i) {
+      for (int64_t i = 0; i < rt.half; ++i) {
         const float f = static_cast<float>(t) * inv[static_cast<size_t>(i)];
-        cosv[t * half + i] = std::cos(f);
-        sinv[t * half + i] = std::sin(f);
+        rt.cos[t * rt.half + i] = std::cos(f);
+        rt.sin[t * rt.half + i] = std::sin(f);
       }
-    const int64_t N = h.rows();
-#pragma omp parallel for schedule(static) if (N * ld >= kParallelMin)
-    for (int64_t r = 0; r < N; ++r) {
-      const int64_t t = r % T;
+    return rt;
+  }
+
+  // Rotates `heads` heads of D values in each of `rows` rows (row r at position r % T).
+  static void apply_rope(float* x, int64_t rows, int64_t ld, int64_t heads, const RopeTable& rt) {
+    const int64_t half = rt.half, T = rt.T;
+#pragma omp parallel for schedule(static) if (rows * ld >= kParallelMin)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* cs = rt.cos.data() + (r % T) * half;
+      const float* sn = rt.sin.data() + (r % T) * half;
       for (int64_t hd = 0; hd < heads; ++hd) {
-        float* xh = x + r * ld + hd * D;
+        float* xh = x + r * ld + hd * 2 * half;
         for (int64_t i = 0; i < half; ++i) {
-          const float c = cosv[t * half + i], s = sinv[t * half + i];
+          const float c = cs[i], s = sn[i];
           const float a = xh[i], b = xh[i + half];
           xh[i] = a * c - b * s;
           xh[i + half] = b * c + a * s;
@@ -322,7 +394,95 @@ struct Model::Impl {
     return m;
   }
 
+  // Whether layer l can run sequence-parallel: each thread takes whole sequences through the
+  // whole layer (projections, attention, MLP) with one-thread products, so the threads meet once
+  // per layer instead of at every product and elementwise pass. Results are identical to the
+  // batch path (gemm's sums do not depend on how rows are split). Not with an observer or input
+  // transforms (they see whole-batch inputs), nor for MoE layers.
+  bool sequence_parallel(int64_t l, const Activations& h, const Observer* obs) const {
+    return obs == nullptr && transforms.empty() && !(cfg.is_moe() && cfg.layer_is_sparse(l)) && h.batch >= 2 &&
+           !omp_in_parallel() && omp_get_max_threads() >= 2;
+  }
+
+  struct DenseWeights {
+    const float *in_norm, *post_norm, *q_norm = nullptr, *k_norm = nullptr;
+    WeightRef q, k, v, o, gate, up, down;
+  };
+
+  // Per-thread work buffers of the sequence-parallel path, kept between layers and calls.
+  struct SeqBuffers {
+    std::vector<float> xn, q, k, v, att, o, g, u;
+  };
+
+  void run_llama_layer_split(int64_t l, Activations& h) {
+    const std::string p = layer_prefix(cfg, l), a = p + "self_attn.", m = p + "mlp.";
+    const int64_t T = h.seq, H = cfg.hidden_size, D = cfg.head_dim, I = cfg.intermediate_size;
+    const int64_t NQ = cfg.num_attention_heads, NKV = cfg.num_key_value_heads, groups = NQ / NKV;
+    // Every tensor is loaded (or found in the cache) here, on one thread.
+    DenseWeights w{};
+    w.in_norm = tensor(p + "input_layernorm.weight", false);
+    w.post_norm = tensor(p + "post_attention_layernorm.weight", false);
+    if (cfg.qk_norm) {
+      w.q_norm = tensor(a + "q_norm.weight", false);
+      w.k_norm = tensor(a + "k_norm.weight", false);
+    }
+    w.q = module_ref(a + "q_proj");
+    w.k = module_ref(a + "k_proj");
+    w.v = module_ref(a + "v_proj");
+    w.o = module_ref(a + "o_proj");
+    w.gate = module_ref(m + "gate_proj");
+    w.up = module_ref(m + "up_proj");
+    w.down = module_ref(m + "down_proj");
+    const RopeTable rt = rope_table(T);
+    const int64_t window = sliding[static_cast<size_t>(l)] ? cfg.sliding_window.value_or(0) : 0;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+    const double eps = cfg.rms_norm_eps;
+    auto sized = [](std::vector<float>& v, int64_t n) {
+      if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+      return v.data();
+    };
+
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t b = 0; b < h.batch; ++b) {
+      static thread_local SeqBuffers buf;
+      float* x = h.data.data() + b * T * H;
+      float* xn = sized(buf.xn, T * H);
+      float* q = sized(buf.q, T * NQ * D);
+      float* k = sized(buf.k, T * NKV * D);
+      float* v = sized(buf.v, T * NKV * D);
+      float* att = sized(buf.att, T * NQ * D);
+      float* o = sized(buf.o, T * H);
+      float* g = sized(buf.g, T * I);
+      float* u = sized(buf.u, T * I);
+      rms_norm_rows(x, xn, T, H, w.in_norm, eps);
+      apply(w.q, xn, T, H, NQ * D, q);
+      apply(w.k, xn, T, H, NKV * D, k);
+      apply(w.v, xn, T, H, NKV * D, v);
+      if (cfg.qk_norm) {
+        rms_norm_rows(q, q, T * NQ, D, w.q_norm, eps);
+        rms_norm_rows(k, k, T * NKV, D, w.k_norm, eps);
+      }
+      apply_rope(q, T, NQ * D, NQ, rt);
+      apply_rope(k, T, NKV * D, NKV, rt);
+      const int64_t len = h.lengths[static_cast<size_t>(b)];
+      for (int64_t hd = 0; hd < NQ; ++hd) {
+        const int64_t kvh = hd / groups;
+        attention_head(q + hd * D, NQ * D, k + kvh * D, NKV * D, v + kvh * D, NKV * D, att + hd * D, NQ * D, T, D,
+                       len, window, scale);
+      }
+      apply(w.o, att, T, NQ * D, H, o);
+      for (int64_t i = 0; i < T * H; ++i) x[i] += o[i];
+      rms_norm_rows(x, xn, T, H, w.post_norm, eps);
+      apply(w.gate, xn, T, H, I, g);
+      apply(w.up, xn, T, H, I, u);
+      for (int64_t i = 0; i < T * I; ++i) g[i] = silu(g[i]) * u[i];
+      apply(w.down, g, T, I, H, o);
+      for (int64_t i = 0; i < T * H; ++i) x[i] += o[i];
+    }
+  }
+
   void run_llama_layer(int64_t l, Activations& h, Observer* obs) {
+    if (sequence_parallel(l, h, obs)) return run_llama_layer_split(l, h);
     const std::string p = layer_prefix(cfg, l);
     const int64_t N = h.rows(), H = cfg.hidden_size, D = cfg.head_dim;
     const int64_t NQ = cfg.num_attention_heads, NKV = cfg.num_key_value_heads;
@@ -338,8 +498,9 @@ struct Model::Impl {
       rms_norm_rows(q.data(), q.data(), N * NQ, D, tensor(a + "q_norm.weight", false), cfg.rms_norm_eps);
       rms_norm_rows(k.data(), k.data(), N * NKV, D, tensor(a + "k_norm.weight", false), cfg.rms_norm_eps);
     }
-    apply_rope(q.data(), NQ * D, NQ, D, h);
-    apply_rope(k.data(), NKV * D, NKV, D, h);
+    const RopeTable rt = rope_table(h.seq);
+    apply_rope(q.data(), N, NQ * D, NQ, rt);
+    apply_rope(k.data(), N, NKV * D, NKV, rt);
     std::vector<float> att(static_cast<size_t>(N * NQ * D));
     const int64_t window = sliding[static_cast<size_t>(l)] ? cfg.sliding_window.value_or(0) : 0;
     attention(h, q.data(), NQ * D, k.data(), NKV * D, v.data(), NKV * D, att.data(), NQ, NKV, D, window);
@@ -488,7 +649,7 @@ Model& Model::operator=(Model&&) noexcept = default;
 Model::~Model() = default;
 
 Model Model::load(const std::filesystem::path& dir, const Options& opts) {
-  auto impl = std::make_unique<Impl>(Impl{native::Model::open(dir), {}, opts, {}, {}, {}, {}, {}});
+  auto impl = std::make_unique<Impl>(Impl{native::Model::open(dir), {}, opts, {}, {}, {}, {}, {}, {}, {}});
   impl->cfg = impl->src.config();
   const io::ModelConfig& c = impl->cfg;
   if (c.arch == Arch::Gpt2) {
@@ -610,7 +771,8 @@ std::vector<float> Model::head(const Activations& h, Observer* observer) {
   if (c.tie_word_embeddings || !impl_->src.contains(w))
     w = gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight";
   std::vector<float> logits(static_cast<size_t>(N * V));
-  const float* W = w == "lm_head.weight" ? impl_->weight("lm_head") : impl_->tensor(w, false);
+  const auto W = w == "lm_head.weight" ? impl_->module_ref("lm_head")
+                                        : impl_->weight_ref(w, w.substr(0, w.size() - 7), false);
   if (observer) {
     const auto real = impl_->real_mask(h);
     LinearInput in;
@@ -622,7 +784,7 @@ std::vector<float> Model::head(const Activations& h, Observer* observer) {
     in.real = real.data();
     observer->on_linear_input(in);
   }
-  linear(xn.data(), N, H, W, V, nullptr, logits.data());
+  Impl::apply(W, xn.data(), N, H, V, logits.data());
   impl_->release_scratch();
   if (impl_->opts.check_nan && !check_finite(logits.data(), logits.size()))
     fail("engine: non-finite logits (final norm / lm head)");

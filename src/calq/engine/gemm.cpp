@@ -62,12 +62,14 @@ inline float bf16_bits_to_f32(uint16_t h) {
 template <int MR>
 void pack_a(const float* A, int64_t lda, int64_t M, int64_t m0, int64_t k0, int64_t kc, float* dst) {
   const int64_t rows = std::min<int64_t>(MR, M - m0);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* src = A + (m0 + r) * lda + k0;
-    for (int64_t k = 0; k < kc; ++k) dst[k * MR + r] = src[k];
+  const float* src = A + m0 * lda + k0;
+  if (rows == MR) {
+    for (int64_t k = 0; k < kc; ++k)
+      for (int r = 0; r < MR; ++r) dst[k * MR + r] = src[r * lda + k];
+    return;
   }
-  for (int64_t r = rows; r < MR; ++r)
-    for (int64_t k = 0; k < kc; ++k) dst[k * MR + r] = 0.0f;
+  for (int64_t k = 0; k < kc; ++k)
+    for (int64_t r = 0; r < MR; ++r) dst[k * MR + r] = r < rows ? src[r * lda + k] : 0.0f;
 }
 
 // Columns [n0, n0 + ncols) of op(B), terms [k0, k0 + kc), into slivers of NR columns:
@@ -231,11 +233,13 @@ __attribute__((target("avx2,fma"))) void kernel_avx2(int64_t kc, const float* a,
 
 using KernelFn = void (*)(int64_t, const float*, const float*, float*, int64_t, int, int, float, float, bool);
 
+// prepacked: B already in the sliver layout of the whole matrix (PackedB), else packed here.
 template <int MR, int NR>
-void run_blocked(const GemmArgs& g, KernelFn kernel) {
+void run_blocked(const GemmArgs& g, KernelFn kernel, const float* prepacked) {
   const int64_t M = g.M, N = g.N, K = g.K;
   const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
   const int64_t mslivers = (M + MR - 1) / MR;
+  const int64_t npad = (N + NR - 1) / NR * NR;
   // Column blocks of at most kNbMax, and at least two per thread where N allows (a thread that
   // is descheduled for a while then costs less); rows are split too when N has too few columns.
   int64_t nb = std::min<int64_t>(kNbMax, ((N + 2 * threads - 1) / (2 * threads) + NR - 1) / NR * NR);
@@ -251,7 +255,7 @@ void run_blocked(const GemmArgs& g, KernelFn kernel) {
 
 #pragma omp parallel num_threads(threads)
   {
-    float* bp = scratch(tls.b, tls.b_cap, static_cast<size_t>(nb * kc_max));
+    float* bp = prepacked ? nullptr : scratch(tls.b, tls.b_cap, static_cast<size_t>(nb * kc_max));
     for (int64_t k0 = 0; k0 < K; k0 += kKc) {
       const int64_t kc = std::min(kKc, K - k0);
 #pragma omp for schedule(static)
@@ -262,7 +266,10 @@ void run_blocked(const GemmArgs& g, KernelFn kernel) {
         const int64_t n0 = jb * nb, ncols = std::min(nb, N - n0);
         const int64_t s0 = part * slivers_per_part, s1 = std::min(mslivers, s0 + slivers_per_part);
         if (s0 >= s1) continue;
-        if (bf16)
+        const float* bl = bp;
+        if (prepacked)
+          bl = prepacked + k0 * npad + n0 * kc;
+        else if (bf16)
           pack_b<NR>(static_cast<const uint16_t*>(g.B), g.ldb, g.b_layout, n0, ncols, k0, kc, bp);
         else
           pack_b<NR>(static_cast<const float*>(g.B), g.ldb, g.b_layout, n0, ncols, k0, kc, bp);
@@ -270,7 +277,7 @@ void run_blocked(const GemmArgs& g, KernelFn kernel) {
           const int mr = static_cast<int>(std::min<int64_t>(MR, M - s * MR));
           for (int64_t j0 = 0; j0 < ncols; j0 += NR) {
             const int nr = static_cast<int>(std::min<int64_t>(NR, ncols - j0));
-            kernel(kc, ap + s * MR * kc, bp + (j0 / NR) * NR * kc, g.C + s * MR * g.ldc + n0 + j0, g.ldc, mr, nr,
+            kernel(kc, ap + s * MR * kc, bl + (j0 / NR) * NR * kc, g.C + s * MR * g.ldc + n0 + j0, g.ldc, mr, nr,
                    g.alpha, g.beta, k0 == 0);
           }
         }
@@ -328,6 +335,77 @@ std::atomic<GemmKernel>& active() {
 
 }  // namespace
 
+void PackedB::Free::operator()(float* p) const { std::free(p); }
+
+PackedB PackedB::pack(const void* W, bool bf16, int64_t N, int64_t K, int64_t ldw, GemmKernel k) {
+  CALQ_CHECK(N > 0 && K > 0, "gemm: cannot pack an empty weight ({} x {})", N, K);
+  if (k == GemmKernel::Auto) k = gemm_kernel();
+  CALQ_CHECK(gemm_kernel_supported(k), "gemm: this CPU cannot run the {} kernel", gemm_kernel_name(k));
+  PackedB p;
+  p.n_ = N;
+  p.k_ = K;
+  p.kernel_ = k;
+  const int NR = k == GemmKernel::Avx512 ? 32 : k == GemmKernel::Avx2 ? 16 : 1;
+  const int64_t npad = (N + NR - 1) / NR * NR;
+  p.size_ = static_cast<size_t>(npad * K);
+  const size_t bytes = ((p.size_ * sizeof(float) + 63) / 64) * 64;
+  p.data_.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+  CALQ_CHECK(p.data_ != nullptr, "gemm: cannot allocate {} bytes for a packed {} x {} weight", bytes, N, K);
+  float* d = p.data_.get();
+  if (NR == 1) {  // OpenBLAS: the fp32 matrix itself
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      if (bf16)
+        for (int64_t c = 0; c < K; ++c) d[n * K + c] = bf16_bits_to_f32(static_cast<const uint16_t*>(W)[n * ldw + c]);
+      else
+        std::memcpy(d + n * K, static_cast<const float*>(W) + n * ldw, static_cast<size_t>(K) * sizeof(float));
+    }
+    return p;
+  }
+  // The layout run_blocked reads: K blocks of kKc, each [npad / NR slivers][kc][NR].
+  constexpr int64_t kSliversPerTask = 8;
+  const int64_t kblocks = (K + kKc - 1) / kKc, ntasks = (npad / NR + kSliversPerTask - 1) / kSliversPerTask;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t kb = 0; kb < kblocks; ++kb)
+    for (int64_t t = 0; t < ntasks; ++t) {
+      const int64_t k0 = kb * kKc, kc = std::min(kKc, K - k0);
+      const int64_t n0 = t * kSliversPerTask * NR, ncols = std::min(kSliversPerTask * NR, N - n0);
+      if (ncols <= 0) continue;
+      float* dst = d + k0 * npad + n0 * kc;
+      if (NR == 32) {
+        if (bf16)
+          pack_b<32>(static_cast<const uint16_t*>(W), ldw, GemmB::Trans, n0, ncols, k0, kc, dst);
+        else
+          pack_b<32>(static_cast<const float*>(W), ldw, GemmB::Trans, n0, ncols, k0, kc, dst);
+      } else {
+        if (bf16)
+          pack_b<16>(static_cast<const uint16_t*>(W), ldw, GemmB::Trans, n0, ncols, k0, kc, dst);
+        else
+          pack_b<16>(static_cast<const float*>(W), ldw, GemmB::Trans, n0, ncols, k0, kc, dst);
+      }
+    }
+  return p;
+}
+
+void gemm_packed(const float* X, int64_t M, int64_t ldx, const PackedB& W, float* Y, int64_t ldy) {
+  if (M == 0) return;
+  GemmArgs g;
+  g.M = M;
+  g.N = W.n_;
+  g.K = W.k_;
+  g.A = X;
+  g.lda = ldx;
+  g.B = W.data_.get();
+  g.ldb = W.k_;
+  g.C = Y;
+  g.ldc = ldy;
+  switch (W.kernel_) {
+    case GemmKernel::Avx512: run_blocked<12, 32>(g, kernel_avx512, W.data_.get()); break;
+    case GemmKernel::Avx2: run_blocked<6, 16>(g, kernel_avx2, W.data_.get()); break;
+    default: run_blas(g); break;
+  }
+}
+
 std::string_view gemm_kernel_name(GemmKernel k) {
   switch (k) {
     case GemmKernel::Auto: return "auto";
@@ -370,8 +448,8 @@ void gemm(const GemmArgs& g, GemmKernel k) {
   if (k == GemmKernel::Auto) k = gemm_kernel();
   CALQ_CHECK(gemm_kernel_supported(k), "gemm: this CPU cannot run the {} kernel", gemm_kernel_name(k));
   switch (k) {
-    case GemmKernel::Avx512: run_blocked<12, 32>(g, kernel_avx512); break;
-    case GemmKernel::Avx2: run_blocked<6, 16>(g, kernel_avx2); break;
+    case GemmKernel::Avx512: run_blocked<12, 32>(g, kernel_avx512, nullptr); break;
+    case GemmKernel::Avx2: run_blocked<6, 16>(g, kernel_avx2, nullptr); break;
     default: run_blas(g); break;
   }
 }

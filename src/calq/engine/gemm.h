@@ -16,7 +16,9 @@
 // set_gemm_kernel, forces one (an unsupported choice is an error). docs/engine.md has the design.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string_view>
 
 namespace calq::engine {
@@ -52,6 +54,31 @@ struct GemmArgs {
 void gemm(const GemmArgs& g);
 // The same with an explicit kernel (tests, benchmarks).
 void gemm(const GemmArgs& g, GemmKernel k);
+
+// A weight W[N, K] (row-major, leading dimension ldw, fp32 or bf16) packed once into the layout
+// of one kernel (for the OpenBLAS kernel: a plain fp32 copy), for the products Y = X · Wᵀ that
+// reuse it: the engine's cached weights. Same values and sums as gemm() with the same kernel.
+class PackedB {
+ public:
+  static PackedB pack(const void* W, bool bf16, int64_t N, int64_t K, int64_t ldw, GemmKernel k = GemmKernel::Auto);
+  int64_t rows() const { return n_; }
+  int64_t cols() const { return k_; }
+  GemmKernel kernel() const { return kernel_; }
+  size_t bytes() const { return size_ * sizeof(float); }
+
+ private:
+  struct Free {
+    void operator()(float* p) const;
+  };
+  friend void gemm_packed(const float* X, int64_t M, int64_t ldx, const PackedB& W, float* Y, int64_t ldy);
+  int64_t n_ = 0, k_ = 0;
+  GemmKernel kernel_ = GemmKernel::Blas;
+  std::unique_ptr<float[], Free> data_;
+  size_t size_ = 0;
+};
+
+// Y[M, N] = X[M, K] · Wᵀ (ldx, ldy: leading dimensions of X and Y), with W's kernel.
+void gemm_packed(const float* X, int64_t M, int64_t ldx, const PackedB& W, float* Y, int64_t ldy);
 
 // Y[N, out] = X[N, in] · W[out, in]^T, W fp32 or bf16.
 inline void gemm_nt(const float* X, int64_t rows, int64_t in, const void* W, bool w_bf16, int64_t out,
