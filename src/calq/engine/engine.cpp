@@ -24,16 +24,66 @@ using io::Arch;
 constexpr int64_t kParallelMin = int64_t{1} << 19;
 
 // RMSNorm as transformers: x * rsqrt(mean(x^2) + eps) in fp32, then * weight.
+// The elementwise loops below are compiled for AVX-512, AVX2 and baseline x86-64, chosen at
+// load time (GCC function multiversioning): -ffp-contract=off keeps every clone's arithmetic the
+// same, so they give the same bits. Sums use fixed partial-sum lanes so that they vectorize.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CALQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CALQ_CLONES
+#endif
+
+// sum of x[i]^2 in double, in 8 interleaved partial sums.
+CALQ_CLONES double sum_squares(const float* x, int64_t n) {
+  double part[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) part[l] += static_cast<double>(x[i + l]) * x[i + l];
+  for (; i < n; ++i) part[0] += static_cast<double>(x[i]) * x[i];
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+CALQ_CLONES void scale_mul(const float* x, float inv, const float* w, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = w[i] * (x[i] * inv);
+}
+
 void rms_norm_rows(const float* x, float* y, int64_t N, int64_t H, const float* w, double eps) {
 #pragma omp parallel for schedule(static) if (N * H >= kParallelMin)
   for (int64_t r = 0; r < N; ++r) {
-    const float* xr = x + r * H;
-    float* yr = y + r * H;
-    double ss = 0;
-    for (int64_t i = 0; i < H; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+    const double ss = sum_squares(x + r * H, H);
     const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(H) + eps));
-    for (int64_t i = 0; i < H; ++i) yr[i] = w[i] * (xr[i] * inv);
+    scale_mul(x + r * H, inv, w, y + r * H, H);
   }
+}
+
+// Masked softmax of one row of n scores in place: entries [lo, hi] become their probabilities
+// (max subtracted, fast_exp, sum in double), every other entry 0.
+CALQ_CLONES void softmax_row(float* row, int64_t n, int64_t lo, int64_t hi) {
+  float* vis = row + lo;
+  const int64_t nv = hi - lo + 1;
+  float lanes[16];
+  for (int l = 0; l < 16; ++l) lanes[l] = -INFINITY;
+  int64_t j = 0;
+  for (; j + 16 <= nv; j += 16)
+    for (int l = 0; l < 16; ++l) lanes[l] = vis[j + l] > lanes[l] ? vis[j + l] : lanes[l];
+  float mx = -INFINITY;
+  for (int l = 0; l < 16; ++l) mx = lanes[l] > mx ? lanes[l] : mx;
+  for (; j < nv; ++j) mx = vis[j] > mx ? vis[j] : mx;
+  for (int64_t i = 0; i < nv; ++i) vis[i] = fast_exp(vis[i] - mx);
+  double part[8] = {};
+  j = 0;
+  for (; j + 8 <= nv; j += 8)
+    for (int l = 0; l < 8; ++l) part[l] += vis[j + l];
+  for (; j < nv; ++j) part[0] += vis[j];
+  const double sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  const float inv = static_cast<float>(1.0 / sum);
+  for (int64_t i = 0; i < lo; ++i) row[i] = 0.0f;
+  for (int64_t i = 0; i < nv; ++i) vis[i] *= inv;
+  for (int64_t i = hi + 1; i < n; ++i) row[i] = 0.0f;
+}
+
+CALQ_CLONES void add_rows(float* h, const float* o, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) h[i] += o[i];
 }
 
 void layer_norm_rows(const float* x, float* y, int64_t N, int64_t H, const float* w, const float* b,
@@ -53,7 +103,10 @@ void layer_norm_rows(const float* x, float* y, int64_t N, int64_t H, const float
   }
 }
 
-float silu(float x) { return x / (1.0f + fast_exp(-x)); }
+// g = silu(g) * u
+CALQ_CLONES void silu_mul(float* g, const float* u, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) g[i] = (g[i] / (1.0f + fast_exp(-g[i]))) * u[i];
+}
 float gelu_tanh(float x) {
   const double c = std::sqrt(2.0 / M_PI);
   const double xd = x;
@@ -153,15 +206,7 @@ void attention_head(const float* q, int64_t ldq, const float* k, int64_t ldk, co
         std::fill(row, row + nk, 0.0f);
         continue;
       }
-      float mx = -INFINITY;
-      for (int64_t j = lo; j <= hi; ++j) mx = std::max(mx, row[j - kstart]);
-      float* vis = row + (lo - kstart);
-      const int64_t nv = hi - lo + 1;
-      for (int64_t j = 0; j < nv; ++j) vis[j] = fast_exp(vis[j] - mx);  // vectorizes
-      double sum = 0;
-      for (int64_t j = 0; j < nv; ++j) sum += vis[j];
-      const float inv = static_cast<float>(1.0 / sum);
-      for (int64_t j = kstart; j < kend; ++j) row[j - kstart] = (j >= lo && j <= hi) ? row[j - kstart] * inv : 0.0f;
+      softmax_row(row, nk, lo - kstart, hi - kstart);
     }
     GemmArgs pv;  // out = p v
     pv.M = bq;
@@ -471,13 +516,13 @@ struct Model::Impl {
                        len, window, scale);
       }
       apply(w.o, att, T, NQ * D, H, o);
-      for (int64_t i = 0; i < T * H; ++i) x[i] += o[i];
+      add_rows(x, o, T * H);
       rms_norm_rows(x, xn, T, H, w.post_norm, eps);
       apply(w.gate, xn, T, H, I, g);
       apply(w.up, xn, T, H, I, u);
-      for (int64_t i = 0; i < T * I; ++i) g[i] = silu(g[i]) * u[i];
+      silu_mul(g, u, T * I);
       apply(w.down, g, T, I, H, o);
-      for (int64_t i = 0; i < T * H; ++i) x[i] += o[i];
+      add_rows(x, o, T * H);
     }
   }
 
@@ -533,9 +578,7 @@ struct Model::Impl {
     const int64_t H = cfg.hidden_size;
     std::vector<float> g(static_cast<size_t>(N * I)), u(static_cast<size_t>(N * I));
     linears({gate, up}, {I, I}, l, x, N, H, real, obs, {g.data(), u.data()}, expert, token_rows, rw);
-    const int64_t n = N * I;
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-    for (int64_t i = 0; i < n; ++i) g[i] = silu(g[i]) * u[i];
+    silu_mul(g.data(), u.data(), N * I);
     linears({down}, {H}, l, g.data(), N, I, real, obs, {out}, expert, token_rows, rw);
   }
 
