@@ -1,5 +1,5 @@
 // Throughput of calq's gemm (src/calq/engine/gemm.h) per kernel on the shapes of the engine's
-// linear modules at ctx 512 × 4 chunks: bench-qwen3-28m and Qwen3-1.7B, fp32 and bf16 weights.
+// linear modules at ctx 512 × 4 chunks (and one chunk): bench-qwen3-28m and Qwen3-1.7B, fp32 and bf16 weights.
 //   build/release/bench/gemm_bench [--benchmark_filter=...]   (threads: OMP_NUM_THREADS)
 // Kernels the CPU cannot run are skipped.
 #include <benchmark/benchmark.h>
@@ -54,6 +54,9 @@ void shapes(benchmark::internal::Benchmark* b) {
   const int64_t shapes[][3] = {
       {2048, 512, 512},   {2048, 128, 512},   {2048, 1536, 512}, {2048, 512, 1536}, {1024, 8192, 512},  // 28m
       {2048, 2048, 2048}, {2048, 1024, 2048}, {2048, 6144, 2048}, {2048, 2048, 6144},                    // 1.7B
+      // one sequence of 512 tokens (the engine's sequence-parallel layers run one per thread)
+      {512, 512, 512},    {512, 1536, 512},   {512, 512, 1536},   {512, 2048, 2048},  {512, 6144, 2048},
+      {512, 2048, 6144},
   };
   for (int k : {1, 2, 3})
     for (const auto& s : shapes)

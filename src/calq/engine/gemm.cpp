@@ -26,7 +26,7 @@ namespace {
 //     NR columns, k-major (NR values per k; bf16 widened here), a block that stays in its L2;
 //   - the micro-kernel multiplies one A sliver (MR × kc, in L1 while it sweeps the block's B
 //     slivers) by one B sliver into an MR × NR tile of C held in registers, then adds it to C.
-constexpr int64_t kKc = 384;
+constexpr int64_t kKc = 512;
 constexpr int64_t kNbMax = 384;
 
 struct AlignedFree {

@@ -6,7 +6,7 @@
 // module's weight [out, in], or the keys of attention) or "normal" ([K, N] row-major: the values
 // of attention), in fp32 or bf16; a bf16 B is widened to fp32 while it is packed, so the product
 // of bf16 weights never needs an fp32 copy of them. Every product and sum is an fp32 FMA, the K
-// terms of one element summed in order within blocks of kGemmKc (then block by block), so the
+// terms of one element summed in order within blocks of 512 (then block by block), so the
 // result is as exact as a BLAS sgemm's (tests/unit/gemm_test.cpp checks every kernel against a
 // float64 triple loop).
 //
