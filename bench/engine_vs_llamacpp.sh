@@ -5,12 +5,17 @@
 # Models: bench-qwen3-28m (../shared) and a random-weight model with Qwen3-1.7B shapes
 # (`calq generate-model`, the bench-qwen3 tokenizer).
 # Usage: LLAMA_CPP=/path/to/llama.cpp/build/bin bench/engine_vs_llamacpp.sh [threads] [chunks 28m] [chunks 1.7B]
+# REPEATS=n (default 1) alternates calq and llama.cpp n times per model (calq, llama.cpp, calq, ...)
+# and reports the median and the best tokens/s of each, and the median of the per-pair ratios;
+# MODELS="28m 1.7b" (default both) picks the models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${LLAMA_CPP:?set LLAMA_CPP to the directory holding llama-perplexity}"
 THREADS=${1:-$(nproc)}
 CHUNKS_SMALL=${2:-32}   # bench-qwen3-28m
 CHUNKS_LARGE=${3:-4}    # Qwen3-1.7B shapes
+REPEATS=${REPEATS:-1}
+MODELS=${MODELS:-28m 1.7b}
 SHARED=${SHARED:-../shared}
 W=${WORK_DIR:-build/bench-engine}
 mkdir -p "$W"
@@ -23,17 +28,21 @@ if [ ! -d "$W/qwen3-1.7b-shape" ]; then
   $CALQ -q generate-model -c "$SHARED/data/configs/Qwen3-1.7B" -o "$W/qwen3-1.7b-shape" --seed 0
   cp "$SHARED"/data/models/bench-qwen3-28m/tokenizer*.json "$W/qwen3-1.7b-shape/"
 fi
-printf '| model | chunks | calq tok/s | llama.cpp tok/s | calq / llama.cpp | calq PPL | llama.cpp PPL |\n|---|---|---|---|---|---|---|\n'
+printf '| model | chunks | runs | calq tok/s median (best) | llama.cpp tok/s median (best) | calq / llama.cpp median (range) | calq PPL | llama.cpp PPL |\n|---|---|---|---|---|---|---|---|\n'
 for m in "$SHARED/data/models/bench-qwen3-28m" "$W/qwen3-1.7b-shape"; do
   name=$(basename "$m")
   CHUNKS=$CHUNKS_SMALL
   [ "$name" = qwen3-1.7b-shape ] && CHUNKS=$CHUNKS_LARGE
+  case "$name" in bench-qwen3-28m) key=28m ;; *) key=1.7b ;; esac
+  case " $MODELS " in *" $key "*) ;; *) continue ;; esac
   [ -f "$W/$name-f32.gguf" ] || $CALQ -q export -i "$m" -o "$W/$name-f32.gguf" --outtype f32
-  $CALQ -q --threads "$THREADS" eval --model "$m" --dataset "$WIKI" --ctx 512 --chunks "$CHUNKS" --json "$W/$name-calq.json" >/dev/null
-  "$LLAMA_CPP/llama-perplexity" -m "$W/$name-f32.gguf" -f "$WIKI" -c 512 -t "$THREADS" --chunks "$CHUNKS" > "$W/$name-llama.log" 2>&1
-  # llama.cpp's log lines start with a timestamp (minutes.seconds.ms.us): compute time is from
-  # "calculating perplexity" to "Final estimate".
-  lt=$(python3 - "$W/$name-llama.log" "$CHUNKS" <<'PY'
+  runs=()
+  for r in $(seq "$REPEATS"); do
+    $CALQ -q --threads "$THREADS" eval --model "$m" --dataset "$WIKI" --ctx 512 --chunks "$CHUNKS" --json "$W/$name-calq.json" >/dev/null
+    "$LLAMA_CPP/llama-perplexity" -m "$W/$name-f32.gguf" -f "$WIKI" -c 512 -t "$THREADS" --chunks "$CHUNKS" > "$W/$name-llama.log" 2>&1
+    # llama.cpp's log lines start with a timestamp (minutes.seconds.ms.us): compute time is from
+    # "calculating perplexity" to "Final estimate".
+    lt=$(python3 - "$W/$name-llama.log" "$CHUNKS" <<'PY'
 import re, sys
 t = {}
 for line in open(sys.argv[1], encoding="utf-8", errors="replace"):
@@ -48,9 +57,15 @@ tok = int(sys.argv[2]) * 512
 print(f"{tok / (t['end'] - t['start']):.1f} {t['ppl']:.4f}")
 PY
 )
-  ct=$(python3 -c "import json; d=json.load(open('$W/$name-calq.json')); print(f\"{d['tokens_per_second']:.1f} {d['ppl']:.4f}\")")
-  read -r c_tps c_ppl <<<"$ct"
-  read -r l_tps l_ppl <<<"$lt"
-  ratio=$(python3 -c "print(f'{$c_tps / $l_tps:.2f}')")
-  echo "| $name | $CHUNKS | $c_tps | $l_tps | ${ratio}× | $c_ppl | $l_ppl |"
+    ct=$(python3 -c "import json; d=json.load(open('$W/$name-calq.json')); print(f\"{d['tokens_per_second']:.1f} {d['ppl']:.4f}\")")
+    echo "run $r $name: calq $ct, llama.cpp $lt" >&2
+    runs+=("$ct $lt")
+  done
+  printf '%s\n' "${runs[@]}" | python3 -c "
+import statistics as st, sys
+rows = [list(map(float, l.split())) for l in sys.stdin if l.strip()]
+c = [r[0] for r in rows]; l = [r[2] for r in rows]; q = [a / b for a, b in zip(c, l)]
+print(f'| $name | $CHUNKS | {len(rows)} | {st.median(c):.1f} ({max(c):.1f}) | {st.median(l):.1f} ({max(l):.1f}) | '
+      f'{st.median(q):.2f}× ({min(q):.2f}–{max(q):.2f}) | {rows[-1][1]:.4f} | {rows[-1][3]:.4f} |')
+"
 done

@@ -9,6 +9,7 @@
 #include "calq/core/dtype.h"
 #include "calq/core/error.h"
 #include "calq/engine/engine.h"
+#include "calq/engine/gemm.h"
 #include "calq/io/safetensors.h"
 #include "calq/pipeline/quantize.h"
 #include "support.h"
@@ -627,6 +628,38 @@ TEST(EngineOptions, CachedWeightsGiveTheSameLogits) {
   auto la = a.forward(batch);
   EXPECT_EQ(a.forward(batch), la);  // second run from the cache
   EXPECT_EQ(b.forward(batch), la);
+}
+
+// Dense layers of a batch run sequence-parallel without an observer (each thread takes whole
+// sequences through a layer) and batch-wide with one; with calq's own gemm kernels both give
+// the same bits, cached (packed) weights or not.
+TEST(EngineOptions, SequenceParallelEqualsTheBatchPath) {
+  struct Nothing : engine::Observer {};
+  const engine::GemmKernel before = engine::gemm_kernel();
+  for (engine::GemmKernel k : {engine::GemmKernel::Blas, engine::GemmKernel::Avx2, engine::GemmKernel::Avx512}) {
+    if (!engine::gemm_kernel_supported(k)) continue;
+    engine::set_gemm_kernel(k);
+    for (const char* name : {"qwen3_qknorm", "llama_mha_bias_tied", "mistral_swa"})
+      for (bool cache : {false, true}) {
+        Expected e = load_expected(fixture(name));
+        ASSERT_GE(e.B, 2) << name;
+        engine::Options o;
+        o.cache_weights = cache;
+        auto m = engine::Model::load(fixture(name), o);
+        engine::Batch batch{e.B, e.T, e.tokens, e.lengths};
+        Nothing obs;
+        const auto split = m.forward(batch), whole = m.forward(batch, &obs);
+        ASSERT_EQ(split.size(), whole.size());
+        for (size_t i = 0; i < split.size(); ++i) {
+          if (k == engine::GemmKernel::Blas)  // OpenBLAS splits its sums by thread count
+            ASSERT_NEAR(split[i], whole[i], 1e-5f * (1 + std::fabs(whole[i]))) << name << " " << i;
+          else
+            ASSERT_EQ(split[i], whole[i]) << name << " kernel " << engine::gemm_kernel_name(k) << " cache " << cache
+                                          << " at " << i;
+        }
+      }
+  }
+  engine::set_gemm_kernel(before);
 }
 
 TEST(EngineErrors, MissingTensorIsAnError) {

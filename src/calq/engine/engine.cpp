@@ -10,6 +10,7 @@
 
 #include "calq/core/dtype.h"
 #include "calq/core/error.h"
+#include "calq/engine/gemm.h"
 #include "calq/model/layout.h"
 
 namespace calq::engine {
@@ -22,33 +23,67 @@ using io::Arch;
 // work, and much more on a machine whose cores are shared (a descheduled thread stalls it).
 constexpr int64_t kParallelMin = int64_t{1} << 19;
 
-// Y[N, out] = X[N, in] * W[out, in]^T (+ bias)
-void linear(const float* X, int64_t N, int64_t in, const float* W, int64_t out, const float* bias,
-            float* Y) {
-  if (N == 0) return;
-  // OpenBLAS is linked in its OpenMP build (CMakeLists.txt): it threads the product on calq's own
-  // OpenMP pool, and runs single-threaded when called inside a parallel region.
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(N), static_cast<int>(out),
-              static_cast<int>(in), 1.0f, X, static_cast<int>(in), W, static_cast<int>(in), 0.0f, Y,
-              static_cast<int>(out));
-  if (bias) {
-#pragma omp parallel for schedule(static) if (N * out >= kParallelMin)
-    for (int64_t r = 0; r < N; ++r)
-      for (int64_t o = 0; o < out; ++o) Y[r * out + o] += bias[o];
-  }
+// RMSNorm as transformers: x * rsqrt(mean(x^2) + eps) in fp32, then * weight.
+// The elementwise loops below are compiled for AVX-512, AVX2 and baseline x86-64, chosen at
+// load time (GCC function multiversioning): -ffp-contract=off keeps every clone's arithmetic the
+// same, so they give the same bits. Sums use fixed partial-sum lanes so that they vectorize.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CALQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CALQ_CLONES
+#endif
+
+// sum of x[i]^2 in double, in 8 interleaved partial sums.
+CALQ_CLONES double sum_squares(const float* x, int64_t n) {
+  double part[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) part[l] += static_cast<double>(x[i + l]) * x[i + l];
+  for (; i < n; ++i) part[0] += static_cast<double>(x[i]) * x[i];
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
-// RMSNorm as transformers: x * rsqrt(mean(x^2) + eps) in fp32, then * weight.
+CALQ_CLONES void scale_mul(const float* x, float inv, const float* w, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = w[i] * (x[i] * inv);
+}
+
 void rms_norm_rows(const float* x, float* y, int64_t N, int64_t H, const float* w, double eps) {
 #pragma omp parallel for schedule(static) if (N * H >= kParallelMin)
   for (int64_t r = 0; r < N; ++r) {
-    const float* xr = x + r * H;
-    float* yr = y + r * H;
-    double ss = 0;
-    for (int64_t i = 0; i < H; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+    const double ss = sum_squares(x + r * H, H);
     const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(H) + eps));
-    for (int64_t i = 0; i < H; ++i) yr[i] = w[i] * (xr[i] * inv);
+    scale_mul(x + r * H, inv, w, y + r * H, H);
   }
+}
+
+// Masked softmax of one row of n scores in place: entries [lo, hi] become their probabilities
+// (max subtracted, fast_exp, sum in double), every other entry 0.
+CALQ_CLONES void softmax_row(float* row, int64_t n, int64_t lo, int64_t hi) {
+  float* vis = row + lo;
+  const int64_t nv = hi - lo + 1;
+  float lanes[16];
+  for (int l = 0; l < 16; ++l) lanes[l] = -INFINITY;
+  int64_t j = 0;
+  for (; j + 16 <= nv; j += 16)
+    for (int l = 0; l < 16; ++l) lanes[l] = vis[j + l] > lanes[l] ? vis[j + l] : lanes[l];
+  float mx = -INFINITY;
+  for (int l = 0; l < 16; ++l) mx = lanes[l] > mx ? lanes[l] : mx;
+  for (; j < nv; ++j) mx = vis[j] > mx ? vis[j] : mx;
+  for (int64_t i = 0; i < nv; ++i) vis[i] = fast_exp(vis[i] - mx);
+  double part[8] = {};
+  j = 0;
+  for (; j + 8 <= nv; j += 8)
+    for (int l = 0; l < 8; ++l) part[l] += vis[j + l];
+  for (; j < nv; ++j) part[0] += vis[j];
+  const double sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  const float inv = static_cast<float>(1.0 / sum);
+  for (int64_t i = 0; i < lo; ++i) row[i] = 0.0f;
+  for (int64_t i = 0; i < nv; ++i) vis[i] *= inv;
+  for (int64_t i = hi + 1; i < n; ++i) row[i] = 0.0f;
+}
+
+CALQ_CLONES void add_rows(float* h, const float* o, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) h[i] += o[i];
 }
 
 void layer_norm_rows(const float* x, float* y, int64_t N, int64_t H, const float* w, const float* b,
@@ -68,7 +103,10 @@ void layer_norm_rows(const float* x, float* y, int64_t N, int64_t H, const float
   }
 }
 
-float silu(float x) { return x / (1.0f + fast_exp(-x)); }
+// g = silu(g) * u
+CALQ_CLONES void silu_mul(float* g, const float* u, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) g[i] = (g[i] / (1.0f + fast_exp(-g[i]))) * u[i];
+}
 float gelu_tanh(float x) {
   const double c = std::sqrt(2.0 / M_PI);
   const double xd = x;
@@ -147,10 +185,19 @@ void attention_head(const float* q, int64_t ldq, const float* k, int64_t ldk, co
       for (int64_t i = i0; i < i1; ++i) std::fill(out + i * ldo, out + i * ldo + D, 0.0f);
       continue;
     }
-    s.assign(static_cast<size_t>(bq * nk), 0.0f);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(bq), static_cast<int>(nk),
-                static_cast<int>(D), scale, q + i0 * ldq, static_cast<int>(ldq), k + kstart * ldk,
-                static_cast<int>(ldk), 0.0f, s.data(), static_cast<int>(nk));
+    s.resize(static_cast<size_t>(bq * nk));
+    GemmArgs qk;  // s = scale · q kᵀ
+    qk.M = bq;
+    qk.N = nk;
+    qk.K = D;
+    qk.alpha = scale;
+    qk.A = q + i0 * ldq;
+    qk.lda = ldq;
+    qk.B = k + kstart * ldk;
+    qk.ldb = ldk;
+    qk.C = s.data();
+    qk.ldc = nk;
+    gemm(qk);
     for (int64_t i = i0; i < i1; ++i) {
       float* row = s.data() + (i - i0) * nk;
       const int64_t hi = std::min(i, kv_len - 1);  // inclusive
@@ -159,19 +206,20 @@ void attention_head(const float* q, int64_t ldq, const float* k, int64_t ldk, co
         std::fill(row, row + nk, 0.0f);
         continue;
       }
-      float mx = -INFINITY;
-      for (int64_t j = lo; j <= hi; ++j) mx = std::max(mx, row[j - kstart]);
-      float* vis = row + (lo - kstart);
-      const int64_t nv = hi - lo + 1;
-      for (int64_t j = 0; j < nv; ++j) vis[j] = fast_exp(vis[j] - mx);  // vectorizes
-      double sum = 0;
-      for (int64_t j = 0; j < nv; ++j) sum += vis[j];
-      const float inv = static_cast<float>(1.0 / sum);
-      for (int64_t j = kstart; j < kend; ++j) row[j - kstart] = (j >= lo && j <= hi) ? row[j - kstart] * inv : 0.0f;
+      softmax_row(row, nk, lo - kstart, hi - kstart);
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(bq), static_cast<int>(D),
-                static_cast<int>(nk), 1.0f, s.data(), static_cast<int>(nk), v + kstart * ldv,
-                static_cast<int>(ldv), 0.0f, out + i0 * ldo, static_cast<int>(ldo));
+    GemmArgs pv;  // out = p v
+    pv.M = bq;
+    pv.N = D;
+    pv.K = nk;
+    pv.A = s.data();
+    pv.lda = nk;
+    pv.B = v + kstart * ldv;
+    pv.b_layout = GemmB::Normal;
+    pv.ldb = ldv;
+    pv.C = out + i0 * ldo;
+    pv.ldc = ldo;
+    gemm(pv);
   }
 }
 
@@ -187,8 +235,11 @@ struct Model::Impl {
 
   // Per-layer scratch of loaded tensors (dropped after the layer unless caching).
   std::map<std::string, std::vector<float>> scratch;
+  // With cache_weights: linear weights packed for the gemm kernel, by tensor name (instead of
+  // fp32 copies in `cache`; Model::weight still goes through `cache`).
+  std::map<std::string, PackedB> packed;
+  std::vector<std::string> viewed;  // checkpoint tensors multiplied in place this layer
 
-  bool conv1d(const std::string& module) const { return cfg.arch == Arch::Gpt2 && module.find(".ln_") == std::string::npos; }
 
   // fp32 tensor by HF name, in HF layout, except that linear weights are [out, in].
   const float* tensor(const std::string& name, bool is_linear_weight) {
@@ -217,6 +268,76 @@ struct Model::Impl {
     for (const auto& [name, v] : scratch)
       if (!src.entry(name).format) src.checkpoint().release(name);
     scratch.clear();
+    for (const auto& name : viewed) src.checkpoint().release(name);
+    viewed.clear();
+  }
+
+  // A linear weight [out, in] ready for products, and its bias: a packed copy (cache_weights), the
+  // checkpoint's own bf16/fp32 tensor (widened while gemm packs it), or an fp32 [out, in] array
+  // (overrides, quantized calq outputs, GPT-2's transposed Conv1D weights).
+  struct WeightRef {
+    const PackedB* packed = nullptr;
+    const void* data = nullptr;
+    bool bf16 = false;
+    const float* bias = nullptr;
+  };
+  // `name`: the weight tensor (a module's "<module>.weight", or the tied embedding for the head);
+  // `stored_in_out`: stored [in, out] (GPT-2 Conv1D).
+  WeightRef weight_ref(const std::string& name, const std::string& module, bool stored_in_out) {
+    WeightRef w;
+    w.bias = bias(module);
+    if (auto o = overrides.find(module); o != overrides.end()) {
+      w.data = o->second.data();
+      return w;
+    }
+    const auto& e = src.entry(name);
+    const bool in_place = !e.format && !stored_in_out &&
+                          (src.checkpoint().view(name).dtype == DType::BF16 || src.checkpoint().view(name).dtype == DType::F32);
+    if (opts.cache_weights) {
+      auto it = packed.find(name);
+      if (it == packed.end()) {
+        const int64_t out = e.shape[stored_in_out ? 1 : 0], in = e.shape[stored_in_out ? 0 : 1];
+        PackedB pb;
+        if (in_place) {
+          const TensorView v = src.checkpoint().view(name);
+          pb = PackedB::pack(v.data, v.dtype == DType::BF16, out, in, in);
+          src.checkpoint().release(name);
+        } else {
+          std::vector<float> f = with_context("loading " + name, [&] { return src.load_f32(name); });
+          if (stored_in_out) f = transpose(f, e.shape[0], e.shape[1]);
+          pb = PackedB::pack(f.data(), false, out, in, in);
+        }
+        it = packed.emplace(name, std::move(pb)).first;
+      }
+      w.packed = &it->second;
+      return w;
+    }
+    if (in_place) {
+      const TensorView v = src.checkpoint().view(name);
+      w.data = v.data;
+      w.bf16 = v.dtype == DType::BF16;
+      viewed.push_back(name);
+      return w;
+    }
+    w.data = tensor(name, stored_in_out);
+    return w;
+  }
+  WeightRef module_ref(const std::string& module) {
+    return weight_ref(module + ".weight", module, cfg.arch == Arch::Gpt2);
+  }
+
+  // Y[N, out] = X[N, in] · Wᵀ + bias
+  static void apply(const WeightRef& w, const float* X, int64_t N, int64_t in, int64_t out, float* Y) {
+    if (N == 0) return;
+    if (w.packed)
+      gemm_packed(X, N, in, *w.packed, Y, out);
+    else
+      gemm_nt(X, N, in, w.data, w.bf16, out, Y);
+    if (w.bias) {
+#pragma omp parallel for schedule(static) if (N * out >= kParallelMin)
+      for (int64_t r = 0; r < N; ++r)
+        for (int64_t o = 0; o < out; ++o) Y[r * out + o] += w.bias[o];
+    }
   }
 
   // Observes the shared input of `modules` and runs each module's matmul into outs[i].
@@ -242,15 +363,14 @@ struct Model::Impl {
     };
     if (!any_transform) {
       notify(modules, x);
-      for (size_t i = 0; i < modules.size(); ++i)
-        linear(x, rows, cols, weight(modules[i]), outs_n[i], bias(modules[i]), outs[i]);
+      for (size_t i = 0; i < modules.size(); ++i) apply(module_ref(modules[i]), x, rows, cols, outs_n[i], outs[i]);
       return;
     }
     for (size_t i = 0; i < modules.size(); ++i) {
       std::vector<float> xt(x, x + rows * cols);
       if (auto t = transforms.find(modules[i]); t != transforms.end()) t->second(xt.data(), rows, cols);
       notify({modules[i]}, xt.data());
-      linear(xt.data(), rows, cols, weight(modules[i]), outs_n[i], bias(modules[i]), outs[i]);
+      apply(module_ref(modules[i]), xt.data(), rows, cols, outs_n[i], outs[i]);
     }
   }
 
@@ -273,24 +393,38 @@ struct Model::Impl {
     openblas_set_num_threads(prev);
   }
 
-  void apply_rope(float* x, int64_t ld, int64_t heads, int64_t D, const Activations& h) {
-    const std::vector<float> inv = rope_inv_freq(cfg, h.seq);
-    const int64_t half = D / 2, T = h.seq;
-    std::vector<float> cosv(static_cast<size_t>(T * half)), sinv(static_cast<size_t>(T * half));
+  // cos / sin of position t times each inverse frequency, [T, D/2] each.
+  struct RopeTable {
+    int64_t T = 0, half = 0;
+    std::vector<float> cos, sin;
+  };
+  RopeTable rope_table(int64_t T) const {
+    const std::vector<float> inv = rope_inv_freq(cfg, T);
+    RopeTable rt;
+    rt.T = T;
+    rt.half = cfg.head_dim / 2;
+    rt.cos.resize(static_cast<size_t>(T * rt.half));
+    rt.sin.resize(static_cast<size_t>(T * rt.half));
     for (int64_t t = 0; t < T; ++t)
-      for (int64_t i = 0; i < half; ++i) {
+      for (int64_t i = 0; i < rt.half; ++i) {
         const float f = static_cast<float>(t) * inv[static_cast<size_t>(i)];
-        cosv[t * half + i] = std::cos(f);
-        sinv[t * half + i] = std::sin(f);
+        rt.cos[t * rt.half + i] = std::cos(f);
+        rt.sin[t * rt.half + i] = std::sin(f);
       }
-    const int64_t N = h.rows();
-#pragma omp parallel for schedule(static) if (N * ld >= kParallelMin)
-    for (int64_t r = 0; r < N; ++r) {
-      const int64_t t = r % T;
+    return rt;
+  }
+
+  // Rotates `heads` heads of D values in each of `rows` rows (row r at position r % T).
+  static void apply_rope(float* x, int64_t rows, int64_t ld, int64_t heads, const RopeTable& rt) {
+    const int64_t half = rt.half, T = rt.T;
+#pragma omp parallel for schedule(static) if (rows * ld >= kParallelMin)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* cs = rt.cos.data() + (r % T) * half;
+      const float* sn = rt.sin.data() + (r % T) * half;
       for (int64_t hd = 0; hd < heads; ++hd) {
-        float* xh = x + r * ld + hd * D;
+        float* xh = x + r * ld + hd * 2 * half;
         for (int64_t i = 0; i < half; ++i) {
-          const float c = cosv[t * half + i], s = sinv[t * half + i];
+          const float c = cs[i], s = sn[i];
           const float a = xh[i], b = xh[i + half];
           xh[i] = a * c - b * s;
           xh[i + half] = b * c + a * s;
@@ -305,7 +439,95 @@ struct Model::Impl {
     return m;
   }
 
+  // Whether layer l can run sequence-parallel: each thread takes whole sequences through the
+  // whole layer (projections, attention, MLP) with one-thread products, so the threads meet once
+  // per layer instead of at every product and elementwise pass. Results are identical to the
+  // batch path (gemm's sums do not depend on how rows are split). Not with an observer or input
+  // transforms (they see whole-batch inputs), nor for MoE layers.
+  bool sequence_parallel(int64_t l, const Activations& h, const Observer* obs) const {
+    return obs == nullptr && transforms.empty() && !(cfg.is_moe() && cfg.layer_is_sparse(l)) && h.batch >= 2 &&
+           !omp_in_parallel() && omp_get_max_threads() >= 2;
+  }
+
+  struct DenseWeights {
+    const float *in_norm, *post_norm, *q_norm = nullptr, *k_norm = nullptr;
+    WeightRef q, k, v, o, gate, up, down;
+  };
+
+  // Per-thread work buffers of the sequence-parallel path, kept between layers and calls.
+  struct SeqBuffers {
+    std::vector<float> xn, q, k, v, att, o, g, u;
+  };
+
+  void run_llama_layer_split(int64_t l, Activations& h) {
+    const std::string p = layer_prefix(cfg, l), a = p + "self_attn.", m = p + "mlp.";
+    const int64_t T = h.seq, H = cfg.hidden_size, D = cfg.head_dim, I = cfg.intermediate_size;
+    const int64_t NQ = cfg.num_attention_heads, NKV = cfg.num_key_value_heads, groups = NQ / NKV;
+    // Every tensor is loaded (or found in the cache) here, on one thread.
+    DenseWeights w{};
+    w.in_norm = tensor(p + "input_layernorm.weight", false);
+    w.post_norm = tensor(p + "post_attention_layernorm.weight", false);
+    if (cfg.qk_norm) {
+      w.q_norm = tensor(a + "q_norm.weight", false);
+      w.k_norm = tensor(a + "k_norm.weight", false);
+    }
+    w.q = module_ref(a + "q_proj");
+    w.k = module_ref(a + "k_proj");
+    w.v = module_ref(a + "v_proj");
+    w.o = module_ref(a + "o_proj");
+    w.gate = module_ref(m + "gate_proj");
+    w.up = module_ref(m + "up_proj");
+    w.down = module_ref(m + "down_proj");
+    const RopeTable rt = rope_table(T);
+    const int64_t window = sliding[static_cast<size_t>(l)] ? cfg.sliding_window.value_or(0) : 0;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+    const double eps = cfg.rms_norm_eps;
+    auto sized = [](std::vector<float>& v, int64_t n) {
+      if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+      return v.data();
+    };
+
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t b = 0; b < h.batch; ++b) {
+      static thread_local SeqBuffers buf;
+      float* x = h.data.data() + b * T * H;
+      float* xn = sized(buf.xn, T * H);
+      float* q = sized(buf.q, T * NQ * D);
+      float* k = sized(buf.k, T * NKV * D);
+      float* v = sized(buf.v, T * NKV * D);
+      float* att = sized(buf.att, T * NQ * D);
+      float* o = sized(buf.o, T * H);
+      float* g = sized(buf.g, T * I);
+      float* u = sized(buf.u, T * I);
+      rms_norm_rows(x, xn, T, H, w.in_norm, eps);
+      apply(w.q, xn, T, H, NQ * D, q);
+      apply(w.k, xn, T, H, NKV * D, k);
+      apply(w.v, xn, T, H, NKV * D, v);
+      if (cfg.qk_norm) {
+        rms_norm_rows(q, q, T * NQ, D, w.q_norm, eps);
+        rms_norm_rows(k, k, T * NKV, D, w.k_norm, eps);
+      }
+      apply_rope(q, T, NQ * D, NQ, rt);
+      apply_rope(k, T, NKV * D, NKV, rt);
+      const int64_t len = h.lengths[static_cast<size_t>(b)];
+      for (int64_t hd = 0; hd < NQ; ++hd) {
+        const int64_t kvh = hd / groups;
+        attention_head(q + hd * D, NQ * D, k + kvh * D, NKV * D, v + kvh * D, NKV * D, att + hd * D, NQ * D, T, D,
+                       len, window, scale);
+      }
+      apply(w.o, att, T, NQ * D, H, o);
+      add_rows(x, o, T * H);
+      rms_norm_rows(x, xn, T, H, w.post_norm, eps);
+      apply(w.gate, xn, T, H, I, g);
+      apply(w.up, xn, T, H, I, u);
+      silu_mul(g, u, T * I);
+      apply(w.down, g, T, I, H, o);
+      add_rows(x, o, T * H);
+    }
+  }
+
   void run_llama_layer(int64_t l, Activations& h, Observer* obs) {
+    if (sequence_parallel(l, h, obs)) return run_llama_layer_split(l, h);
     const std::string p = layer_prefix(cfg, l);
     const int64_t N = h.rows(), H = cfg.hidden_size, D = cfg.head_dim;
     const int64_t NQ = cfg.num_attention_heads, NKV = cfg.num_key_value_heads;
@@ -321,8 +543,9 @@ struct Model::Impl {
       rms_norm_rows(q.data(), q.data(), N * NQ, D, tensor(a + "q_norm.weight", false), cfg.rms_norm_eps);
       rms_norm_rows(k.data(), k.data(), N * NKV, D, tensor(a + "k_norm.weight", false), cfg.rms_norm_eps);
     }
-    apply_rope(q.data(), NQ * D, NQ, D, h);
-    apply_rope(k.data(), NKV * D, NKV, D, h);
+    const RopeTable rt = rope_table(h.seq);
+    apply_rope(q.data(), N, NQ * D, NQ, rt);
+    apply_rope(k.data(), N, NKV * D, NKV, rt);
     std::vector<float> att(static_cast<size_t>(N * NQ * D));
     const int64_t window = sliding[static_cast<size_t>(l)] ? cfg.sliding_window.value_or(0) : 0;
     attention(h, q.data(), NQ * D, k.data(), NKV * D, v.data(), NKV * D, att.data(), NQ, NKV, D, window);
@@ -355,9 +578,7 @@ struct Model::Impl {
     const int64_t H = cfg.hidden_size;
     std::vector<float> g(static_cast<size_t>(N * I)), u(static_cast<size_t>(N * I));
     linears({gate, up}, {I, I}, l, x, N, H, real, obs, {g.data(), u.data()}, expert, token_rows, rw);
-    const int64_t n = N * I;
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-    for (int64_t i = 0; i < n; ++i) g[i] = silu(g[i]) * u[i];
+    silu_mul(g.data(), u.data(), N * I);
     linears({down}, {H}, l, g.data(), N, I, real, obs, {out}, expert, token_rows, rw);
   }
 
@@ -471,7 +692,7 @@ Model& Model::operator=(Model&&) noexcept = default;
 Model::~Model() = default;
 
 Model Model::load(const std::filesystem::path& dir, const Options& opts) {
-  auto impl = std::make_unique<Impl>(Impl{native::Model::open(dir), {}, opts, {}, {}, {}, {}, {}});
+  auto impl = std::make_unique<Impl>(Impl{native::Model::open(dir), {}, opts, {}, {}, {}, {}, {}, {}, {}});
   impl->cfg = impl->src.config();
   const io::ModelConfig& c = impl->cfg;
   if (c.arch == Arch::Gpt2) {
@@ -593,7 +814,8 @@ std::vector<float> Model::head(const Activations& h, Observer* observer) {
   if (c.tie_word_embeddings || !impl_->src.contains(w))
     w = gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight";
   std::vector<float> logits(static_cast<size_t>(N * V));
-  const float* W = w == "lm_head.weight" ? impl_->weight("lm_head") : impl_->tensor(w, false);
+  const auto W = w == "lm_head.weight" ? impl_->module_ref("lm_head")
+                                        : impl_->weight_ref(w, w.substr(0, w.size() - 7), false);
   if (observer) {
     const auto real = impl_->real_mask(h);
     LinearInput in;
@@ -605,7 +827,7 @@ std::vector<float> Model::head(const Activations& h, Observer* observer) {
     in.real = real.data();
     observer->on_linear_input(in);
   }
-  linear(xn.data(), N, H, W, V, nullptr, logits.data());
+  Impl::apply(W, xn.data(), N, H, V, logits.data());
   impl_->release_scratch();
   if (impl_->opts.check_nan && !check_finite(logits.data(), logits.size()))
     fail("engine: non-finite logits (final norm / lm head)");

@@ -79,7 +79,7 @@ class Observer {
 using InputTransform = std::function<void(float* x, int64_t rows, int64_t cols)>;
 
 struct Options {
-  bool cache_weights = false;      // keep fp32 weights after first use (memory: 4 bytes/param)
+  bool cache_weights = false;      // keep weights packed (fp32) for the gemm after first use (4 bytes/param)
   bool check_nan = true;           // after each layer and the head: fail naming the first bad layer
   bool allow_long_context = false; // allow seq > max_position_embeddings (rope models only)
 };
