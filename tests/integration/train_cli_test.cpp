@@ -92,6 +92,14 @@ TEST(TrainCli, BadInput) {
     EXPECT_EQ(r.rc, 1) << args << "\n" << r.output;
     EXPECT_NE(r.output.find(c.expect), std::string::npos) << args << "\n" << r.output;
   }
+  // PRT prints its table and picks bounds within 2..MAX.
+  {
+    auto r = train(e, d / "prt", "--prt --bits 4:6 --steps 2 --cycles 1 --prt-batches 1");
+    EXPECT_EQ(r.rc, 0) << r.output;
+    EXPECT_NE(r.output.find("Precision range test"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("PRT bounds: "), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("Weight/Input calibrated bits: [2, 3, 4, 5, 6]"), std::string::npos) << r.output;
+  }
   // NaN loss: stop with the step and the precision, keep the last good checkpoint.
   auto r = train(e, d / "nan", "--bits 6:6 --steps 5 --lr 1e30 --clip 0 --checkpoint-every 1");
   EXPECT_EQ(r.rc, 1) << r.output;

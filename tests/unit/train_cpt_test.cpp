@@ -64,6 +64,7 @@ TEST(CptScheduler, PerEpochRejectsMoreCyclesThanEpochs) {
     EXPECT_NE(std::string(e.what()).find("--schedule iter"), std::string::npos) << e.what();
   }
   EXPECT_THROW(CyclicPrecisionScheduler(8, 4, 10, 2, Unit::Iteration), Error);   // min > max
+  EXPECT_THROW(CyclicPrecisionScheduler(4, 8, 3, 32, Unit::Iteration), Error);   // < 2 steps per cycle
   EXPECT_THROW(CyclicPrecisionScheduler(1, 4, 10, 2, Unit::Iteration), Error);   // below 2
   EXPECT_THROW(CyclicPrecisionScheduler(4, 17, 10, 2, Unit::Iteration), Error);  // above 16
 }

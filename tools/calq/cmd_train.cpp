@@ -82,6 +82,7 @@ Command add_train(CLI::App& app) {
   c->add_flag("--prt", o.prt, "Find the lower bound with the precision range test");
   c->add_option("--prt-threshold", o.prt_threshold, "PRT: top-1 accuracy gain that marks the lower bound")
       ->capture_default_str();
+  c->add_option("--prt-batches", o.prt_batches, "PRT: fixed batches evaluated per precision")->capture_default_str();
   c->add_option("--cycles", o.cycles, "Precision cycles over the run")->capture_default_str();
   c->add_option("--schedule", a->schedule, "iter (the paper's, per optimizer step) or epoch")
       ->check(CLI::IsMember({"iter", "epoch"}))

@@ -24,6 +24,10 @@ CyclicPrecisionScheduler::CyclicPrecisionScheduler(int min_bits, int max_bits, i
              "--schedule iter (the paper's per-iteration schedule) or --cycles {} or fewer",
              cycles, total, total);
   period_ = static_cast<double>(total) / static_cast<double>(cycles);
+  CALQ_CHECK(unit == Unit::Epoch || min_bits == max_bits || period_ >= 2.0,
+             "--cycles {} over {} steps leaves {:.2f} steps per cycle; a cycle needs at least 2 steps (use --cycles {} "
+             "or fewer, or more --steps/--epochs)",
+             cycles, total, period_, std::max<int64_t>(1, total / 2));
 }
 
 int CyclicPrecisionScheduler::precision(int64_t t) const {

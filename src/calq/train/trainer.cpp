@@ -5,6 +5,8 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <fstream>
 
 #include "calq/core/error.h"
@@ -353,6 +355,7 @@ TrainResult train_cpt(const TrainOptions& o) {
     lo_bits = found ? found : (best_b ? best_b : hi_bits);
     if (!found) log_warn("PRT: no precision gained more than {}; using the largest gain, {}-bit", o.prt_threshold, lo_bits);
     fmt::print("PRT bounds: {}..{} bits\n", lo_bits, hi_bits);
+    std::fflush(stdout);
     res.prt_lower = lo_bits;
     res.prt_upper = hi_bits;
   }
@@ -384,6 +387,7 @@ TrainResult train_cpt(const TrainOptions& o) {
       const double ppl = perplexity(m, eval_windows, fmt::format("ppl {}", b ? fmt::format("{}-bit", b) : "fp32"));
       fmt::print("{} perplexity at {}: {:.4f} ({} chunks of {} on {})\n", when,
                  b ? fmt::format("{}-bit", b) : std::string("fp32"), ppl, eval_windows.size(), o.eval_ctx, o.eval_data);
+      std::fflush(stdout);
       out.push_back({b, ppl});
     }
     q.set_precision(prev);
