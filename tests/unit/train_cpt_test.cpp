@@ -268,3 +268,21 @@ TEST(CptCalibration, ExactlyOncePerUsedPrecision) {
   EXPECT_EQ(cm.calibrations(4), 2);
   EXPECT_THROW(cm.recalibrate(7), Error);
 }
+
+TEST(CptQuant, FixedInputBitsKeyedByForwardPrecision) {
+  // W4A8: input ranges calibrated at forward precision 4 but with 8-bit levels.
+  auto m = tiny_model(7);
+  std::vector<float> scale;
+  for (int input_bits : {0, 8}) {
+    CptOptions o;
+    o.quantize_inputs = true;
+    o.input_bits = input_bits;
+    CptQuantizers q(m, o);
+    CalibrationManager cm(m, q, [&](int64_t k) { return tokens(300 + k, 8); }, 1, 1, 8);
+    cm.ensure_calibrated(4);
+    scale.push_back(q.input_quantizer(0).params(4).a[0]);
+    EXPECT_FALSE(q.input_quantizer(0).calibrated(8));
+  }
+  // Same statistics (the forward at 4 bits), levels 7 vs 127.
+  EXPECT_NEAR(scale[0] * 7.0f, scale[1] * 127.0f, 1e-6f * scale[0] * 7.0f);
+}

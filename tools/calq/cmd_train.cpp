@@ -113,6 +113,8 @@ Command add_train(CLI::App& app) {
       ->check(CLI::IsMember({"minmax", "log"}))
       ->capture_default_str();
   c->add_flag("--quantize-inputs", o.quant.quantize_inputs, "Also fake-quantize every linear input (W?A?)");
+  c->add_option("--input-bits", o.quant.input_bits,
+                "Fixed input precision with --quantize-inputs (e.g. 8 for W4A8); default: the forward precision");
   c->add_option("--input-granularity", a->input_gran, "Input ranges per tensor or per channel")
       ->check(CLI::IsMember({"tensor", "channel"}))
       ->capture_default_str();

@@ -42,6 +42,7 @@ int CyclicPrecisionScheduler::precision(int64_t t) const {
 // ---------------------------------------------------------------------------------------------
 CptQuantizers::CptQuantizers(Model& model, CptOptions o) : m_(model), o_(o) {
   if (o_.gradient_bits != 0) check_bits(o_.gradient_bits, "--gradient-bits");
+  if (o_.input_bits != 0) check_bits(o_.input_bits, "--input-bits");
   const size_t n = m_.linears().size();
   for (size_t i = 0; i < n; ++i) {
     w_.emplace_back(o_.weight_kind, Granularity::Row);
@@ -142,7 +143,7 @@ void CptQuantizers::input(size_t i, float* x, int64_t rows, int64_t cols) {
     return;
   }
   if (bits_ == 0 || !o_.quantize_inputs) return;
-  x_[i].apply(bits_, x, x, rows, cols, m_.linears()[i].name + " input");
+  x_[i].apply(bits_, x, x, rows, cols, m_.linears()[i].name + " input", o_.input_bits);
 }
 
 bool CptQuantizers::lora_weights(size_t i, const Param& A, const Param& B, float* Aq, float* Bq) {
@@ -207,7 +208,7 @@ void CalibrationManager::calibrate(int bits) {
       throw;
     }
     const int ni = q_.end_input_calibration();
-    for (size_t i = 0; i < q_.size(); ++i) q_.input_quantizer(i).finish(bits);
+    for (size_t i = 0; i < q_.size(); ++i) q_.input_quantizer(i).finish(bits, q_.options().input_bits);
     log_info("    Started {} input quantizers", ni);
     log_info("  ✓ Calibrated {} input quantizers on {} batches", ni, num_batches_);
     q_.set_precision(prev);

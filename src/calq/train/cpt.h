@@ -35,6 +35,7 @@ class CyclicPrecisionScheduler {
 struct CptOptions {
   QuantKind weight_kind = QuantKind::MinMax, input_kind = QuantKind::MinMax, lora_kind = QuantKind::MinMax;
   bool quantize_inputs = false;
+  int input_bits = 0;             // fixed input precision (W?A8: 8); 0: inputs follow the forward precision
   Granularity input_granularity = Granularity::Tensor;
   bool quantize_lora = true;
   int gradient_bits = 8;          // 0: gradients not quantized

@@ -55,7 +55,8 @@ void FakeQuantizer::observe(const float* x, int64_t rows, int64_t cols) {
     }
 }
 
-void FakeQuantizer::finish(int bits) {
+void FakeQuantizer::finish(int key, int levels) {
+  const int bits = levels > 0 ? levels : key;
   check_bits(bits, "quantizer");
   CALQ_CHECK(observed_, "quantizer: finish({}) without any observed tensor", bits);
   QuantParams p;
@@ -73,7 +74,7 @@ void FakeQuantizer::finish(int bits) {
       p.b[k] = empty ? 0.0f : hi_[k] - lo_[k];
     }
   }
-  params_[bits] = std::move(p);
+  params_[key] = std::move(p);
 }
 
 const QuantParams& FakeQuantizer::params(int bits) const {
@@ -109,11 +110,12 @@ float fq_log(float x, float zp, float range, int bits) {
   return x < 0 ? -m : m;
 }
 
-void FakeQuantizer::apply(int bits, const float* x, float* y, int64_t rows, int64_t cols,
-                          const std::string& what) const {
-  auto it = params_.find(bits);
+void FakeQuantizer::apply(int key, const float* x, float* y, int64_t rows, int64_t cols, const std::string& what,
+                          int levels) const {
+  auto it = params_.find(key);
   CALQ_CHECK(it != params_.end(), "{}: {}-bit quantizer used before calibration (internal: calibrate every precision "
-                                  "before use)", what, bits);
+                                  "before use)", what, key);
+  const int bits = levels > 0 ? levels : key;
   const QuantParams& p = it->second;
   const int64_t ch = static_cast<int64_t>(p.a.size());
   const int64_t want = gran_ == Granularity::Tensor ? 1 : gran_ == Granularity::Row ? rows : cols;

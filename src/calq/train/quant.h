@@ -50,13 +50,16 @@ class FakeQuantizer {
   void reset_stats();
   void observe(const float* x, int64_t rows, int64_t cols);
   bool has_stats() const { return observed_; }
-  void finish(int bits);
+  // `levels` (default: bits) sets the level count when the parameters are stored under another
+  // key (inputs at a fixed precision, keyed by the forward precision they were calibrated at).
+  void finish(int bits, int levels = 0);
   bool calibrated(int bits) const { return params_.count(bits) > 0; }
   void forget(int bits) { params_.erase(bits); }
   const QuantParams& params(int bits) const;
 
   // y = Q_bits(x) (y may alias x). Fails if `bits` was never calibrated.
-  void apply(int bits, const float* x, float* y, int64_t rows, int64_t cols, const std::string& what) const;
+  void apply(int bits, const float* x, float* y, int64_t rows, int64_t cols, const std::string& what,
+             int levels = 0) const;
 
   // Serialization of the stored parameters (for checkpoints).
   std::map<int, QuantParams>& all_params() { return params_; }

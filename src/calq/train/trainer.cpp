@@ -37,6 +37,7 @@ void validate(const TrainOptions& o) {
   CALQ_CHECK((o.epochs > 0) != (o.steps > 0), "give exactly one of --epochs N or --steps N (got epochs {}, steps {})",
              o.epochs, o.steps);
   CALQ_CHECK(o.schedule == Unit::Iteration || o.epochs > 0, "--schedule epoch needs --epochs");
+  CALQ_CHECK(o.quant.input_bits == 0 || o.quant.quantize_inputs, "--input-bits needs --quantize-inputs");
   CALQ_CHECK(o.batch >= 1 && o.grad_accum >= 1, "--batch and --grad-accum must be at least 1");
   CALQ_CHECK(o.seq_len >= 2, "--seq-len must be at least 2, got {}", o.seq_len);
   CALQ_CHECK(o.samples >= o.batch * o.grad_accum,
@@ -73,6 +74,7 @@ nlohmann::json fingerprint(const TrainOptions& o, const Model& m, int64_t total_
           {"weight_quantizer", quant_kind_name(o.quant.weight_kind)},
           {"input_quantizer", quant_kind_name(o.quant.input_kind)},
           {"quantize_inputs", o.quant.quantize_inputs},
+          {"input_bits", o.quant.input_bits},
           {"gradient_bits", o.quant.gradient_bits},
           {"seed", o.seed}};
 }
