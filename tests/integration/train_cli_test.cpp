@@ -84,6 +84,9 @@ TEST(TrainCli, BadInput) {
       {"--bits 4:8 --steps 2 --lora-targets c_attn", "matches no linear module"},
       {"--bits 4:8 --epochs 2 --cycles 4 --schedule epoch", "--schedule iter"},
       {"--bits 4:8 --steps 2 --data wikitext2:test", "must not be trained on"},
+      {"--bits 4:8 --steps 2 --data /some/where/wiki.test.raw", "must not be trained on"},
+      {"--bits 4:8 --steps 2 --lora-targets 'q_proj('", "not a valid regular expression"},
+      {"--bits 4:8 --steps 2 --input-bits 8", "--input-bits needs --quantize-inputs"},
       {"--bits 4:8", "exactly one of --epochs N or --steps N"},
   };
   for (const auto& c : cases) {

@@ -13,6 +13,7 @@
 #include "calq/model/layout.h"
 #include "calq/train/model.h"
 #include "calq/train/optim.h"
+#include "calq/train/trainer.h"
 #include "support.h"
 
 using namespace calq;
@@ -293,4 +294,45 @@ TEST(TrainModel, MatchesTorchAutograd) {
       }
     }
   }
+}
+
+// The merged model (W + scale·B·A written in the base layout and dtype) run by the engine gives
+// the logits of the training model with its adapters.
+TEST(TrainModel, MergedModelMatchesAdapters) {
+  for (const char* name : {"gpt2", "qwen3"}) {
+    SCOPED_TRACE(name);
+    const auto dir = calq_test::source_dir() / "tests/data/cpt" / name;
+    ModelOptions o;
+    o.lora.rank = 3;
+    o.lora.alpha = 5;
+    auto m = Model::load(dir, o);
+    randomize_lora(m, 21);
+    calq_test::TempDir t;
+    write_merged_model(m, dir, t / "merged", false);
+    auto e = engine::Model::load(t / "merged");
+    const int64_t B = 2, T = 9;
+    const auto tok = random_tokens(B * T, m.config().vocab_size, 22);
+    engine::Batch b;
+    b.batch = B;
+    b.seq = T;
+    b.tokens = tok;
+    const auto ref = m.logits(tok, B, T);
+    const auto got = e.forward(b);
+    double mx = 0, err = 0, moved = 0;
+    auto base = Model::load(dir, ModelOptions{}).logits(tok, B, T);
+    for (size_t i = 0; i < ref.size(); ++i) {
+      mx = std::max(mx, static_cast<double>(std::fabs(ref[i])));
+      err = std::max(err, static_cast<double>(std::fabs(ref[i] - got[i])));
+      moved = std::max(moved, static_cast<double>(std::fabs(ref[i] - base[i])));
+    }
+    EXPECT_GT(moved, 1e-2 * mx);  // the adapters matter
+    EXPECT_LT(err, 1e-5 * std::max(1.0, mx));
+  }
+  // A LoRA on a head tied to the embedding cannot be merged.
+  ModelOptions o;
+  o.lora.rank = 2;
+  o.lora.head = true;
+  auto m = Model::load(calq_test::source_dir() / "tests/data/cpt/gpt2", o);
+  calq_test::TempDir t;
+  EXPECT_THROW(write_merged_model(m, calq_test::source_dir() / "tests/data/cpt/gpt2", t / "m", false), Error);
 }

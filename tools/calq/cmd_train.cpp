@@ -136,6 +136,9 @@ Command add_train(CLI::App& app) {
       ->capture_default_str();
   c->add_option("--stop-after", o.stop_after, "Stop after N steps with a checkpoint (split a long run)");
   c->add_option("--resume", o.resume, "Resume from a checkpoint directory (OUTPUT/checkpoint)");
+  c->add_option("--merged", o.merged,
+                "Also write the base model with the adapters merged (fp weights, the base dtype) to this directory, "
+                "for calq quantize / calq eval");
   c->add_flag("--overwrite", o.overwrite, "Replace an adapter already in --output");
   c->add_flag("--offline", o.offline, "Never download data");
   return {c, [a]() -> int {

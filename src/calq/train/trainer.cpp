@@ -13,9 +13,11 @@
 #include "calq/core/log.h"
 #include "calq/data/dataset.h"
 #include "calq/eval/driver.h"
+#include "calq/export/native.h"
 #include "calq/io/atomic.h"
 #include "calq/io/safetensors.h"
 #include "calq/text/tokenizer.h"
+#include "calq/train/ops.h"
 
 namespace calq::train {
 
@@ -43,6 +45,13 @@ void validate(const TrainOptions& o) {
   CALQ_CHECK(o.samples >= o.batch * o.grad_accum,
              "--samples {} is fewer than one step needs (--batch {} x --grad-accum {})", o.samples, o.batch,
              o.grad_accum);
+  {
+    const std::string f = fs::path(o.data).filename().string();
+    CALQ_CHECK(f != "wiki.test.raw" && f != "wiki.test.tokens",
+               "--data {}: this is wikitext-2 test, the evaluation text; it must not be trained on (use "
+               "wikitext2:train, bartowski-v3 or another file)",
+               o.data);
+  }
   for (int b : o.eval_bits)
     if (b != 0) check_bits(b, "--eval-bits");
   // Training text must never be the evaluation split.
@@ -276,6 +285,56 @@ void write_peft_adapter(Model& m, const fs::path& dir, const std::string& base_m
   }
 }
 
+void write_merged_model(Model& m, const fs::path& base_dir, const fs::path& out_dir, bool overwrite) {
+  auto src = native::Model::open(base_dir);
+  const bool gpt2 = m.config().arch == io::Arch::Gpt2;
+  std::map<std::string, const Linear*> adapted;
+  for (const auto& L : m.linears())
+    if (L.lora) {
+      CALQ_CHECK(!L.W.empty(), "--merged: the head's LoRA cannot be merged into a head tied to the embedding (the "
+                               "input embedding would change too); train without --lora-head or keep the adapter "
+                               "separate");
+      adapted[L.name + ".weight"] = &L;
+    }
+  std::map<std::string, const Param*> norms;
+  for (auto& n : m.norms())
+    if (n.trainable) {
+      norms[n.name + ".weight"] = &n.w;
+      if (!n.b.value.empty()) norms[n.name + ".bias"] = &n.b;
+    }
+  io::AtomicDir out(out_dir, overwrite);
+  {
+    io::SafetensorsWriter w(out.path(), uint64_t{2} << 30, {{"format", "pt"}});
+    for (const auto& e : src.entries()) w.declare(e.name, src.checkpoint().info(e.name).dtype, e.shape);
+    for (const auto& e : src.entries()) {
+      const DType dt = src.checkpoint().info(e.name).dtype;
+      std::vector<float> v;
+      if (auto a = adapted.find(e.name); a != adapted.end()) {
+        const Linear& L = *a->second;
+        const Lora& lo = *L.lora;
+        std::vector<float> Wm = L.W;  // [out, in]
+        // W += scale * B [out, r] * A [r, in]
+        gemm_nn(L.out, L.in, lo.rank, lo.scale, lo.B.value.data(), lo.A.value.data(), 1.0f, Wm.data());
+        v = gpt2 ? transpose(Wm, L.out, L.in) : std::move(Wm);
+      } else if (auto n = norms.find(e.name); n != norms.end()) {
+        v = n->second->value;
+      } else {
+        const auto view = src.checkpoint().view(e.name);
+        w.write(e.name, view.data, view.nbytes);
+        continue;
+      }
+      std::vector<std::byte> bytes(dtype_nbytes(dt, v.size()));
+      from_f32(v.data(), dt, bytes.data(), v.size());
+      w.write(e.name, bytes.data(), bytes.size());
+    }
+    w.finish();
+  }
+  for (const char* f : {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                        "tokenizer.model", "special_tokens_map.json", "vocab.json", "merges.txt"})
+    if (fs::exists(base_dir / f)) fs::copy_file(base_dir / f, out.path() / f);
+  out.commit();
+}
+
 TrainResult train_cpt(const TrainOptions& o) {
   validate(o);
   CALQ_CHECK(o.overwrite || !o.resume.empty() || !fs::exists(fs::path(o.output) / "adapter_config.json"),
@@ -498,6 +557,10 @@ TrainResult train_cpt(const TrainOptions& o) {
   log["eval"] = ev;
   io::write_file_atomic(fs::path(o.output) / "training_log.json", log.dump(1) + "\n");
   fmt::print("adapter written to {} (adapter_config.json, adapter_model.safetensors)\n", o.output);
+  if (!o.merged.empty()) {
+    write_merged_model(m, o.model, o.merged, o.overwrite);
+    fmt::print("merged model written to {}; quantize it with calq quantize --input {} ...\n", o.merged, o.merged);
+  }
   return res;
 }
 

@@ -38,6 +38,7 @@ struct TrainOptions {
   int64_t recalibrate_every = 0;  // epochs; 0: never
   uint64_t seed = 0;
   std::string resume;            // checkpoint directory
+  std::string merged;            // also write the merged model here (then: calq quantize --input it)
   int64_t checkpoint_every = 0;  // steps; 0: only at the end
   int64_t stop_after = 0;        // stop (with a checkpoint, no adapter) after this many steps; 0: run to the end
   std::vector<int> eval_bits;    // 0 = fp32
@@ -62,5 +63,12 @@ TrainResult train_cpt(const TrainOptions& o);
 // Writes a PEFT LoRA adapter into `dir` (created if needed): adapter_config.json + adapter_model.safetensors
 // (base_model.model.<module>.lora_A.weight [r, in], .lora_B.weight [out, r], fp32).
 void write_peft_adapter(Model& m, const std::filesystem::path& dir, const std::string& base_model);
+
+// Writes the base model with every adapter merged into its weight (W + (alpha/r)·B·A, in the
+// stored dtype and layout; trained norms replaced) as a model directory that `calq quantize` and
+// `calq eval` read: config.json and tokenizer files copied from `base_dir`. A LoRA on a head tied
+// to the embedding cannot be merged (the embedding would change too) and is refused.
+void write_merged_model(Model& m, const std::filesystem::path& base_dir, const std::filesystem::path& out_dir,
+                        bool overwrite);
 
 }  // namespace calq::train
