@@ -6,7 +6,7 @@
 # STEPS x (4 s on 2 cores) per method at the defaults. Not run by the tests.
 #
 # Environment overrides: CALQ, SHARED, MODEL, DATA, WIKI, OUT, STEPS, SEQ, BATCH, SAMPLES, RANK,
-# CYCLES, CTX, CHUNKS, TORCH_STEPS.
+# CYCLES, CTX, CHUNKS, TORCH_STEPS, LR.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${SHARED:-$ROOT/../shared}
@@ -16,11 +16,11 @@ DATA=${DATA:-$SHARED/data/calibration/calibration_datav3.txt}
 WIKI=${WIKI:-$SHARED/data/wikitext-2-raw/wiki.test.raw}
 OUT=${OUT:-/tmp/calq-bench-cpt}
 STEPS=${STEPS:-200} SEQ=${SEQ:-256} BATCH=${BATCH:-4} SAMPLES=${SAMPLES:-1024} RANK=${RANK:-16}
-CYCLES=${CYCLES:-32} CTX=${CTX:-256} CHUNKS=${CHUNKS:-40} TORCH_STEPS=${TORCH_STEPS:-10}
+CYCLES=${CYCLES:-32} CTX=${CTX:-256} CHUNKS=${CHUNKS:-40} TORCH_STEPS=${TORCH_STEPS:-10} LR=${LR:-2e-4}
 mkdir -p "$OUT"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load $(cut -d' ' -f1-3 /proc/loadavg)"
 common=(-m "$MODEL" --data "$DATA" --offline --steps "$STEPS" --seq-len "$SEQ" --batch "$BATCH" --samples "$SAMPLES"
-        --lora-rank "$RANK" --lora-alpha 32 --quantize-inputs --input-bits 8 --gradient-bits 8
+        --lora-rank "$RANK" --lora-alpha 32 --lr "$LR" --quantize-inputs --input-bits 8 --gradient-bits 8
         --eval-bits 4,6,8 --eval-data "$WIKI" --eval-ctx "$CTX" --eval-chunks "$CHUNKS" --overwrite)
 "$CALQ" train --method cpt --bits 4:8 --cycles "$CYCLES" "${common[@]}" -o "$OUT/cpt" 2>&1 | tee "$OUT/cpt.txt"
 "$CALQ" train --method static --bits 4 "${common[@]}" -o "$OUT/static" 2>&1 | tee "$OUT/static.txt"

@@ -95,6 +95,14 @@ TEST(TrainCli, BadInput) {
     EXPECT_EQ(r.rc, 1) << args << "\n" << r.output;
     EXPECT_NE(r.output.find(c.expect), std::string::npos) << args << "\n" << r.output;
   }
+  // --recalibrate-every 1: every precision used in epoch 0 is calibrated again when epoch 1 uses it.
+  {
+    auto r = train(e, d / "recal", "--bits 4:8 --cycles 2 --epochs 2 --quantize-inputs --recalibrate-every 1");
+    EXPECT_EQ(r.rc, 0) << r.output;
+    size_t n = 0;
+    for (size_t p = r.output.find("Recalibrating"); p != std::string::npos; p = r.output.find("Recalibrating", p + 1)) ++n;
+    EXPECT_EQ(n, 4u) << r.output;  // 4, 5, 6, 7 (T = 4 steps: 4 4.59 6 7.41)
+  }
   // PRT prints its table and picks bounds within 2..MAX.
   {
     auto r = train(e, d / "prt", "--prt --bits 4:6 --steps 2 --cycles 1 --prt-batches 1");

@@ -85,6 +85,7 @@ nlohmann::json fingerprint(const TrainOptions& o, const Model& m, int64_t total_
           {"quantize_inputs", o.quant.quantize_inputs},
           {"input_bits", o.quant.input_bits},
           {"gradient_bits", o.quant.gradient_bits},
+          {"recalibrate_every", o.recalibrate_every},
           {"seed", o.seed}};
 }
 
@@ -114,6 +115,7 @@ struct State {
   int64_t step = 0;
   std::vector<double> losses;
   std::vector<int> bits;
+  std::set<int> stale;  // precisions due for recalibration (--recalibrate-every)
 };
 
 void save_checkpoint(const fs::path& dir, Model& m, AdamW& opt, CptQuantizers& q, CalibrationManager& cm,
@@ -148,7 +150,8 @@ void save_checkpoint(const fs::path& dir, Model& m, AdamW& opt, CptQuantizers& q
                       {"losses", st.losses},
                       {"bits", st.bits},
                       {"calibrated_bits", cm.calibrated_bits()},
-                      {"lora_calibrated_bits", cm.lora_calibrated_bits()}};
+                      {"lora_calibrated_bits", cm.lora_calibrated_bits()},
+                      {"stale_bits", st.stale}};
   io::write_file_atomic(out.path() / "trainer_state.json", j.dump(1) + "\n");
   out.commit();
 }
@@ -207,6 +210,7 @@ void load_checkpoint(const fs::path& dir, Model& m, AdamW& opt, CptQuantizers& q
   st.step = j.at("step");
   st.losses = j.at("losses").get<std::vector<double>>();
   st.bits = j.at("bits").get<std::vector<int>>();
+  st.stale = j.at("stale_bits").get<std::set<int>>();
   opt.set_steps(j.at("adam_steps"));
   log_info("resumed from {} at step {}", dir.string(), st.step);
 }
@@ -473,8 +477,8 @@ TrainResult train_cpt(const TrainOptions& o) {
   Progress bar("train " + o.method, static_cast<uint64_t>(total - st.step), "steps");
   const auto t0 = std::chrono::steady_clock::now();
   int64_t tokens_done = 0;
-  std::set<int> stale;
-  int64_t last_epoch = st.step / steps_per_epoch;
+  std::set<int>& stale = st.stale;
+  int64_t last_epoch = st.step == 0 ? 0 : (st.step - 1) / steps_per_epoch;
   for (int64_t step = st.step; step < total; ++step) {
     const int64_t epoch = step / steps_per_epoch, in_epoch = step % steps_per_epoch;
     if (o.recalibrate_every > 0 && epoch != last_epoch && epoch % o.recalibrate_every == 0)
