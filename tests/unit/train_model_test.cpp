@@ -92,15 +92,20 @@ TEST(TrainModel, ForwardMatchesEngineOnParityFixtures) {
 
 // Central differences of the mean loss over every LoRA factor and trainable norm parameter (a
 // subset of elements per tensor to bound the time).
-void check_model_grads(const std::string& type, bool head) {
+void check_model_grads(const std::string& type, bool head, double dropout = 0.0) {
   const auto cfg = tiny(type);
   ModelOptions o;
   o.lora.rank = 3;
   o.lora.alpha = 6;
   o.lora.head = head;
+  o.lora.dropout = dropout;
   o.train_norms = true;
   auto m = Model::from_tensors(cfg, random_tensors(cfg, 3, 0.3f), o);
   randomize_lora(m, 4);
+  if (dropout > 0) {  // the same masks in every evaluation (fixed step seed)
+    m.set_training(true);
+    m.set_step_seed(5);
+  }
   const int64_t B = 2, T = 7;
   const auto tok = random_tokens(B * T, cfg.vocab_size, 5);
   m.zero_grad();
@@ -130,6 +135,27 @@ void check_model_grads(const std::string& type, bool head) {
 
 TEST(TrainModel, Gpt2GradientsMatchFiniteDifferences) { check_model_grads("gpt2", true); }
 TEST(TrainModel, Qwen3GradientsMatchFiniteDifferences) { check_model_grads("qwen3", false); }
+TEST(TrainModel, LoraDropoutGradientsMatchFiniteDifferences) { check_model_grads("gpt2", true, 0.3); }
+
+TEST(TrainModel, LoraDropoutOnlyWhenTraining) {
+  const auto cfg = tiny("qwen3");
+  ModelOptions o;
+  o.lora.rank = 2;
+  o.lora.dropout = 0.5;
+  auto m = Model::from_tensors(cfg, random_tensors(cfg, 3, 0.3f), o);
+  randomize_lora(m, 4);
+  const auto tok = random_tokens(8, cfg.vocab_size, 1);
+  const double eval1 = m.loss(tok, 1, 8, false);
+  m.set_training(true);
+  m.set_step_seed(1);
+  const double t1 = m.loss(tok, 1, 8, false);
+  m.set_step_seed(2);
+  const double t2 = m.loss(tok, 1, 8, false);
+  m.set_training(false);
+  EXPECT_EQ(m.loss(tok, 1, 8, false), eval1);
+  EXPECT_NE(t1, eval1);
+  EXPECT_NE(t1, t2);
+}
 
 TEST(TrainModel, LoraParameterCountGpt2Small) {
   // GPT-2 small (124M), rank 16 on every linear including the head: 3,175,696 LoRA parameters.
