@@ -467,6 +467,11 @@ TrainResult train_cpt(const TrainOptions& o) {
   if (!o.resume.empty()) load_checkpoint(o.resume, m, opt, q, cm, fp, st);
   fs::create_directories(o.output);
   int64_t last_good = -1;
+  fs::path last_good_dir = ckdir;
+  if (!o.resume.empty()) {  // the checkpoint resumed from is good until a newer one is written
+    last_good = st.step;
+    last_good_dir = o.resume;
+  }
   if (!o.eval_bits.empty() && st.step == 0) evaluate("before training:");
 
   const int64_t warmup = o.warmup >= 0 ? o.warmup : total / 20;
@@ -508,7 +513,7 @@ TrainResult train_cpt(const TrainOptions& o) {
              step + 1, bits,
              last_good >= 0 ? fmt::format("The last good checkpoint is {} (step {}); resume from it with --resume {} and "
                                           "a lower --lr or a higher --bits minimum",
-                                          ckdir.string(), last_good, ckdir.string())
+                                          last_good_dir.string(), last_good, last_good_dir.string())
                             : std::string("No checkpoint was written yet; lower --lr or raise the --bits minimum"));
       loss += l / static_cast<double>(o.grad_accum);
     }
@@ -524,6 +529,7 @@ TrainResult train_cpt(const TrainOptions& o) {
     if (o.checkpoint_every > 0 && st.step % o.checkpoint_every == 0 && st.step < total) {
       save_checkpoint(ckdir, m, opt, q, cm, fp, st);
       last_good = st.step;
+      last_good_dir = ckdir;
     }
     if (o.stop_after > 0 && st.step >= o.stop_after && st.step < total) {
       bar.finish();
