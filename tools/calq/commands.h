@@ -24,5 +24,6 @@ Command add_tokenize(CLI::App& app);
 Command add_data(CLI::App& app);
 Command add_eval(CLI::App& app);
 Command add_calibrate(CLI::App& app);
+Command add_train(CLI::App& app);
 
 }  // namespace calq::cli

@@ -34,7 +34,8 @@ int main(int argc, char** argv) {
   std::vector<calq::cli::Command> commands = {calq::cli::add_inspect(app), calq::cli::add_quantize(app),
                                                 calq::cli::add_generate(app), calq::cli::add_export(app),
                                                 calq::cli::add_tokenize(app), calq::cli::add_data(app),
-                                                calq::cli::add_eval(app), calq::cli::add_calibrate(app)};
+                                                calq::cli::add_eval(app), calq::cli::add_calibrate(app),
+                                                calq::cli::add_train(app)};
 
   try {
     app.parse(argc, argv);
