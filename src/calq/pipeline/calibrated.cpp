@@ -14,6 +14,7 @@
 #include "calq/engine/engine.h"
 #include "calq/io/atomic.h"
 #include "calq/io/safetensors.h"
+#include "calq/pipeline/module_quant.h"
 #include "calq/quant/hessian.h"
 #include "calq/text/tokenizer.h"
 
@@ -162,7 +163,8 @@ json calibrate_model(const CalibrateOptions& opt) {
 }
 
 std::map<std::string, quant::QuantizedWeight> run_gptq(const fs::path& model_dir, const std::vector<TensorPlan>& plan,
-                                                       const GptqPipelineOptions& opt, json& report) {
+                                                       const GptqPipelineOptions& opt, json& report,
+                                                       std::map<std::string, quant::Rotation>* rotations) {
   const double t0 = now_s();
   auto m = engine::Model::load(model_dir);
   std::map<std::string, const TensorPlan*> by_module;
@@ -183,6 +185,7 @@ std::map<std::string, quant::QuantizedWeight> run_gptq(const fs::path& model_dir
   for (auto& [g, a] : fused_global) a = quant::nvfp4_global_scale(a);
 
   std::map<std::string, quant::QuantizedWeight> results;
+  ModuleQuantizer quantizer(opt.gptq, opt.mr, plan);  // GPTQ or MR-GPTQ per module (module_quant.h)
   json modules = json::array();
   Progress bar("gptq", static_cast<uint64_t>(m.num_layers()), "layers");
   for (int64_t l = 0; l < m.num_layers(); ++l) {
@@ -215,6 +218,7 @@ std::map<std::string, quant::QuantizedWeight> run_gptq(const fs::path& model_dir
     }
     for (auto& step : steps) {
       std::map<std::string, quant::HessianAccumulator> acc;
+      std::map<std::string, MomentAccumulator> moments;  // MR-GPTQ: input kurtosis
       std::set<std::string> wanted;
       for (size_t g : step) wanted.insert(groups[g].front());
       FnObserver obs;
@@ -227,6 +231,7 @@ std::map<std::string, quant::QuantizedWeight> run_gptq(const fs::path& model_dir
         auto it = acc.find(key);
         if (it == acc.end()) it = acc.emplace(key, quant::HessianAccumulator(in.cols)).first;
         it->second.add(in.x, in.rows, mask.data());
+        if (opt.mr.enabled) moments[key].add(in.x, in.rows, in.cols, mask.data());
       };
       for (auto& h : hs) {
         engine::Activations copy = h;
@@ -242,19 +247,20 @@ std::map<std::string, quant::QuantizedWeight> run_gptq(const fs::path& model_dir
         const auto H = it->second.hessian();
         for (auto& mod : mods) {
           const TensorPlan& p = *by_module.at(mod);
-          const auto w = m.weight(mod);
-          quant::GptqOptions go = opt.gptq;
+          std::optional<float> global;
           if (p.format->family == quant::Family::NVFP4 && fused_global.count(p.fuse_group))
-            go.global_scale = fused_global[p.fuse_group];
-          auto r = quant::gptq_quantize(w.data(), p.rows(), p.cols(), H, *p.format, go, mod);
-          m.set_weight(mod, r.q.dequantize());
-          modules.push_back({{"module", mod},
-                             {"proxy_loss", r.proxy_loss},
-                             {"seconds", r.seconds},
-                             {"tokens", tokens},
-                             {"damp", r.damp_used},
-                             {"dead_inputs", r.dead_inputs}});
+            global = fused_global[p.fuse_group];
+          auto mit = moments.find(mods.front());
+          auto r = quantizer.quantize(m, p, H, mit == moments.end() ? nullptr : &mit->second, global);
+          m.set_weight(mod, std::move(r.w_hat));  // Ŵ in the original basis: no input transform needed
+          json entry = {{"module", mod}, {"tokens", tokens}};
+          entry.update(r.report);
+          modules.push_back(entry);
           results.emplace(p.name, std::move(r.q));
+          if (r.rotation) {
+            CALQ_CHECK(rotations, "{}: MR-GPTQ rotated the module but the caller takes no rotations", mod);
+            rotations->emplace(mod, std::move(*r.rotation));
+          }
         }
       }
     }
@@ -276,6 +282,14 @@ std::map<std::string, quant::QuantizedWeight> run_gptq(const fs::path& model_dir
                     {"quantized_inputs", opt.quantized_inputs},
                     {"seconds", now_s() - t0},
                     {"modules", modules}};
+  if (opt.mr.enabled)
+    report["mr_gptq"] = {{"hadamard", opt.mr.rotate},
+                         {"hadamard_block", opt.mr.hadamard_block == 0 ? json("full") : json(opt.mr.hadamard_block)},
+                         {"hadamard_seed", opt.mr.seed},
+                         {"kurtosis_threshold", opt.mr.kurtosis_threshold ? json(*opt.mr.kurtosis_threshold) : json(nullptr)},
+                         {"scale_search", {{"p", opt.mr.scale_search_p}, {"points", opt.mr.scale_grid}, {"min_shrink", opt.mr.scale_min}}},
+                         {"act_order", true},
+                         {"static_groups", true}};
   return results;
 }
 
@@ -297,7 +311,10 @@ std::vector<LayerErrorRow> layer_error(const fs::path& quantized, const fs::path
     for (auto& mod : in.modules) {
       auto wit = weights.find(mod);
       if (wit == weights.end()) {
-        wit = weights.emplace(mod, std::make_pair(bm.weight(mod), qm.weight(mod))).first;
+        auto wq = qm.weight(mod);
+        if (const auto* r = qm.source().rotation(mod))  // stored as W·R: back to the original basis
+          r->apply_rows_inverse(wq.data(), static_cast<int64_t>(wq.size()) / r->dim);
+        wit = weights.emplace(mod, std::make_pair(bm.weight(mod), std::move(wq))).first;
         order.push_back(mod);
       }
       const auto& [w, wq] = wit->second;

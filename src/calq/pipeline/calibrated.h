@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "calq/data/dataset.h"
+#include "calq/pipeline/module_quant.h"
 #include "calq/pipeline/quantize.h"
 #include "calq/quant/act_scale.h"
 #include "calq/quant/gptq.h"
@@ -57,12 +58,16 @@ struct GptqPipelineOptions {
   bool true_sequential = true;
   bool quantized_inputs = true;  // layer i sees the outputs of the quantized layers < i
   int64_t min_tokens = 16;       // a module seeing fewer calibration tokens is an error
+  MrPipelineOptions mr;          // --method mr-gptq
 };
 // Runs calibration + GPTQ for `plan` and returns the quantized weights by tensor name, with a
-// report (per module: proxy loss, seconds, tokens, damping, dead inputs).
+// report (per module: proxy loss, seconds, tokens, damping, dead inputs; MR-GPTQ: kurtosis and
+// rotation decision). With MR-GPTQ the weights of rotated modules are Q(W·R), and `rotations`
+// receives R by module.
 std::map<std::string, quant::QuantizedWeight> run_gptq(const std::filesystem::path& model_dir,
                                                        const std::vector<TensorPlan>& plan,
-                                                       const GptqPipelineOptions& opt, nlohmann::json& report);
+                                                       const GptqPipelineOptions& opt, nlohmann::json& report,
+                                                       std::map<std::string, quant::Rotation>* rotations = nullptr);
 
 // Per linear module of a quantized model: ‖XWᵀ − XŴᵀ‖ / ‖XWᵀ‖ over the real calibration tokens,
 // X being the module's input in the base model (so each module's own error is measured).
