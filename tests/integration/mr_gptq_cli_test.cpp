@@ -127,6 +127,44 @@ TEST(RotationCli, RtnWithRotationRecordsSignsAndUnrotates) {
   }
 }
 
+// nvfp4: q/k/v (and gate/up) share one fp32 tensor scale, computed from the rotated weights.
+TEST(RotationCli, Nvfp4FusedGlobalScaleFromRotatedWeights) {
+  TempDir t;
+  const fs::path m = generated(t);
+  const fs::path out = t / "nv";
+  auto r = run(calq_bin() + " -q quantize -i " + m.string() + " -o " + out.string() +
+               " --format nvfp4 --hadamard-block 32 --hadamard-seed 11");
+  ASSERT_EQ(r.rc, 0) << r.output;
+  auto tensors = read_model_tensors(out);
+  auto orig = calq::native::Model::open(m);
+  for (const std::vector<std::string>& group :
+       {std::vector<std::string>{"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"},
+        std::vector<std::string>{"mlp.gate_proj", "mlp.up_proj"}}) {
+    float amax_rot = 0, amax = 0;
+    std::vector<float> g;
+    for (const auto& mm : group) {
+      const std::string mod = "model.layers.1." + mm;
+      auto w = orig.load_f32(mod + ".weight");
+      const int64_t in = orig.entry(mod + ".weight").shape[1];
+      for (float v : w) amax = std::max(amax, std::fabs(v));
+      // W·R from the documented definition: signs, then 32-wide Walsh–Hadamard blocks.
+      const auto s = spec_signs(in, 11);
+      for (size_t row = 0; row < w.size() / in; ++row)
+        for (int64_t b0 = 0; b0 < in; b0 += 32)
+          for (int64_t j = 0; j < 32; ++j) {
+            double acc = 0;
+            for (int64_t k = 0; k < 32; ++k)
+              acc += w[row * in + b0 + k] * s[b0 + k] * ((__builtin_popcountll(j & k) & 1) ? -1.0 : 1.0);
+            amax_rot = std::max(amax_rot, static_cast<float>(std::fabs(acc / std::sqrt(32.0))));
+          }
+      g.push_back(raw_to_float(tensors.at(mod + ".weight_global_scale"))[0]);
+    }
+    for (float x : g) EXPECT_EQ(x, g[0]);
+    EXPECT_NEAR(g[0], 2688.f / amax_rot, 1e-5 * g[0]);
+    EXPECT_GT(std::fabs(g[0] - 2688.f / amax), 1e-3 * g[0]);  // not the unrotated weights' scale
+  }
+}
+
 TEST(RotationCli, BadInput) {
   TempDir t;
   const fs::path m = generated(t);

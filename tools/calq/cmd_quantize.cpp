@@ -245,6 +245,7 @@ Command add_quantize(CLI::App& app) {
       pipeline::QuantizeOptions dry = o;
       dry.dry_run = true;
       const auto plan = pipeline::quantize_model(dry).plan;
+      if (is_mr && g.mr.rotate) pipeline::check_rotation_plan(plan, g.mr.hadamard_block);  // before calibrating
       auto results = std::make_shared<std::map<std::string, quant::QuantizedWeight>>(
           pipeline::run_gptq(o.input, plan, g, o.report_extra, &o.rotations));
       o.quantizer = [results](const pipeline::TensorPlan& p,
