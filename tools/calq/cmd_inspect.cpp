@@ -57,6 +57,10 @@ nlohmann::json inspect_json(const native::Model& m) {
     j["norm_topk_prob"] = c.norm_topk_prob;
     j["moe_intermediate_size"] = c.moe_intermediate_size;
   }
+  auto rotation_of = [&](const std::string& name) -> nlohmann::json {
+    const auto* r = name.size() > 7 ? m.rotation(name.substr(0, name.size() - 7)) : nullptr;
+    return r ? nlohmann::json(r->describe()) : nlohmann::json(nullptr);
+  };
   std::map<std::string, uint64_t> by_kind, dtypes;
   uint64_t total = 0, qparams = 0;
   double qbits = 0;
@@ -71,7 +75,7 @@ nlohmann::json inspect_json(const native::Model& m) {
       dtypes[e.format->name()] += n;
       qt.push_back({{"name", e.name}, {"shape", e.shape}, {"format", e.format->name()},
                     {"symmetric", e.format->symmetric}, {"group_size", e.format->group_size},
-                    {"bits_per_weight", e.format->bits_per_weight()}, {"rotation", nullptr},
+                    {"bits_per_weight", e.format->bits_per_weight()}, {"rotation", rotation_of(e.name)},
                     {"stored_bytes", e.stored_bytes}});
     } else {
       dtypes[std::string(dtype_name(e.dtype))] += n;
@@ -86,6 +90,9 @@ nlohmann::json inspect_json(const native::Model& m) {
     shards.push_back({{"file", p.filename().string()}, {"bytes", std::filesystem::file_size(p)}});
   j["shards"] = shards;
   j["quantized"] = m.quantized();
+  nlohmann::json rots = nlohmann::json::object();
+  for (const auto& [mod, r] : m.rotations()) rots[mod] = r.describe();
+  j["rotations"] = rots;
   if (m.quantized()) {
     j["quant_method"] = m.quantization_config().value("quant_method", "");
     j["quantized_parameters"] = qparams;
@@ -147,7 +154,15 @@ Command add_inspect(CLI::App& app) {
       for (auto& t : j["quantized_tensors"])
         fmt::print("  {:<56} {:<14} {:>6} {:>6} {:>9.3f} {}\n", t["name"].get<std::string>(),
                    shape_str(t["shape"].get<Shape>()), t["format"].get<std::string>() + (t["symmetric"].get<bool>() ? "" : "a"),
-                   t["group_size"].get<int>(), t["bits_per_weight"].get<double>(), "none");
+                   t["group_size"].get<int>(), t["bits_per_weight"].get<double>(),
+                   t["rotation"].is_null() ? std::string("none") : t["rotation"].get<std::string>());
+    }
+    {
+      size_t kept_rotated = 0;
+      for (const auto& [mod, r] : m.rotations())
+        if (!m.entry(mod + ".weight").format) ++kept_rotated;
+      if (kept_rotated)
+        fmt::print("rotations    {} unquantized module(s) stored in a rotated basis (W·R)\n", kept_rotated);
     }
     if (*all) {
       fmt::print("tensors\n");

@@ -63,6 +63,11 @@ Command add_quantize(CLI::App& app) {
     // long runs
     std::string work_dir, max_memory;
     bool resume = false, layerwise = false, keep_work_dir = false;
+    // MR-GPTQ and rotations
+    std::string hadamard_block = "128";
+    bool no_hadamard = false, scale_search = false;
+    double kurtosis_threshold = 0, scale_search_p = 2.4;
+    uint64_t hadamard_seed = 0;
   };
   auto a = std::make_shared<Args>();
   sub->add_option("-i,--input", a->input, "Input model directory (HF safetensors + config.json)")->required();
@@ -70,8 +75,8 @@ Command add_quantize(CLI::App& app) {
   sub->add_option("--method", a->method,
                   "rtn: round to nearest (with --calibration: activation-aware input scaling folded into the "
                   "preceding norm or rows); gptq: GPTQ with Hessians from calibration text (layer by layer, "
-                  "true-sequential)")
-      ->check(CLI::IsMember({"rtn", "gptq"}))
+                  "true-sequential); mr-gptq: Hadamard rotation + scale search + act-order GPTQ (MR-GPTQ)")
+      ->check(CLI::IsMember({"rtn", "gptq", "mr-gptq"}))
       ->capture_default_str();
   sub->add_option("-f,--format", a->format,
                   "Element format: int2, int3, int4, int8, fp4 (E2M1 + fp16 group scales), nvfp4 "
@@ -137,7 +142,7 @@ Command add_quantize(CLI::App& app) {
   sub->add_flag("--unquantized-inputs", a->unquantized_inputs,
                 "Feed layer i the outputs of the unquantized layers < i (default: of the quantized ones)")->group(gq);
 
-  auto* lr = "Long runs (gptq; rtn with --calibration)";
+  auto* lr = "Long runs (gptq, mr-gptq; rtn with --calibration)";
   sub->add_option("--work-dir", a->work_dir,
                   "Per-layer checkpoints and spilled activations (default: OUTPUT.calq-work; removed after success)")
       ->group(lr);
@@ -151,6 +156,25 @@ Command add_quantize(CLI::App& app) {
                 "Stream weights: read each layer from the checkpoint when it runs instead of caching fp32 "
                 "weights (peak memory about one layer)")->group(lr);
   sub->add_flag("--keep-work-dir", a->keep_work_dir, "Keep the work directory after success")->group(lr);
+  auto* mr = "MR-GPTQ and rotations";
+  sub->add_option("--hadamard-block", a->hadamard_block,
+                  "Hadamard rotation of the input dimension: block size (a power of two dividing every input "
+                  "width) or full (one transform of the whole width, also m*2^k with m in 12, 20, 28, 40). "
+                  "mr-gptq: default 128; rtn: given = RTN + rotation")
+      ->capture_default_str()->group(mr);
+  sub->add_flag("--no-hadamard", a->no_hadamard, "mr-gptq without rotation (scale search + act-order GPTQ only)")
+      ->group(mr);
+  sub->add_option("--hadamard-kurtosis-threshold", a->kurtosis_threshold,
+                  "mr-gptq: rotate only modules whose calibration-input kurtosis exceeds K (Gaussian: 3)")
+      ->group(mr);
+  sub->add_option("--hadamard-seed", a->hadamard_seed, "Seed of the rotations' random sign vectors")
+      ->capture_default_str()->group(mr);
+  sub->add_option("--scale-search-p", a->scale_search_p,
+                  "Scale search: exponent p of sum |w - q(w)|^p (mr-gptq; rtn with --scale-search)")
+      ->capture_default_str()->check(CLI::Range(1.0, 8.0))->group(mr);
+  sub->add_flag("--scale-search", a->scale_search,
+                "rtn: MR-GPTQ's scale search (= --clip-search --clip-grid 100 --clip-min 0.2 --clip-norm P)")
+      ->group(mr);
 
   auto run = [a, sub]() -> int {
     pipeline::QuantizeOptions o;
@@ -177,7 +201,7 @@ Command add_quantize(CLI::App& app) {
     o.command_line = invocation();
 
     const bool act_rtn = a->method == "rtn" && sub->count("--calibration") > 0;
-    const bool calibrated = a->method == "gptq" || act_rtn;
+    const bool calibrated = a->method == "gptq" || a->method == "mr-gptq" || act_rtn;
     if (a->method == "rtn") {
       for (const char* opt : {"--damp", "--act-order", "--block-size", "--no-static-groups", "--no-true-sequential",
                               "--unquantized-inputs"})
@@ -190,9 +214,58 @@ Command add_quantize(CLI::App& app) {
     } else {
       CALQ_CHECK(sub->count("--act-grid") == 0, "--act-grid applies to --method rtn with --calibration");
     }
+    const bool is_mr = a->method == "mr-gptq";
+    std::optional<int64_t> hblock;
+    if (a->hadamard_block == "full") hblock = 0;
+    else {
+      try {
+        size_t used = 0;
+        hblock = std::stoll(a->hadamard_block, &used);
+        CALQ_CHECK(used == a->hadamard_block.size(), "");
+      } catch (const std::exception&) {
+        fail("--hadamard-block '{}': expected a power of two (16 .. 256 typical) or full", a->hadamard_block);
+      }
+      CALQ_CHECK(*hblock >= 2 && (*hblock & (*hblock - 1)) == 0,
+                 "--hadamard-block {} must be a power of two (e.g. 16, 32, 64, 128, 256) or full", *hblock);
+    }
+    if (!is_mr) {
+      for (const char* opt : {"--no-hadamard", "--hadamard-kurtosis-threshold"})
+        CALQ_CHECK(sub->count(opt) == 0,
+                   "{} applies to --method mr-gptq (it needs calibration data: the kurtosis of each module's "
+                   "inputs), not {}",
+                   opt, a->method);
+      if (a->method == "gptq")
+        for (const char* opt : {"--hadamard-block", "--hadamard-seed"})
+          CALQ_CHECK(sub->count(opt) == 0, "{}: use --method mr-gptq for GPTQ with rotations", opt);
+    }
+    CALQ_CHECK(!(a->no_hadamard && (sub->count("--hadamard-block") || sub->count("--hadamard-kurtosis-threshold"))),
+               "--no-hadamard contradicts --hadamard-block / --hadamard-kurtosis-threshold");
+    if (a->method == "rtn") {
+      if (sub->count("--hadamard-block")) {
+        o.rotate_block = hblock;
+        o.rotate_seed = a->hadamard_seed;
+      } else {
+        CALQ_CHECK(sub->count("--hadamard-seed") == 0, "--hadamard-seed needs --hadamard-block with --method rtn");
+      }
+      CALQ_CHECK(!(a->scale_search && a->clip), "--scale-search and --clip-search are exclusive (both pick the scale)");
+      CALQ_CHECK(a->scale_search || sub->count("--scale-search-p") == 0, "--scale-search-p needs --scale-search with rtn");
+      if (a->scale_search) {
+        o.rtn.clip_search = true;
+        o.rtn.clip_grid = 100;
+        o.rtn.clip_min = 0.2f;
+        o.rtn.clip_norm = static_cast<float>(a->scale_search_p);
+      }
+    } else {
+      CALQ_CHECK(!a->scale_search, "--scale-search applies to --method rtn (mr-gptq always searches the scale)");
+    }
+    if (is_mr) CALQ_CHECK(!a->clip, "--clip-search: mr-gptq has its own scale search (--scale-search-p)");
+
+    CALQ_CHECK(!(act_rtn && sub->count("--hadamard-block")),
+               "--hadamard-block with --method rtn --calibration is not supported (rotation or activation scaling: "
+               "choose one)");
     CALQ_CHECK(!(a->no_clip && !act_rtn), "--no-clip-search applies to --method rtn with --calibration");
     CALQ_CHECK(!(a->no_clip && a->clip), "--clip-search and --no-clip-search are mutually exclusive");
-    if (act_rtn) o.rtn.clip_search = !a->no_clip;
+    if (act_rtn && !a->scale_search) o.rtn.clip_search = !a->no_clip;
     std::shared_ptr<pipeline::CalibratedResults> results;
     if (calibrated && !o.dry_run) {
       CALQ_CHECK(a->overwrite || !fs::exists(o.output),
@@ -225,7 +298,7 @@ Command add_quantize(CLI::App& app) {
       pipeline::QuantizeOptions dry = o;
       dry.dry_run = true;
       const auto plan = pipeline::quantize_model(dry).plan;
-      if (a->method == "gptq") {
+      if (a->method == "gptq" || is_mr) {
         pipeline::GptqPipelineOptions g;
         g.calib = calib;
         g.storage = st;
@@ -240,17 +313,35 @@ Command add_quantize(CLI::App& app) {
         g.gptq.clip_norm = a->clip_norm;
         g.true_sequential = !a->no_true_sequential;
         g.quantized_inputs = !a->unquantized_inputs;
+        if (is_mr) {
+          g.mr.enabled = true;
+          g.mr.rotate = !a->no_hadamard;
+          g.mr.hadamard_block = *hblock;
+          g.mr.seed = a->hadamard_seed;
+          if (sub->count("--hadamard-kurtosis-threshold")) g.mr.kurtosis_threshold = a->kurtosis_threshold;
+          g.mr.scale_search_p = a->scale_search_p;
+          if (g.mr.rotate) pipeline::check_rotation_plan(plan, g.mr.hadamard_block);  // before calibrating
+        }
         identity["gptq"] = {{"damp", g.gptq.damp},
                             {"block_size", g.gptq.block_size},
                             {"act_order", g.gptq.act_order},
                             {"static_groups", g.gptq.static_groups},
                             {"true_sequential", g.true_sequential},
                             {"quantized_inputs", g.quantized_inputs}};
+        if (is_mr)
+          identity["mr_gptq"] = {{"hadamard", g.mr.rotate},
+                                 {"block", g.mr.hadamard_block},
+                                 {"seed", g.mr.seed},
+                                 {"kurtosis_threshold", g.mr.kurtosis_threshold ? nlohmann::json(*g.mr.kurtosis_threshold)
+                                                                                : nlohmann::json(nullptr)},
+                                 {"scale_search_p", g.mr.scale_search_p}};
         results = std::make_shared<pipeline::CalibratedResults>(
             pipeline::run_gptq(o.input, plan, g, identity, o.report_extra));
+        o.rotations = results->rotations_by_module();
         o.config_extra = {{"gptq", {{"damp", g.gptq.damp}, {"act_order", g.gptq.act_order},
                                     {"static_groups", g.gptq.static_groups}, {"calibration", a->calibration},
                                     {"samples", a->samples}, {"seq_len", a->seq_len}}}};
+        if (is_mr) o.config_extra["mr_gptq"] = o.report_extra["mr_gptq"];
       } else {
         pipeline::ActRtnOptions ar;
         ar.calib = calib;

@@ -712,6 +712,17 @@ Model Model::load(const std::filesystem::path& dir, const Options& opts) {
     CALQ_CHECK(impl->src.entry(t.name).shape == t.shape, "{}: tensor {} has shape {}, expected {}",
                dir.string(), t.name, shape_str(impl->src.entry(t.name).shape), shape_str(t.shape));
   }
+  // Rotated modules (MR-GPTQ): the stored weight is W·R, so the input is rotated too (x·R).
+  for (const auto& [module, rot] : impl->src.rotations()) {
+    CALQ_CHECK(impl->src.contains(module + ".weight"), "{}: rotation recorded for {}, which is not a linear module",
+               dir.string(), module);
+    auto r = std::make_shared<const quant::Rotation>(rot);
+    impl->transforms[module] = [r, module](float* x, int64_t rows, int64_t cols) {
+      CALQ_CHECK(cols == r->dim, "engine: {} gets inputs of width {} but its rotation has width {}", module, cols,
+                 r->dim);
+      r->apply_rows(x, rows);
+    };
+  }
   impl->sliding.assign(static_cast<size_t>(c.num_hidden_layers), 0);
   if (c.sliding_window && c.arch != Arch::Gpt2) {
     const auto lt = c.raw.find("layer_types");

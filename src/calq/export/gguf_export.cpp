@@ -185,7 +185,7 @@ void export_model(const fs::path& dir, const fs::path& out, const Options& o) {
     total_bytes += io::ggml_nbytes(t, static_cast<uint64_t>(shape_numel(e->shape)));
     const std::string name = e->name;
     w.add_tensor(g.name, ne, t, [&m, name, t, heads, shape = e->shape](std::vector<char>& b) {
-      std::vector<float> v = m.load_f32(name);
+      std::vector<float> v = m.load_f32_unrotated(name);  // rotated modules: Ŵ = Q·Rᵀ
       if (heads > 0) {
         // llama.cpp's LLaMA rope pairs (i, i + d/2) of each head as adjacent rows: row
         // h·d + a·d/2 + j moves to h·d + 2j + a.

@@ -238,8 +238,67 @@ Model Model::open(const fs::path& dir) {
     if (e.conv1d) std::swap(e.shape[0], e.shape[1]);
     m.entries_.push_back(e);
   }
+  // Rotations: quantization_config.calq.rotations names every rotated module; its sign vector
+  // is the tensor <module>.rotation_signs (F32 [in]).
+  std::set<std::string> sign_tensors;
+  if (m.qcfg_.contains("calq") && m.qcfg_["calq"].contains("rotations")) {
+    const std::string cfgp = (dir / "config.json").string();
+    for (const auto& [module, rj] : m.qcfg_["calq"]["rotations"].items()) {
+      CALQ_CHECK(rj.value("type", "") == "hadamard", "{}: rotation of {} has type '{}' (supported: hadamard)", cfgp,
+                 module, rj.value("type", ""));
+      const std::string sname = rj.value("signs", rotation_signs_name(module));
+      CALQ_CHECK(m.ckpt_.contains(sname),
+                 "{}: module {} is rotated but its sign vector {} is missing from the checkpoint; the model "
+                 "cannot be evaluated without it (re-quantize, or copy the shard that holds it)",
+                 cfgp, module, sname);
+      int64_t in = 0;
+      if (module_format.count(module)) {
+        for (const auto& e : m.entries_)
+          if (e.name == module + ".weight") in = e.conv1d ? e.shape[0] : e.shape[1];
+      } else {
+        CALQ_CHECK(m.ckpt_.contains(module + ".weight"), "{}: rotation recorded for {}, which has no weight", cfgp,
+                   module);
+        const auto& sh = m.ckpt_.info(module + ".weight").shape;
+        CALQ_CHECK(sh.size() == 2, "{}: rotated module {} has a weight of rank {}", cfgp, module, sh.size());
+        in = conv1d.count(module) ? sh[0] : sh[1];
+      }
+      auto v = m.ckpt_.view(sname);
+      CALQ_CHECK(v.dtype == DType::F32 && v.shape.size() == 1 && v.numel() == in,
+                 "{}: sign vector {} has dtype {} and shape {}, expected F32 [{}] (the input width of {}); the "
+                 "checkpoint is damaged or was written for another model",
+                 m.ckpt_.file_of(sname).path().string(), sname, dtype_name(v.dtype), shape_str(v.shape), in, module);
+      quant::Rotation r;
+      r.dim = in;
+      r.seed = rj.value("seed", uint64_t{0});
+      const auto* sv = reinterpret_cast<const float*>(v.data);
+      r.signs.assign(sv, sv + in);
+      for (int64_t i = 0; i < in; ++i)
+        CALQ_CHECK(r.signs[i] == 1.f || r.signs[i] == -1.f, "{}: sign vector {} holds {} at index {} (expected ±1)",
+                   m.ckpt_.file_of(sname).path().string(), sname, r.signs[i], i);
+      const json& b = rj.contains("block") ? rj["block"] : json("full");
+      if (b.is_string()) {
+        CALQ_CHECK(b.get<std::string>() == "full", "{}: rotation block of {} is '{}' (a size or \"full\")", cfgp,
+                   module, b.get<std::string>());
+        r.block = in;
+      } else {
+        r.block = b.get<int64_t>();
+        CALQ_CHECK(r.block >= 2 && (r.block & (r.block - 1)) == 0 && in % r.block == 0,
+                   "{}: rotation block {} of {} is not a power of two dividing its input width {}", cfgp, r.block,
+                   module, in);
+      }
+      if (r.block == in && (in & (in - 1)) != 0)
+        r.full = with_context(cfgp + ": rotation of " + module, [&] { return quant::hadamard_matrix(in); });
+      m.rotations_[module] = std::move(r);
+      sign_tensors.insert(sname);
+    }
+  }
+  for (const auto& n : m.ckpt_.names())
+    CALQ_CHECK(!ends_with(n, ".rotation_signs") || sign_tensors.count(n),
+               "{}: tensor {} is a rotation sign vector but quantization_config.calq.rotations does not record "
+               "its rotation; the model's weights are in a rotated basis and cannot be used as they are",
+               dir.string(), n);
   for (const auto& n : m.ckpt_.names()) {
-    if (tensor_owner.count(n)) continue;
+    if (tensor_owner.count(n) || sign_tensors.count(n)) continue;
     const auto& info = m.ckpt_.info(n);
     Entry e;
     e.name = n;
@@ -290,6 +349,31 @@ std::vector<float> Model::load_f32(const std::string& name) const {
   if (!e.conv1d) return w;
   // Stored as [out, in]; the HF Conv1D layout is [in, out].
   return transpose(w, e.shape[1], e.shape[0]);
+}
+
+const quant::Rotation* Model::rotation(const std::string& module) const {
+  auto it = rotations_.find(module);
+  return it == rotations_.end() ? nullptr : &it->second;
+}
+
+std::vector<float> Model::load_f32_unrotated(const std::string& name) const {
+  std::vector<float> w = load_f32(name);
+  if (name.size() < 7 || name.compare(name.size() - 7, 7, ".weight") != 0) return w;
+  const quant::Rotation* r = rotation(name.substr(0, name.size() - 7));
+  if (!r) return w;
+  CALQ_CHECK(!entry(name).conv1d, "{}: {} is a rotated Conv1D weight; unrotating it is not supported", dir_.string(),
+             name);
+  r->apply_rows_inverse(w.data(), static_cast<int64_t>(w.size()) / r->dim);
+  return w;
+}
+
+std::string rotation_signs_name(const std::string& module) { return module + ".rotation_signs"; }
+
+json rotation_json(const quant::Rotation& r, const std::string& module) {
+  json j = {{"type", "hadamard"}, {"seed", r.seed}, {"dim", r.dim}, {"signs", rotation_signs_name(module)}};
+  j["block"] = r.block == r.dim ? json("full") : json(r.block);
+  if (r.block == r.dim && (r.dim & (r.dim - 1)) != 0) j["construction"] = "sylvester-kron-paley";
+  return j;
 }
 
 }  // namespace calq::native

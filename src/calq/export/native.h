@@ -16,6 +16,7 @@
 #include "calq/io/config.h"
 #include "calq/io/safetensors.h"
 #include "calq/quant/format.h"
+#include "calq/quant/hadamard.h"
 
 namespace calq::native {
 
@@ -67,6 +68,13 @@ class Model {
   std::vector<float> load_f32(const std::string& name) const;
   // The unpacked quantized weight (codes and scales) of a quantized entry.
   quant::QuantizedWeight load_quantized(const std::string& name) const;
+  // Input rotations (MR-GPTQ, docs/format.md "Rotations"): module -> R. A rotated module's stored
+  // weight is W·R (in the rotated basis); its input must be rotated (x·R) before the matmul.
+  const std::map<std::string, quant::Rotation>& rotations() const { return rotations_; }
+  const quant::Rotation* rotation(const std::string& module) const;
+  // A linear weight in the original basis, [out, in] (Conv1D: its HF [in, out] layout is
+  // refused for rotated modules): load_f32, then ·Rᵀ when the module is rotated.
+  std::vector<float> load_f32_unrotated(const std::string& name) const;
 
  private:
   std::filesystem::path dir_;
@@ -76,6 +84,12 @@ class Model {
   nlohmann::json qcfg_;
   std::vector<Entry> entries_;
   std::map<std::string, size_t> index_;
+  std::map<std::string, quant::Rotation> rotations_;
 };
+
+// Metadata of one rotation for quantization_config.calq.rotations (docs/format.md).
+nlohmann::json rotation_json(const quant::Rotation& r, const std::string& module);
+// The name of the tensor holding a rotated module's sign vector.
+std::string rotation_signs_name(const std::string& module);
 
 }  // namespace calq::native

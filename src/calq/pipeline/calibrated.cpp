@@ -19,6 +19,7 @@
 #include "calq/engine/engine.h"
 #include "calq/io/atomic.h"
 #include "calq/io/safetensors.h"
+#include "calq/pipeline/module_quant.h"
 #include "calq/quant/hessian.h"
 #include "calq/text/tokenizer.h"
 
@@ -176,6 +177,12 @@ std::optional<quant::QuantizedWeight> CalibratedResults::weight(const TensorPlan
   auto it = weights_.find(p.name);
   if (it == weights_.end() || !p.format) return std::nullopt;
   return wd_->load_weight(it->second, p.name, *p.format);
+}
+
+std::map<std::string, quant::Rotation> CalibratedResults::rotations_by_module() const {
+  std::map<std::string, quant::Rotation> out;
+  for (auto& [name, r] : wd_->rotations()) out.emplace(name.substr(0, name.size() - 7), r);  // drop ".weight"
+  return out;
 }
 
 std::optional<Tensor> CalibratedResults::replaced(const std::string& tensor) const {
@@ -340,6 +347,7 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
   }
   for (auto& [g, a] : fused_global) a = quant::nvfp4_global_scale(a);
 
+  ModuleQuantizer quantizer(opt.gptq, opt.mr, plan);  // GPTQ or MR-GPTQ per module (module_quant.h)
   auto fn = [&](int64_t l, LayerCtx& ctx) {
     LayerOutput out;
     // The inputs of this layer, in execution order, restricted to planned modules.
@@ -412,6 +420,7 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
     }
     for (auto& step : steps) {
       std::map<std::string, quant::HessianAccumulator> acc;
+      std::map<std::string, MomentAccumulator> moments;  // MR-GPTQ: input kurtosis
       std::set<std::string> wanted;
       for (size_t g : step) wanted.insert(groups[g].front());
       FnObserver obs;
@@ -424,6 +433,7 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
         auto it = acc.find(key);
         if (it == acc.end()) it = acc.emplace(key, quant::HessianAccumulator(in.cols)).first;
         it->second.add(in.x, in.rows, mask.data());
+        if (opt.mr.enabled) moments[key].add(in.x, in.rows, in.cols, mask.data());
       };
       ctx.observe(l, obs);
       for (size_t g : step) {
@@ -452,19 +462,17 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
         const auto H = it->second.hessian();
         for (auto& mod : mods) {
           const TensorPlan& p = *by_module.at(mod);
-          const auto w = m.weight(mod);
-          quant::GptqOptions go = opt.gptq;
+          std::optional<float> global;
           if (p.format->family == quant::Family::NVFP4 && fused_global.count(p.fuse_group))
-            go.global_scale = fused_global[p.fuse_group];
-          auto r = quant::gptq_quantize(w.data(), p.rows(), p.cols(), H, *p.format, go, mod);
-          m.set_weight(mod, r.q.dequantize());
-          out.report.push_back({{"module", mod},
-                                {"proxy_loss", r.proxy_loss},
-                                {"seconds", r.seconds},
-                                {"tokens", tokens},
-                                {"damp", r.damp_used},
-                                {"dead_inputs", r.dead_inputs}});
+            global = fused_global[p.fuse_group];
+          auto mit = moments.find(mods.front());
+          auto r = quantizer.quantize(m, p, H, mit == moments.end() ? nullptr : &mit->second, global);
+          m.set_weight(mod, std::move(r.w_hat));  // Ŵ in the original basis: no input transform needed
+          json entry = {{"module", mod}, {"tokens", tokens}};
+          entry.update(r.report);
+          out.report.push_back(entry);
           out.weights.emplace(p.name, std::move(r.q));
+          if (r.rotation) out.rotations.emplace(p.name, std::move(*r.rotation));
         }
       }
     }
@@ -492,6 +500,14 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
                        {"max_memory", opt.storage.max_memory},
                        {"layerwise", opt.storage.layerwise},
                        {"resumed", opt.storage.resume}};
+  if (opt.mr.enabled)
+    report["mr_gptq"] = {{"hadamard", opt.mr.rotate},
+                         {"hadamard_block", opt.mr.hadamard_block == 0 ? json("full") : json(opt.mr.hadamard_block)},
+                         {"hadamard_seed", opt.mr.seed},
+                         {"kurtosis_threshold", opt.mr.kurtosis_threshold ? json(*opt.mr.kurtosis_threshold) : json(nullptr)},
+                         {"scale_search", {{"p", opt.mr.scale_search_p}, {"points", opt.mr.scale_grid}, {"min_shrink", opt.mr.scale_min}}},
+                         {"act_order", true},
+                         {"static_groups", true}};
   return res;
 }
 
@@ -513,7 +529,10 @@ std::vector<LayerErrorRow> layer_error(const fs::path& quantized, const fs::path
     for (auto& mod : in.modules) {
       auto wit = weights.find(mod);
       if (wit == weights.end()) {
-        wit = weights.emplace(mod, std::make_pair(bm.weight(mod), qm.weight(mod))).first;
+        auto wq = qm.weight(mod);
+        if (const auto* r = qm.source().rotation(mod))  // stored as W·R: back to the original basis
+          r->apply_rows_inverse(wq.data(), static_cast<int64_t>(wq.size()) / r->dim);
+        wit = weights.emplace(mod, std::make_pair(bm.weight(mod), std::move(wq))).first;
         order.push_back(mod);
       }
       const auto& [w, wq] = wit->second;

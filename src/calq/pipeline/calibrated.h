@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "calq/data/dataset.h"
+#include "calq/pipeline/module_quant.h"
 #include "calq/pipeline/quantize.h"
 #include "calq/quant/act_scale.h"
 #include "calq/quant/gptq.h"
@@ -67,6 +68,8 @@ class CalibratedResults {
   explicit CalibratedResults(std::shared_ptr<WorkDir> wd, std::vector<TensorPlan> plan);
   std::optional<quant::QuantizedWeight> weight(const TensorPlan& p) const;
   std::optional<Tensor> replaced(const std::string& tensor) const;
+  // The rotations of rotated modules (MR-GPTQ), by module.
+  std::map<std::string, quant::Rotation> rotations_by_module() const;
   size_t weights() const { return weights_.size(); }
   WorkDir& work_dir() { return *wd_; }
 
@@ -85,10 +88,12 @@ struct GptqPipelineOptions {
   bool quantized_inputs = true;  // layer i sees the outputs of the quantized layers < i
   int64_t min_tokens = 16;       // a module seeing fewer calibration tokens is an error
   RunStorage storage;
+  MrPipelineOptions mr;          // --method mr-gptq
 };
-// Runs calibration + GPTQ for `plan`, layer by layer with a checkpoint after each, and returns the
+// Runs calibration + GPTQ (or MR-GPTQ) for `plan`, layer by layer with a checkpoint after each, and returns the
 // quantized weights (from the work directory), with a report (per module: proxy loss, seconds,
-// tokens, damping, dead inputs). `identity`: what must match for --resume (method and options).
+// tokens, damping, dead inputs; MR-GPTQ: kurtosis and rotation decision; rotated modules' weights
+// are Q(W·R), see CalibratedResults::rotations). `identity`: what must match for --resume.
 CalibratedResults run_gptq(const std::filesystem::path& model_dir, const std::vector<TensorPlan>& plan,
                            const GptqPipelineOptions& opt, const nlohmann::json& identity, nlohmann::json& report);
 

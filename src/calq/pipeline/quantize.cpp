@@ -12,6 +12,7 @@
 #include "calq/export/native.h"
 #include "calq/io/atomic.h"
 #include "calq/io/safetensors.h"
+#include "calq/pipeline/module_quant.h"
 #include "calq/quant/layout.h"
 
 namespace calq::pipeline {
@@ -51,8 +52,8 @@ float tensor_absmax(const std::vector<float>& w) {
 
 QuantizeResult quantize_model(const QuantizeOptions& opt) {
   double t0 = now_s();
-  CALQ_CHECK(opt.method == "rtn" || opt.method == "rtn+act" || opt.method == "gptq", "--method {} is not supported; supported: rtn, gptq",
-             opt.method);
+  CALQ_CHECK(opt.method == "rtn" || opt.method == "rtn+act" || opt.method == "gptq" || opt.method == "mr-gptq",
+             "--method {} is not supported; supported: rtn, gptq, mr-gptq", opt.method);
   CALQ_CHECK(fs::exists(opt.input), "--input {}: no such file or directory", opt.input.string());
   CALQ_CHECK(!opt.output.empty(), "--output is required");
   {
@@ -72,6 +73,18 @@ QuantizeResult quantize_model(const QuantizeOptions& opt) {
   res.plan = make_plan(descs, cfg, opt.plan);
   if (opt.dry_run) return res;
 
+  // Input rotations by module: given with the weights (MR-GPTQ), or made here (RTN + rotation).
+  std::map<std::string, quant::Rotation> rotations = opt.rotations;
+  if (opt.rotate_block) {
+    check_rotation_plan(res.plan, *opt.rotate_block);
+    for (const auto& p : res.plan)
+      if (p.format) rotations.emplace(p.module, quant::Rotation::make(p.cols(), *opt.rotate_block, opt.rotate_seed));
+  }
+  auto rotation_of = [&](const TensorPlan& p) -> const quant::Rotation* {
+    auto it = rotations.find(p.module);
+    return it == rotations.end() || !p.format ? nullptr : &it->second;
+  };
+
   io::AtomicDir out(opt.output, opt.overwrite);
   io::SafetensorsWriter writer(out.path(), opt.max_shard_bytes, {{"format", "pt"}});
 
@@ -89,10 +102,16 @@ QuantizeResult quantize_model(const QuantizeOptions& opt) {
       writer.declare(p.module + "." + d.suffix, d.dtype, d.shape);
       out_bytes += static_cast<uint64_t>(shape_numel(d.shape)) * dtype_size(d.dtype);
     }
+    if (const auto* r = rotation_of(p)) {
+      CALQ_CHECK(r->dim == p.cols(), "{}: rotation of width {} for input width {}", p.module, r->dim, p.cols());
+      writer.declare(native::rotation_signs_name(p.module), DType::F32, {r->dim});
+      out_bytes += static_cast<uint64_t>(r->dim) * 4;
+    }
   }
 
   // nvfp4: modules that engines fuse into one GEMM (q/k/v, gate/up) must share the global scale,
-  // so it is computed from the absmax over the whole fused group.
+  // so it is computed from the absmax over the whole fused group (of the rotated weights, when
+  // the group is rotated: RTN + rotation rotates every module).
   std::map<std::string, float> fused_global;
   auto global_scale_for = [&](const TensorPlan& p) -> std::optional<float> {
     if (p.format->family != quant::Family::NVFP4) return std::nullopt;
@@ -102,7 +121,11 @@ QuantizeResult quantize_model(const QuantizeOptions& opt) {
     float amax = 0;
     for (const auto& q : res.plan)
       if (q.fuse_group == p.fuse_group && q.format && q.format->family == quant::Family::NVFP4)
-        amax = std::max(amax, tensor_absmax(load_linear(ck, q)));
+      {
+        auto wq = load_linear(ck, q);
+        if (const auto* r = rotation_of(q)) r->apply_rows(wq.data(), q.rows());
+        amax = std::max(amax, tensor_absmax(wq));
+      }
     float g = quant::nvfp4_global_scale(amax);
     fused_global[p.fuse_group] = g;
     return g;
@@ -130,6 +153,12 @@ QuantizeResult quantize_model(const QuantizeOptions& opt) {
       }
     } else {
       std::vector<float> w = load_linear(ck, p);
+      const quant::Rotation* rot = rotation_of(p);
+      if (rot) {
+        rot->apply_rows(w.data(), p.rows());  // W·R: what is quantized (and validated against)
+        writer.write(native::rotation_signs_name(p.module), rot->signs.data(), rot->signs.size() * sizeof(float));
+        tr.rotation = native::rotation_json(*rot, p.module);
+      }
       quant::RtnOptions ro = opt.rtn;
       if (!ro.global_scale) ro.global_scale = global_scale_for(p);
       std::optional<quant::QuantizedWeight> provided;
@@ -170,6 +199,12 @@ QuantizeResult quantize_model(const QuantizeOptions& opt) {
       ignored.push_back(p.module);
   }
   nlohmann::json calq_extra = {{"version", CALQ_VERSION}, {"method", opt.method}};
+  if (!rotations.empty()) {
+    nlohmann::json rj = nlohmann::json::object();
+    for (const auto& p : res.plan)
+      if (const auto* r = rotation_of(p)) rj[p.module] = native::rotation_json(*r, p.module);
+    calq_extra["rotations"] = rj;
+  }
   for (auto& [k, v] : opt.config_extra.items()) calq_extra[k] = v;
   nlohmann::json cfg_out = cfg.raw;
   cfg_out["quantization_config"] = native::make_quantization_config(qmods, ignored, calq_extra);
@@ -219,7 +254,7 @@ QuantizeResult quantize_model(const QuantizeOptions& opt) {
       t["symmetric"] = p.format->symmetric;
       t["group_size"] = p.format->group_size;
       t["bits_per_weight"] = r.bits_per_weight;
-      t["rotation"] = nullptr;
+      t["rotation"] = r.rotation;
       if (p.conv1d) t["conv1d"] = true;
       if (r.saturated_scales) t["saturated_scales"] = r.saturated_scales;
       if (r.validated)

@@ -7,11 +7,13 @@
 
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "calq/pipeline/plan.h"
+#include "calq/quant/hadamard.h"
 #include "calq/quant/rtn.h"
 
 namespace calq::pipeline {
@@ -32,6 +34,12 @@ struct QuantizeOptions {
   // When set, called for every tensor the plan keeps; a returned tensor (same dtype and shape) is
   // written instead of the input's (norm weights that absorbed activation scales).
   std::function<std::optional<Tensor>(const TensorPlan&)> replace;
+  // RTN + rotation: every quantized module's weight is rotated, W·R (Hadamard of this block size,
+  // 0: full width; signs from rotate_seed), before RTN; the output records R (docs/format.md).
+  std::optional<int64_t> rotate_block;
+  uint64_t rotate_seed = 0;
+  // The rotations of weights that `quantizer` returns in the rotated basis (MR-GPTQ), by module.
+  std::map<std::string, quant::Rotation> rotations;
   nlohmann::json report_extra = nlohmann::json::object();  // merged into calq_report.json
   nlohmann::json config_extra = nlohmann::json::object();  // merged into quantization_config.calq
 };
@@ -44,6 +52,7 @@ struct TensorResult {
   bool validated = false;
   int64_t saturated_scales = 0;  // groups whose scale was clamped to its storage type's maximum
   quant::WeightError error;
+  nlohmann::json rotation;  // null, or the rotation recorded for this tensor (docs/format.md)
 };
 
 struct QuantizeResult {

@@ -231,6 +231,9 @@ void WorkDir::finish_layer(int64_t layer, const LayerOutput& out, ActivationStor
     for (auto& [name, q] : out.weights) {
       for (auto& [suffix, t] : quant::pack(q)) tensors.emplace_back(name + "#" + suffix, std::move(t));
       weights[name] = {{"saturated_scales", q.saturated_scales}};
+      auto rit = out.rotations.find(name);
+      if (rit != out.rotations.end())
+        weights[name]["rotation"] = {{"dim", rit->second.dim}, {"block", rit->second.block}, {"seed", rit->second.seed}};
     }
     for (auto& [name, t] : out.replaced) {
       tensors.emplace_back("replaced#" + name, t);
@@ -276,6 +279,20 @@ std::map<std::string, int64_t> WorkDir::replaced_index() const {
     for (auto& name : j.at("replaced")) idx[name.get<std::string>()] = l;
   }
   return idx;
+}
+
+std::map<std::string, quant::Rotation> WorkDir::rotations() const {
+  std::map<std::string, quant::Rotation> out;
+  for (int64_t l = 0; l < completed_; ++l) {
+    const json j = layer_json(l);
+    for (auto& [name, v] : j.at("weights").items())
+      if (v.contains("rotation")) {
+        const json& r = v["rotation"];
+        out.emplace(name, quant::Rotation::make(r.at("dim").get<int64_t>(), r.at("block").get<int64_t>(),
+                                                r.at("seed").get<uint64_t>()));
+      }
+  }
+  return out;
 }
 
 json WorkDir::layer_report(int64_t layer) const { return layer_json(layer).at("report"); }

@@ -19,6 +19,7 @@
 #include "calq/io/safetensors.h"
 #include "calq/pipeline/plan.h"
 #include "calq/quant/format.h"
+#include "calq/quant/hadamard.h"
 
 namespace calq::pipeline {
 
@@ -61,6 +62,7 @@ class ActivationStore {
 struct LayerOutput {
   std::map<std::string, quant::QuantizedWeight> weights;
   std::map<std::string, Tensor> replaced;
+  std::map<std::string, quant::Rotation> rotations;  // by tensor name: weights stored as Q(W·R)
   nlohmann::json report = nlohmann::json::array();
 };
 
@@ -87,6 +89,8 @@ class WorkDir {
   std::map<std::string, int64_t> replaced_index() const;
   nlohmann::json layer_report(int64_t layer) const;
   quant::QuantizedWeight load_weight(int64_t layer, const std::string& name, const quant::Format& f) const;
+  // Rotations of the finished layers' weights, by tensor name (rebuilt from dim, block and seed).
+  std::map<std::string, quant::Rotation> rotations() const;
   Tensor load_replaced(int64_t layer, const std::string& name) const;
   void remove();
 

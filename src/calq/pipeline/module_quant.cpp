@@ -1,0 +1,135 @@
+#include "calq/pipeline/module_quant.h"
+
+#include <cmath>
+
+#include "calq/core/error.h"
+#include "calq/quant/mr_gptq.h"
+
+namespace calq::pipeline {
+
+void MomentAccumulator::add(const float* x, int64_t rows, int64_t cols, const uint8_t* mask) {
+  double a1 = 0, a2 = 0, a3 = 0, a4 = 0;
+  int64_t n = 0;
+#pragma omp parallel for reduction(+ : a1, a2, a3, a4, n) schedule(static) if (rows >= 64)
+  for (int64_t r = 0; r < rows; ++r) {
+    if (mask && !mask[r]) continue;
+    const float* row = x + r * cols;
+    for (int64_t c = 0; c < cols; ++c) {
+      const double v = row[c], v2 = v * v;
+      a1 += v;
+      a2 += v2;
+      a3 += v2 * v;
+      a4 += v2 * v2;
+    }
+    n += cols;
+  }
+  s1_ += a1;
+  s2_ += a2;
+  s3_ += a3;
+  s4_ += a4;
+  n_ += n;
+}
+
+double MomentAccumulator::kurtosis() const {
+  if (n_ == 0) return 0;
+  const double n = static_cast<double>(n_), mu = s1_ / n, e2 = s2_ / n, e3 = s3_ / n, e4 = s4_ / n;
+  const double m2 = e2 - mu * mu;
+  const double m4 = e4 - 4 * mu * e3 + 6 * mu * mu * e2 - 3 * mu * mu * mu * mu;
+  if (!(m2 > 0)) return 0;
+  return m4 / (m2 * m2);
+}
+
+void check_rotation_plan(const std::vector<TensorPlan>& plan, int64_t block) {
+  std::string bad;
+  for (const auto& p : plan) {
+    if (!p.format) continue;
+    const int64_t in = p.cols();
+    if (block == 0) {
+      if (!quant::hadamard_order_supported(in))
+        bad += fmt::format("\n  {}: input width {} is not m·2^k with m in 1, 12, 20, 28, 40", p.module, in);
+    } else if (in % block != 0) {
+      bad += fmt::format("\n  {}: --hadamard-block {} does not divide its input width {}", p.module, block, in);
+    }
+  }
+  if (bad.empty()) return;
+  fail("these modules cannot be rotated:{}\nuse a block size that divides every input width, --hadamard-block full "
+       "(full-width transform), --keep for these modules, or --no-hadamard",
+       bad);
+}
+
+ModuleQuantizer::ModuleQuantizer(const quant::GptqOptions& gptq, const MrPipelineOptions& mr,
+                                 const std::vector<TensorPlan>& plan)
+    : gptq_(gptq), mr_(mr), plan_(plan) {
+  if (mr_.enabled) {
+    CALQ_CHECK(mr_.scale_search_p > 0, "--scale-search-p must be positive, got {}", mr_.scale_search_p);
+    if (mr_.rotate) check_rotation_plan(plan_, mr_.hadamard_block);
+  }
+}
+
+ModuleQuantResult ModuleQuantizer::quantize(engine::Model& m, const TensorPlan& p, const std::vector<double>& H,
+                                            const MomentAccumulator* moments, std::optional<float> global_scale) {
+  ModuleQuantResult out;
+  const auto w = m.weight(p.module);
+  quant::GptqOptions go = gptq_;
+  go.global_scale = global_scale;
+  if (!mr_.enabled) {
+    auto r = quant::gptq_quantize(w.data(), p.rows(), p.cols(), H, *p.format, go, p.module);
+    out.w_hat = r.q.dequantize();
+    out.report = {{"proxy_loss", r.proxy_loss}, {"seconds", r.seconds}, {"damp", r.damp_used},
+                  {"dead_inputs", r.dead_inputs}};
+    out.q = std::move(r.q);
+    return out;
+  }
+  quant::MrGptqOptions mo;
+  mo.gptq = go;
+  mo.gptq.act_order = true;
+  mo.gptq.static_groups = true;
+  mo.hadamard_block = mr_.hadamard_block;
+  mo.seed = mr_.seed;
+  mo.scale_search_p = mr_.scale_search_p;
+  mo.scale_grid = mr_.scale_grid;
+  mo.scale_min = mr_.scale_min;
+  mo.rotate = mr_.rotate;
+  nlohmann::json extra;
+  if (moments) {
+    const double k = moments->kurtosis();
+    extra["kurtosis"] = k;
+    if (mr_.kurtosis_threshold && mr_.rotate) {
+      mo.rotate = k > *mr_.kurtosis_threshold;
+      extra["kurtosis_threshold"] = *mr_.kurtosis_threshold;
+    }
+  }
+  extra["rotated"] = mo.rotate;
+  if (mo.rotate && p.format->family == quant::Family::NVFP4 && !p.fuse_group.empty()) {
+    auto it = rotated_global_.find(p.fuse_group);
+    if (it == rotated_global_.end()) {
+      // Every module of the group still holds its original weight here: the group's modules
+      // share one input and are quantized one after another, starting with this call.
+      float amax = 0;
+      const auto rot = quant::Rotation::make(p.cols(), mr_.hadamard_block, mr_.seed);
+      for (const auto& q : plan_) {
+        if (q.fuse_group != p.fuse_group || !q.format || q.format->family != quant::Family::NVFP4) continue;
+        CALQ_CHECK(q.cols() == p.cols(), "{} and {} are fused but have input widths {} and {}", p.module, q.module,
+                   p.cols(), q.cols());
+        auto wq = m.weight(q.module);
+        rot.apply_rows(wq.data(), q.rows());
+        for (float v : wq) amax = std::max(amax, std::fabs(v));
+      }
+      it = rotated_global_.emplace(p.fuse_group, quant::nvfp4_global_scale(amax)).first;
+    }
+    mo.gptq.global_scale = it->second;
+  } else if (mo.rotate && p.format->family == quant::Family::NVFP4) {
+    mo.gptq.global_scale.reset();  // the tensor's own scale, of its rotated weights
+  }
+  auto r = quant::mr_gptq_quantize(w.data(), p.rows(), p.cols(), H, *p.format, mo, p.module);
+  out.w_hat = quant::mr_gptq_dequantize(r);
+  out.report = {{"proxy_loss", r.gptq.proxy_loss}, {"seconds", r.gptq.seconds}, {"damp", r.gptq.damp_used},
+                {"dead_inputs", r.gptq.dead_inputs}};
+  out.report.update(extra);
+  if (r.rotation) out.report["rotation"] = r.rotation->describe();
+  out.q = std::move(r.gptq.q);
+  out.rotation = std::move(r.rotation);
+  return out;
+}
+
+}  // namespace calq::pipeline
