@@ -7,7 +7,7 @@
 # for nvfp4 and mxfp4).
 # Usage: bench/mr_gptq_quality.sh [chunks (default: all)] [samples (default 128)] [kurtosis K (default 10)]
 # Env: SHARED (../shared), WORK_DIR (build/bench-mr-gptq), FORMATS ("nvfp4 mxfp4 fp4"),
-#      METHODS ("rtn rtn-ss rtn-rot gptq mr-gptq mr-gptq-kurt"), BLOCK (128), NO_BUILD.
+#      METHODS ("rtn rtn-ss rtn-rot gptq mr-gptq mr-gptq-kurt"), BLOCK (128), NO_BUILD, CALQ (a binary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CHUNKS=${1:-}
@@ -20,11 +20,11 @@ FORMATS=${FORMATS:-nvfp4 mxfp4 fp4}
 METHODS=${METHODS:-rtn rtn-ss rtn-rot gptq mr-gptq mr-gptq-kurt}
 BLOCK=${BLOCK:-128}
 mkdir -p "$W/data"
-if [ -z "${NO_BUILD:-}" ]; then  # NO_BUILD=1: use the existing build/release/calq
+if [ -z "${NO_BUILD:-}" ] && [ -z "${CALQ:-}" ]; then  # NO_BUILD=1: use build/release/calq; CALQ: that binary
   cmake --preset release >/dev/null
   cmake --build --preset release -j "$(nproc)" --target calq >/dev/null
 fi
-CALQ=build/release/calq
+CALQ=${CALQ:-build/release/calq}
 export CALQ_DATA=$W/data CALQ_OFFLINE=1
 ln -sf "$(realpath "$SHARED/data/calibration/calibration_datav3.txt")" "$W/data/"
 ln -sf "$(realpath "$SHARED/data/wikitext-2-raw/wiki.test.raw")" "$W/data/"
