@@ -254,3 +254,29 @@ TEST(LongRun, MoeExpertsGetGptq) {
 }
 
 }  // namespace
+
+namespace {
+
+// MR-GPTQ's rotations survive a kill: they are recorded per layer in the work directory, and the
+// resumed output (sign tensors and config included) equals an uninterrupted run's.
+TEST(LongRun, MrGptqResumeKeepsRotations) {
+  Shared s;
+  if (!s.ok) GTEST_SKIP() << "../shared absent";
+  TempDir t;
+  auto d = data_dir(t, s);
+  const std::string q = "-q quantize -i " + s.m16.string() + " --method mr-gptq --format nvfp4 --samples 4 --seq-len 64";
+  auto r = run_calq(q + " -o " + (t / "full").string(), d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  r = run_calq(q + " -o " + (t / "res").string(), d, "CALQ_TEST_ABORT_AFTER_LAYER=3");
+  ASSERT_EQ(r.rc, 75) << r.output;
+  r = run_calq(q + " -o " + (t / "res").string() + " --hadamard-seed 5 --resume", d);
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("options.mr_gptq.seed"), std::string::npos) << r.output;
+  r = run_calq(q + " -o " + (t / "res").string() + " --resume", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  expect_same_files(t / "full", t / "res");
+  const json cfg = read_json(t / "res" / "config.json");
+  EXPECT_FALSE(cfg["quantization_config"]["calq"]["rotations"].empty());
+}
+
+}  // namespace
