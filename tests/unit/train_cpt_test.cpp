@@ -10,6 +10,7 @@
 #include "calq/core/error.h"
 #include "calq/model/layout.h"
 #include "calq/train/cpt.h"
+#include "calq/train/trainer.h"
 
 using namespace calq;
 using namespace calq::train;
@@ -286,3 +287,26 @@ TEST(CptQuant, FixedInputBitsKeyedByForwardPrecision) {
   // Same statistics (the forward at 4 bits), levels 7 vs 127.
   EXPECT_NEAR(scale[0] * 7.0f, scale[1] * 127.0f, 1e-6f * scale[0] * 7.0f);
 }
+
+namespace {
+
+// The precision range test's bound on hand-made accuracy curves (bits 2, 3, 4, ...).
+TEST(Prt, LowerBoundRule) {
+  using calq::train::prt_lower_bound;
+  // 2→3 gains 0.005, 3→4 gains 0.02 > 0.01: the lower bound is 4.
+  EXPECT_EQ(prt_lower_bound({0.10, 0.105, 0.125, 0.13}, 2, 0.01), 4);
+  // The first precision over the threshold wins, not the largest gain.
+  EXPECT_EQ(prt_lower_bound({0.10, 0.12, 0.20}, 2, 0.01), 3);
+  // A gain equal to the threshold does not count (strictly greater).
+  EXPECT_EQ(prt_lower_bound({0.10, 0.11, 0.115}, 2, 0.01), 3);  // none exceeds: largest gain (3)
+  // None exceeds: the largest gain; ties keep the earliest.
+  EXPECT_EQ(prt_lower_bound({0.25, 0.375, 0.5, 0.5625}, 2, 0.2), 3);  // dyadic: exact equal gains
+  // Noise that lowers accuracy is no gain.
+  EXPECT_EQ(prt_lower_bound({0.30, 0.20, 0.21}, 2, 0.05), 4);
+  // One precision measured: that one; other starting widths shift the answer.
+  EXPECT_EQ(prt_lower_bound({0.5}, 6, 0.01), 6);
+  EXPECT_EQ(prt_lower_bound({0.10, 0.105, 0.125}, 4, 0.01), 6);
+  EXPECT_THROW(prt_lower_bound({}, 2, 0.01), calq::Error);
+}
+
+}  // namespace

@@ -21,6 +21,21 @@
 
 namespace calq::train {
 
+int prt_lower_bound(const std::vector<double>& acc, int first_bits, double threshold) {
+  CALQ_CHECK(!acc.empty(), "precision range test: no precision was measured");
+  int best = -1;
+  double best_gain = 0;
+  for (size_t i = 1; i < acc.size(); ++i) {
+    const double gain = acc[i] - acc[i - 1];
+    if (gain > threshold) return first_bits + static_cast<int>(i);
+    if (best < 0 || gain > best_gain) {
+      best = static_cast<int>(i);
+      best_gain = gain;
+    }
+  }
+  return first_bits + (best < 0 ? static_cast<int>(acc.size()) - 1 : best);
+}
+
 namespace fs = std::filesystem;
 
 namespace {
@@ -392,8 +407,7 @@ TrainResult train_cpt(const TrainOptions& o) {
     fmt::print("Precision range test ({} fixed batches, threshold {} top-1 accuracy):\n", o.prt_batches, o.prt_threshold);
     fmt::print("{:>5} {:>10} {:>10} {:>10}\n", "bits", "loss", "accuracy", "gain");
     double prev = -1;
-    int found = 0, best_b = 0;
-    double best_gain = -1;
+    std::vector<double> accs;
     for (int b = kMinBits; b <= hi_bits; ++b) {
       cm.ensure_calibrated(b);
       cm.ensure_lora_calibrated(b);
@@ -410,14 +424,12 @@ TrainResult train_cpt(const TrainOptions& o) {
       const double gain = prev < 0 ? 0.0 : acc - prev;
       fmt::print("{:>5} {:>10.4f} {:>10.4f} {:>10}\n", b, s.nll / static_cast<double>(s.scored), acc,
                  prev < 0 ? std::string("-") : fmt::format("{:+.4f}", gain));
-      if (prev >= 0 && gain > best_gain) {
-        best_gain = gain;
-        best_b = b;
-      }
-      if (prev >= 0 && gain > o.prt_threshold && !found) found = b;
+      accs.push_back(acc);
       prev = acc;
     }
-    lo_bits = found ? found : (best_b ? best_b : hi_bits);
+    bool found = false;
+    for (size_t i = 1; i < accs.size(); ++i) found |= accs[i] - accs[i - 1] > o.prt_threshold;
+    lo_bits = prt_lower_bound(accs, kMinBits, o.prt_threshold);
     if (!found) log_warn("PRT: no precision gained more than {}; using the largest gain, {}-bit", o.prt_threshold, lo_bits);
     fmt::print("PRT bounds: {}..{} bits\n", lo_bits, hi_bits);
     std::fflush(stdout);

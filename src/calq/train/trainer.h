@@ -71,4 +71,9 @@ void write_peft_adapter(Model& m, const std::filesystem::path& dir, const std::s
 void write_merged_model(Model& m, const std::filesystem::path& base_dir, const std::filesystem::path& out_dir,
                         bool overwrite);
 
+// The precision range test's lower bound from the top-1 accuracies of consecutive bit-widths
+// first_bits, first_bits + 1, ...: the first b whose gain over b − 1 exceeds `threshold`; if none
+// does, the b with the largest gain (the earliest on ties); with one precision, that one.
+int prt_lower_bound(const std::vector<double>& accuracy, int first_bits, double threshold);
+
 }  // namespace calq::train
