@@ -717,8 +717,8 @@ Model Model::load(const std::filesystem::path& dir, const Options& opts) {
     CALQ_CHECK(impl->src.contains(module + ".weight"), "{}: rotation recorded for {}, which is not a linear module",
                dir.string(), module);
     auto r = std::make_shared<const quant::Rotation>(rot);
-    impl->transforms[module] = [r, module](float* x, int64_t rows, int64_t cols) {
-      CALQ_CHECK(cols == r->dim, "engine: {} gets inputs of width {} but its rotation has width {}", module, cols,
+    impl->transforms[module] = [r, name = module](float* x, int64_t rows, int64_t cols) {
+      CALQ_CHECK(cols == r->dim, "engine: {} gets inputs of width {} but its rotation has width {}", name, cols,
                  r->dim);
       r->apply_rows(x, rows);
     };
