@@ -7,7 +7,7 @@
 # Usage: LLAMA_CPP=/path/to/llama.cpp/build/bin bench/engine_vs_llamacpp.sh [threads] [chunks 28m] [chunks 1.7B]
 # REPEATS=n (default 1) alternates calq and llama.cpp n times per model (calq, llama.cpp, calq, ...)
 # and reports the median and the best tokens/s of each, and the median of the per-pair ratios;
-# MODELS="28m 1.7b" (default both) picks the models.
+# MODELS="28m 1.7b" (default both) picks the models; CALQ=binary skips the build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${LLAMA_CPP:?set LLAMA_CPP to the directory holding llama-perplexity}"
@@ -19,9 +19,11 @@ MODELS=${MODELS:-28m 1.7b}
 SHARED=${SHARED:-../shared}
 W=${WORK_DIR:-build/bench-engine}
 mkdir -p "$W"
-cmake --preset release >/dev/null
-cmake --build --preset release -j "$(nproc)" --target calq >/dev/null
-CALQ=build/release/calq
+if [ -z "${CALQ:-}" ]; then  # CALQ: a calq binary (skips the build)
+  cmake --preset release >/dev/null
+  cmake --build --preset release -j "$(nproc)" --target calq >/dev/null
+  CALQ=build/release/calq
+fi
 WIKI=$SHARED/data/wikitext-2-raw/wiki.test.raw
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; threads: $THREADS; ctx 512"
 if [ ! -d "$W/qwen3-1.7b-shape" ]; then
