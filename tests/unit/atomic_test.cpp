@@ -2,9 +2,13 @@
 #include "calq/io/atomic.h"
 
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <csignal>
+
 #include "calq/core/error.h"
+#include "calq/io/cleanup.h"
 #include "support.h"
 
 using namespace calq;
@@ -153,3 +157,78 @@ TEST(AtomicDir, Errors) {
 }
 
 }  // namespace
+
+// Killed by a signal: registered temporary outputs are removed (with async-signal-safe calls
+// only), the process still dies of the signal, and unrelated files survive.
+namespace {
+
+// Runs `body` in a child that has the handlers installed; returns the child's wait status.
+template <class F>
+int in_child(F body) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    calq::io::install_signal_cleanup();
+    body();
+    ::_exit(0);  // not reached when body raises
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return status;
+}
+
+}  // namespace
+
+TEST(SignalCleanup, RemovesAnAtomicDirBeingWritten) {
+  TempDir tmp;
+  const fs::path out = tmp / "model-out";
+  const int status = in_child([&] {
+    io::AtomicDir d(out, false);
+    fs::create_directories(d.path() / "a" / "b");
+    calq_test::write_file(d.path() / "x.safetensors", std::string(1 << 16, 'w'));
+    calq_test::write_file(d.path() / "a" / "b" / "deep.txt", "deep");
+    fs::create_symlink("/etc/hostname", d.path() / "link");  // removed as a link, target untouched
+    ::raise(SIGTERM);
+  });
+  ASSERT_TRUE(WIFSIGNALED(status));
+  EXPECT_EQ(WTERMSIG(status), SIGTERM);
+  EXPECT_TRUE(entries(tmp.path()).empty()) << "left: " << (entries(tmp.path()).empty() ? "" : entries(tmp.path())[0]);
+}
+
+TEST(SignalCleanup, KeepsCommittedOutputsAndUnguardedFiles) {
+  TempDir tmp;
+  calq_test::write_file(tmp / "keep.txt", "mine");
+  const int status = in_child([&] {
+    {
+      io::AtomicDir d(tmp / "done", false);
+      calq_test::write_file(d.path() / "w", "1");
+      d.commit();
+    }
+    io::AtomicDir pending(tmp / "pending", false);
+    io::TempGuard file_guard(tmp / "partial.bin");
+    calq_test::write_file(tmp / "partial.bin", "half");
+    {
+      io::TempGuard released(tmp / "keep.txt");
+      released.release();
+    }
+    ::raise(SIGINT);
+  });
+  ASSERT_TRUE(WIFSIGNALED(status));
+  EXPECT_EQ(WTERMSIG(status), SIGINT);
+  EXPECT_EQ(entries(tmp.path()), (std::vector<std::string>{"done", "keep.txt"}));
+  EXPECT_EQ(calq_test::read_file(tmp / "done" / "w"), "1");
+}
+
+TEST(SignalCleanup, RemoveTreeHandlesManyEntriesAndMissingPaths) {
+  TempDir tmp;
+  const fs::path d = tmp / "big";
+  fs::create_directories(d);
+  for (int i = 0; i < 700; ++i)  // more entries than one getdents64 buffer holds
+    calq_test::write_file(d / fmt::format("file_with_a_long_name_{:05d}.bin", i), "x");
+  fs::create_directories(d / "sub" / "subsub");
+  EXPECT_TRUE(io::remove_tree_signal_safe(d.c_str()));
+  EXPECT_FALSE(fs::exists(d));
+  EXPECT_TRUE(io::remove_tree_signal_safe((tmp / "never-existed").c_str()));
+  calq_test::write_file(tmp / "f", "1");
+  EXPECT_TRUE(io::remove_tree_signal_safe((tmp / "f").c_str()));
+  EXPECT_TRUE(entries(tmp.path()).empty());
+}

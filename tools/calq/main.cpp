@@ -8,6 +8,7 @@
 
 #include "calq/core/error.h"
 #include "calq/core/log.h"
+#include "calq/io/cleanup.h"
 #include "commands.h"
 
 namespace calq::cli {
@@ -20,6 +21,8 @@ const std::string& invocation() { return g_invocation; }
 int main(int argc, char** argv) {
   // A file-size limit (ulimit -f) must surface as a write error naming the file, not kill us.
   std::signal(SIGXFSZ, SIG_IGN);
+  // Killed by SIGINT/SIGTERM/SIGHUP: remove the temporary outputs being written, then die of it.
+  calq::io::install_signal_cleanup();
   for (int i = 0; i < argc; ++i) calq::cli::g_invocation += (i ? " " : "") + std::string(i ? argv[i] : "calq");
   CLI::App app{"calq " CALQ_VERSION " — calibrate, quantize and evaluate large language models"};
   app.require_subcommand(1);

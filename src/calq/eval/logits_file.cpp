@@ -92,6 +92,7 @@ LogitsWriter::LogitsWriter(fs::path path, LogitsHeader header) : path_(std::move
   tmp_ = path_.parent_path() / fmt::format(".{}.calq-tmp-{}", path_.filename().string(), ::getpid());
   f_ = std::fopen(tmp_.c_str(), "wb");
   CALQ_CHECK(f_, "cannot write {}", tmp_.string());
+  guard_ = io::TempGuard(tmp_);
   const std::string j = h_.to_json().dump();
   std::string b(kMagic, 8);
   put<uint32_t>(b, static_cast<uint32_t>(j.size()));

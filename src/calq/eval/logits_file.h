@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "calq/eval/metrics.h"
+#include "calq/io/cleanup.h"
 
 namespace calq::eval {
 
@@ -47,6 +48,7 @@ class LogitsWriter {
 
  private:
   std::filesystem::path path_, tmp_;
+  io::TempGuard guard_;  // removes tmp_ if calq is killed while writing
   LogitsHeader h_;
   std::FILE* f_ = nullptr;
   int64_t written_ = 0;

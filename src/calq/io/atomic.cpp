@@ -49,6 +49,7 @@ fs::path sibling(const fs::path& dir, const char* tag) {
 void write_file_atomic(const fs::path& p, std::string_view content) {
   fs::path tmp = p;
   tmp += ".tmp";
+  TempGuard guard(tmp);
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   CALQ_CHECK(fd >= 0, "{}: cannot create: {}", tmp.string(), errno_text(errno));
   auto give_up = [&](const char* what, int err) {
@@ -96,6 +97,7 @@ AtomicDir::AtomicDir(fs::path final_dir, bool overwrite) : overwrite_(overwrite)
   if (!fs::create_directory(tmp_, ec))
     fail("{}: cannot create the temporary output directory: {}", tmp_.string(),
          ec ? ec.message() : std::string("it already exists"));
+  guard_ = TempGuard(tmp_);
 }
 
 AtomicDir::~AtomicDir() {
@@ -118,6 +120,7 @@ void AtomicDir::commit() {
            final_.string());
     if (err) fail("cannot rename {} to {}: {}", tmp_.string(), final_.string(), errno_text(err));
     committed_ = true;
+    guard_.release();
     fsync_dir(final_.parent_path());
     return;
   }
@@ -130,7 +133,7 @@ void AtomicDir::commit() {
   // the temp name and is removed.
   int err = rename_with(tmp_, final_, RENAME_EXCHANGE);
   if (err == 0) {
-    committed_ = true;
+    committed_ = true;  // tmp_ now holds the old output, still guarded until it is removed
     fsync_dir(final_.parent_path());
     fs::remove_all(tmp_, ec);  // the old output; if this fails only a hidden directory remains
     return;
@@ -149,6 +152,7 @@ void AtomicDir::commit() {
     fail("cannot rename {} to {}: {}", tmp_.string(), final_.string(), ec.message());
   }
   committed_ = true;
+  guard_.release();
   fsync_dir(final_.parent_path());
   fs::remove_all(old, ec);
 }

@@ -5,6 +5,8 @@
 #include <filesystem>
 #include <string_view>
 
+#include "calq/io/cleanup.h"
+
 namespace calq::io {
 
 namespace fs = std::filesystem;
@@ -26,6 +28,7 @@ class AtomicDir {
 
  private:
   fs::path final_, tmp_;
+  TempGuard guard_;  // removes tmp_ if calq is killed before commit()
   bool overwrite_ = false, committed_ = false;
 };
 

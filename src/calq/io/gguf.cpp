@@ -9,6 +9,7 @@
 #include <set>
 
 #include "calq/core/error.h"
+#include "calq/io/cleanup.h"
 
 namespace calq::io {
 
@@ -183,6 +184,7 @@ void GgufWriter::write(const fs::path& path) {
   const fs::path tmp = path.parent_path() / fmt::format(".{}.calq-tmp-{}", path.filename().string(), ::getpid());
   std::FILE* f = std::fopen(tmp.c_str(), "wb");
   CALQ_CHECK(f, "cannot write {}", tmp.string());
+  TempGuard guard(tmp);  // removes the partial file if calq is killed
   auto bail = [&](const std::string& why) {
     std::fclose(f);
     std::error_code ec;

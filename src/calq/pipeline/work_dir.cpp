@@ -1,6 +1,8 @@
 #include "calq/pipeline/work_dir.h"
 
 #include <cstring>
+
+#include "calq/io/cleanup.h"
 #include <fstream>
 
 #include <fmt/format.h>
@@ -72,6 +74,7 @@ size_t ActivationStore::chunks_on_disk() const {
 
 void ActivationStore::write_chunk(const fs::path& f, const engine::Activations& a) {
   const fs::path tmp = f.string() + ".tmp";
+  io::TempGuard guard(tmp);
   {
     std::ofstream o(tmp, std::ios::binary | std::ios::trunc);
     CALQ_CHECK(o.good(), "cannot write activation file {}", tmp.string());
