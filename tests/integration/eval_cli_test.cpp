@@ -66,6 +66,32 @@ TEST(EvalCli, PerplexityMatchesTransformersOnTheFirstChunk) {
   EXPECT_EQ(read_json(t / "s.json")["tokens_scored"], 127 + 64 + 64);
 }
 
+// The automatic batch (one chunk per thread), explicit batches and thread counts that switch the
+// engine between its sequence-parallel and batch-wide paths all give the same perplexity, to the
+// last printed digit.
+TEST(EvalCli, BatchAndThreadsDoNotChangeResults) {
+  Shared s;
+  if (!s.ok) GTEST_SKIP() << "../shared absent";
+  TempDir t;
+  auto d = data_dir(t, s);
+  double first = 0;
+  for (const char* opts : {"--threads 1 --batch 1", "--threads 2", "--threads 3 --batch 2", "--threads 2 --batch 5",
+                           "--threads 4 --batch 0"}) {
+    const std::string o(opts);
+    const std::string thr = o.substr(0, o.find(" --batch"));
+    const std::string bat = o.find(" --batch") == std::string::npos ? "" : o.substr(o.find(" --batch"));
+    auto r = run_calq("-q " + thr + " eval --model " + s.m16.string() + " --ctx 128 --chunks 7" + bat + " --json " +
+                          (t / "b.json").string(),
+                      d);
+    ASSERT_EQ(r.rc, 0) << opts << "\n" << r.output;
+    const double ppl = read_json(t / "b.json")["ppl"].get<double>();
+    if (first == 0) first = ppl;
+    EXPECT_EQ(ppl, first) << opts;
+  }
+  auto r = run_calq("-q eval --model " + s.m16.string() + " --chunks 1 --batch -1", d);
+  EXPECT_NE(r.rc, 0);
+}
+
 TEST(EvalCli, KlDivergenceSelfZeroSavedLogitsAndErrors) {
   Shared s;
   if (!s.ok) GTEST_SKIP() << "../shared absent";

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -27,7 +28,7 @@ namespace {
 struct EvalArgs {
   std::string model, reference, metric = "perplexity", dataset = "wikitext2", method = "llama", save_logits,
               reference_logits, json_out, calibration = "bartowski-v3", field = "text";
-  int64_t ctx = 512, chunks = -1, stride = 0, samples = 16, seq_len = 512, batch = 4;
+  int64_t ctx = 512, chunks = -1, stride = 0, samples = 16, seq_len = 512, batch = 0;
   bool allow_long = false, offline = false;
 };
 
@@ -151,8 +152,10 @@ int run_eval(const EvalArgs& a) {
              a.model, vocab);
   auto fwd = engine_forward(m);
   eval::RunOptions ro;
-  CALQ_CHECK(a.batch >= 1, "--batch must be at least 1, got {}", a.batch);
-  ro.batch = a.batch;
+  CALQ_CHECK(a.batch >= 0, "--batch must be at least 1 (or 0: automatic), got {}", a.batch);
+  // Automatic: one chunk per thread (at least 4, at most 16), so the engine's sequence-parallel
+  // layers keep every thread busy; batching never changes the results.
+  ro.batch = a.batch > 0 ? a.batch : std::clamp<int64_t>(omp_get_max_threads(), 4, 16);
   ro.batch_fn = engine_batch_forward(m);
   eval::RunStats st;
   log_info("{}: {} chunks of {} tokens ({} method), {} threads", a.model, windows.size(), a.ctx, a.method,
@@ -257,7 +260,9 @@ Command add_eval(CLI::App& app) {
   c->add_option("--calibration", a->calibration, "layer-error: calibration source")->capture_default_str();
   c->add_option("--samples", a->samples, "layer-error: calibration sequences")->capture_default_str();
   c->add_option("--seq-len", a->seq_len, "layer-error: tokens per calibration sequence")->capture_default_str();
-  c->add_option("--batch", a->batch, "Chunks per forward pass (weights are read once per batch)")->capture_default_str();
+  c->add_option("--batch", a->batch,
+                "Chunks per forward pass (weights are read once per batch); 0: one per thread, 4 to 16")
+      ->capture_default_str();
   c->add_flag("--allow-long-context", a->allow_long, "Allow --ctx beyond max_position_embeddings");
   c->add_flag("--offline", a->offline, "Never download datasets (also CALQ_OFFLINE=1)");
   return {c, [a]() { return run_eval(*a); }};

@@ -443,10 +443,12 @@ struct Model::Impl {
   // whole layer (projections, attention, MLP) with one-thread products, so the threads meet once
   // per layer instead of at every product and elementwise pass. Results are identical to the
   // batch path (gemm's sums do not depend on how rows are split). Not with an observer or input
-  // transforms (they see whole-batch inputs), nor for MoE layers.
+  // transforms (they see whole-batch inputs), nor for MoE layers, nor with fewer sequences than
+  // threads (the batch path's products then split rows over all threads instead of idling some).
   bool sequence_parallel(int64_t l, const Activations& h, const Observer* obs) const {
+    const int threads = omp_get_max_threads();
     return obs == nullptr && transforms.empty() && !(cfg.is_moe() && cfg.layer_is_sparse(l)) && h.batch >= 2 &&
-           !omp_in_parallel() && omp_get_max_threads() >= 2;
+           !omp_in_parallel() && threads >= 2 && h.batch >= threads;
   }
 
   struct DenseWeights {
