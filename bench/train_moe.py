@@ -12,6 +12,8 @@ Corpus (assembled here, none of it WikiText-2 nor the bartowski v3 calibration t
   experts see prose, web text, code and C.
 Usage: python3 bench/train_moe.py --shared DIR --out DIR [--seconds 300 | --steps N] [--seed 7]
 The model measured in docs/benchmarks.md: --steps 1476 (seed 7), 48.4M tokens, ~2 min on one H200.
+GPU training is not bit-reproducible (atomics in the backward pass): two runs of the same command
+gave held-out perplexity 2.77 and 2.80, so KLD tables name the run (TRAINING.json) they used.
 Regenerate: see docs/moe.md (the same command on the GPU machine; the corpus caps keep it stable).
 """
 import argparse, glob, json, math, os, sys, sysconfig, time
@@ -217,11 +219,17 @@ def main():
         ref = mine(input_ids=x).logits
         got = re(input_ids=x).logits
     rel = ((got - ref).abs().max() / ref.abs().max()).item()
+    same = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     lo = got[0]
     json.dump({"ids": x[0].tolist(), "logits_first4": lo[:4].tolist(), "logits_last": lo[-1].tolist(),
                "argmax": lo.argmax(-1).tolist()}, open(f"{args.out}/parity_fixture.json", "w"))
-    print(f"reloaded-vs-trained max rel logit diff (CPU fp32, same bf16 weights): {rel:.3e}")
-    if rel > 1e-4:
+    print(f"reloaded-vs-trained max rel logit diff (CPU fp32, same bf16 weights): {rel:.3e}, "
+          f"same argmax {100 * same:.1f}%")
+    # A layout error (gate/up swapped, experts permuted, a transposed bank) changes logits by O(1)
+    # and most argmaxes. The two models differ in how transformers builds them (the trained one
+    # keeps the GPU-side expert implementation chosen at construction), which moved logits by up
+    # to ~4e-3 relative in the run of 2026-12-04 (a top-2 near-tie flipping), so the bound is 5e-2.
+    if rel > 5e-2 or same < 0.95:
         sys.exit(f"the saved per-expert layout does not reproduce the trained model (rel {rel:.3e})")
     print("saved", args.out, [len(s) for s in shards])
 
