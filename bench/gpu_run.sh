@@ -22,8 +22,9 @@ echo "== GPU tests"
 timeout 240 "$here/x/bin/cuda_backend_test" 2>&1 | tee "$out/gpu_tests.log" | grep -vE "^\[ +(RUN|OK) +\]"
 echo "tests rc=${PIPESTATUS[0]}"
 echo "== compute-sanitizer memcheck (subset)"
-if command -v compute-sanitizer > /dev/null; then
-  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$here/x/bin/cuda_backend_test" \
+cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2> /dev/null | head -1)
+if [ -n "$cs" ]; then
+  timeout 150 "$cs" --tool memcheck --error-exitcode 9 "$here/x/bin/cuda_backend_test" \
     --gtest_filter='AllFormats/GpuGptq.SameCodesAsCpu/int4*:AllFormats/GpuGptq.SameCodesAsCpu/nvfp4_act:GpuHessian.*:GpuErrors.*' \
     > "$out/sanitizer.log" 2>&1
   echo "sanitizer rc=$?"; grep -E "ERROR SUMMARY|PASSED|FAILED" "$out/sanitizer.log" | tail -5

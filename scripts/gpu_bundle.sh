@@ -14,7 +14,7 @@ for b in "${bins[@]}"; do
   ldd "$b" | awk '/=> \//{print $3}'
 done | sort -u | while read -r lib; do
   case "$(basename "$lib")" in
-    libc.so*|libm.so*|libpthread.so*|libdl.so*|librt.so*|ld-linux*|libstdc++.so*|libgcc_s.so*) ;;
+    libc.so*|libm.so*|libpthread.so*|libdl.so*|librt.so*|libresolv.so*|ld-linux*|libstdc++.so*|libgcc_s.so*) ;;
     libcublas*|libcusolver*|libcudart*|libcusparse*|libnvJitLink*) ;;
     *) cp -L "$lib" "$tmp/lib/" ;;
   esac
