@@ -44,7 +44,7 @@ std::vector<float> random_inputs(int64_t n, int64_t cols, unsigned seed) {
 int main(int argc, char** argv) {
   try {
     const int64_t tokens = argc > 1 ? std::atoll(argv[1]) : 8192;
-    const std::string dev = backend::cuda_require("gptq_cuda_tool");
+    const std::string dev = backend::cuda_require("--device cuda");
     std::printf("machine: %s; CPU: %u hardware threads, OpenMP %d threads\n", dev.c_str(),
                 std::thread::hardware_concurrency(), omp_get_max_threads());
     std::printf("calibration tokens per Hessian: %lld (random, every 97th channel ×8)\n\n",

@@ -185,6 +185,7 @@ TEST(GpuHessian, MatchesCpuAccumulator) {
   for (int t = 0; t < n; t += 7) mask[t] = 0;
   HessianAccumulator acc(cols);
   acc.add(X.data(), n, mask.data());
+  acc.hessian();  // flushes the accumulator's pending rows into sum()
   const auto& cpu = acc.sum();
   int64_t tokens = 0;
   const auto gpu = backend::cuda_hessian_sum(X.data(), n, cols, mask.data(), 512, &tokens);
