@@ -2,6 +2,7 @@
 // option, exit nonzero, and leave no output directory behind.
 #include <cmath>
 
+#include "calq/backend/device.h"
 #include "support.h"
 
 using namespace calq_test;
@@ -180,6 +181,12 @@ TEST_F(CliErrors, BadOptions) {
   expect_failure(quantize(model(), out, "--method awq"), {"awq"}, out);
   // GPTQ needs calibration text, so a model without a tokenizer is refused before any work.
   expect_failure(quantize(model(), out, "--method gptq"), {"tokenizer"}, out);
+  // --device: only cpu|cuda, cuda only for GPTQ, and a clear error where this calq has no CUDA.
+  expect_failure(quantize(model(), out, "--device gpu"), {"--device", "gpu"}, out);
+  expect_failure(quantize(model(), out, "--method rtn --device cuda"), {"--device cuda applies to --method gptq"}, out);
+  if (!calq::backend::cuda_built())
+    expect_failure(quantize(model(), out, "--method gptq --device cuda"),
+                   {"--device cuda: this calq was built without CUDA", "--device cpu"}, out);
 }
 
 }  // namespace

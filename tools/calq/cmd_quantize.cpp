@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "calq/backend/device.h"
 #include "calq/core/error.h"
 #include "calq/core/log.h"
 #include "calq/pipeline/calibrated.h"
@@ -44,7 +45,7 @@ Command add_quantize(CLI::App& app) {
   auto* sub = app.add_subcommand("quantize", "Quantize a model's linear weights and write a calq directory");
   struct Args {
     std::string input, output, method = "rtn", format = "int4", preset, on_indivisible = "error",
-                                   shard = "5GB";
+                                   shard = "5GB", device = "cpu";
     int group = 0;
     bool asym = false, sym = false, clip = false, validate = false, overwrite = false, dry = false;
     int clip_grid = 20;
@@ -78,6 +79,10 @@ Command add_quantize(CLI::App& app) {
                   "true-sequential); mr-gptq: Hadamard rotation + scale search + act-order GPTQ (MR-GPTQ)")
       ->check(CLI::IsMember({"rtn", "gptq", "mr-gptq"}))
       ->capture_default_str();
+  sub->add_option("--device", a->device,
+                  "Where GPTQ runs (gptq, mr-gptq): cpu (default, the reference) or cuda (GPU 0: factorization and "
+                  "block updates on the GPU; docs/cuda.md)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   sub->add_option("-f,--format", a->format,
                   "Element format: int2, int3, int4, int8, fp4 (E2M1 + fp16 group scales), nvfp4 "
                   "(E2M1, g16, E4M3 scales, fp32 tensor scale), mxfp4 (E2M1, g32, E8M0 scales), nf4, "
@@ -202,6 +207,10 @@ Command add_quantize(CLI::App& app) {
 
     const bool act_rtn = a->method == "rtn" && sub->count("--calibration") > 0;
     const bool calibrated = a->method == "gptq" || a->method == "mr-gptq" || act_rtn;
+    const bool on_cuda = backend::parse_device(a->device) == backend::Device::Cuda;
+    CALQ_CHECK(!(on_cuda && a->method == "rtn"),
+               "--device cuda applies to --method gptq and mr-gptq; --method rtn runs on the CPU (drop --device)");
+    if (on_cuda) log_info("--device cuda: {}", backend::cuda_require("--device cuda"));
     if (a->method == "rtn") {
       for (const char* opt : {"--damp", "--act-order", "--block-size", "--no-static-groups", "--no-true-sequential",
                               "--unquantized-inputs"})
@@ -311,6 +320,7 @@ Command add_quantize(CLI::App& app) {
         g.gptq.clip_grid = a->clip_grid;
         g.gptq.clip_min = a->clip_min;
         g.gptq.clip_norm = a->clip_norm;
+        g.gptq.cuda = on_cuda;
         g.true_sequential = !a->no_true_sequential;
         g.quantized_inputs = !a->unquantized_inputs;
         if (is_mr) {

@@ -7,16 +7,16 @@
 #include <cmath>
 #include <numeric>
 
+#include "calq/backend/device.h"
 #include "calq/core/error.h"
 #include "calq/core/log.h"
 #include "calq/quant/linalg.h"
 
 namespace calq::quant {
 
-namespace {
+namespace detail {
 
-// The parameters of one (row, group) from its current values, as RTN chooses them.
-GroupParams choose_params(const Format& f, const float* x, int64_t n, int64_t stride, const GptqOptions& o,
+GroupParams gptq_choose_params(const Format& f, const float* x, int64_t n, int64_t stride, const GptqOptions& o,
                           float global, std::vector<float>& scratch) {
   scratch.resize(static_cast<size_t>(n));
   float mn = 0.f, mx = 0.f;
@@ -44,10 +44,16 @@ GroupParams choose_params(const Format& f, const float* x, int64_t n, int64_t st
   return best;
 }
 
+}  // namespace detail
+
+namespace {
+using detail::gptq_choose_params;
 }  // namespace
+
 
 GptqResult gptq_quantize(const float* w_in, int64_t rows, int64_t cols, const std::vector<double>& h_in,
                          const Format& f, const GptqOptions& o, const std::string& what) {
+  if (o.cuda) return backend::cuda_gptq_quantize(w_in, rows, cols, h_in, f, o, what);
   const auto t0 = std::chrono::steady_clock::now();
   f.check_shape(rows, cols, what);
   CALQ_CHECK(static_cast<int64_t>(h_in.size()) == cols * cols, "{}: Hessian has {} values, expected {}×{}", what,
@@ -98,7 +104,7 @@ GptqResult gptq_quantize(const float* w_in, int64_t rows, int64_t cols, const st
   if (static_params) {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t g = 0; g < G; ++g)
-        q.params[r * G + g] = choose_params(f, W.data() + r * cols + g * gs, gs, 1, o, global, scratch);
+        q.params[r * G + g] = gptq_choose_params(f, W.data() + r * cols + g * gs, gs, 1, o, global, scratch);
   }
 
   // 3. Act-order permutation (stable, so ties keep the original order).
@@ -182,7 +188,7 @@ GptqResult gptq_quantize(const float* w_in, int64_t rows, int64_t cols, const st
               for (int64_t m = i1; m < k; ++m) v -= er[m - i1] * U[m * cols + k + l];
             cur[static_cast<size_t>(l)] = static_cast<float>(v);
           }
-          q.params[r * G + g] = choose_params(f, cur.data(), len, 1, o, global, scr);
+          q.params[r * G + g] = gptq_choose_params(f, cur.data(), len, 1, o, global, scr);
         }
         const double xd = wr[k];
         const GroupParams& p = q.params[r * G + g];

@@ -38,6 +38,10 @@ struct GptqOptions {
   float clip_min = 0.5f;
   float clip_norm = 2.0f;
   std::optional<float> global_scale;  // nvfp4: the tensor scale (shared across fused modules)
+  // Run on the CUDA device (calq --device cuda; src/calq/backend/cuda/): the factorization and
+  // the lazy updates on the GPU, same algorithm and fp64 arithmetic. Errors when calq was built
+  // without CUDA or no usable GPU is visible.
+  bool cuda = false;
 };
 
 struct GptqResult {
@@ -54,6 +58,13 @@ struct GptqResult {
 // after the damping retries (the error suggests a larger --damp).
 GptqResult gptq_quantize(const float* w, int64_t rows, int64_t cols, const std::vector<double>& h,
                          const Format& f, const GptqOptions& opt, const std::string& what = "weight");
+
+namespace detail {
+// The parameters of one (row, group) from its current values, as RTN chooses them (absmax or the
+// clip search); shared by the CPU and CUDA GPTQ so both choose identical parameters.
+GroupParams gptq_choose_params(const Format& f, const float* x, int64_t n, int64_t stride, const GptqOptions& o,
+                               float global, std::vector<float>& scratch);
+}  // namespace detail
 
 // tr((W − Ŵ) H (W − Ŵ)ᵀ): the layer-output error the Hessian measures (for reports and tests).
 double hessian_error(const float* w, const float* w_hat, int64_t rows, int64_t cols,

@@ -1,0 +1,399 @@
+// The CUDA backend of GPTQ and Hessian accumulation (built with CALQ_CUDA; docs/cuda.md).
+//
+// What runs where, for gptq_quantize(opt.cuda):
+//   host:  input checks, dead inputs, the nvfp4 global scale, static group parameters, the
+//          act-order permutation (all O(rows·cols) or O(cols²), the CPU code's exact steps);
+//   GPU:   damping, P·H·P, Cholesky (cusolverDnDpotrf) and triangular inverse (cusolverDnXtrtri)
+//          in fp64 → U; the lazy update of all later columns after each block (cublasDgemm, fp64);
+//   host:  the column loop inside each block (quantize a column with the CPU format code, scale
+//          its error by 1/U_kk, propagate it to the rest of the block), rows in parallel, on the
+//          block's columns downloaded from the GPU, so group parameters and codes come from the
+//          very same functions as on the CPU.
+// The arithmetic is the CPU's (fp64 weights, fp64 U, fp64 updates); only the summation order of
+// the factorization and of the GEMM differ, so codes agree except for values within an ulp of a
+// rounding boundary (tests/gpu/cuda_backend_test.cpp).
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <cusolverDn.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+#include "calq/backend/cuda/kernels.h"
+#include "calq/backend/device.h"
+#include "calq/core/error.h"
+#include "calq/core/log.h"
+
+namespace calq::backend {
+
+namespace {
+
+void check_cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) fail("CUDA error in {}: {} ({})", what, cudaGetErrorString(e), cudaGetErrorName(e));
+}
+void check_cublas(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS) fail("cuBLAS error in {}: status {}", what, static_cast<int>(s));
+}
+void check_cusolver(cusolverStatus_t s, const char* what) {
+  if (s != CUSOLVER_STATUS_SUCCESS) fail("cuSOLVER error in {}: status {}", what, static_cast<int>(s));
+}
+
+// Device memory owned by one call; freed on every path (errors throw).
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() {
+    if (p_) cudaFree(p_);
+  }
+  void alloc(size_t bytes, const char* what) {
+    check_cuda(cudaMalloc(&p_, std::max<size_t>(bytes, 1)), what);
+  }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(p_);
+  }
+
+ private:
+  void* p_ = nullptr;
+};
+
+struct Handles {
+  cudaStream_t stream = nullptr;
+  cublasHandle_t blas = nullptr;
+  cusolverDnHandle_t solver = nullptr;
+  Handles() {
+    check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    check_cublas(cublasCreate(&blas), "cublasCreate");
+    check_cublas(cublasSetStream(blas, stream), "cublasSetStream");
+    // Bit-reproducible GEMMs from run to run (no atomics-based reductions).
+    check_cublas(cublasSetAtomicsMode(blas, CUBLAS_ATOMICS_NOT_ALLOWED), "cublasSetAtomicsMode");
+    check_cublas(cublasSetMathMode(blas, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+    check_cusolver(cusolverDnCreate(&solver), "cusolverDnCreate");
+    check_cusolver(cusolverDnSetStream(solver, stream), "cusolverDnSetStream");
+  }
+  Handles(const Handles&) = delete;
+  Handles& operator=(const Handles&) = delete;
+  ~Handles() {
+    if (solver) cusolverDnDestroy(solver);
+    if (blas) cublasDestroy(blas);
+    if (stream) cudaStreamDestroy(stream);
+  }
+  void sync(const char* what) const { check_cuda(cudaStreamSynchronize(stream), what); }
+};
+
+// Fails, naming the bytes needed, unless `bytes` fit in the free device memory.
+void require_memory(size_t bytes, const std::string& what) {
+  size_t free_b = 0, total_b = 0;
+  check_cuda(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+  if (bytes > free_b)
+    fail("{}: out of GPU memory: --device cuda needs {} bytes ({:.2f} GiB) on the GPU, {} bytes ({:.2f} GiB) are free "
+         "of {:.2f} GiB; free the GPU, quantize smaller modules, or use --device cpu",
+         what, bytes, static_cast<double>(bytes) / (1 << 30), free_b, static_cast<double>(free_b) / (1 << 30),
+         static_cast<double>(total_b) / (1 << 30));
+}
+
+}  // namespace
+
+bool cuda_built() { return true; }
+
+std::string cuda_require(std::string_view option) {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess || n == 0)
+    fail("{}: no CUDA GPU is visible ({}); check the driver and CUDA_VISIBLE_DEVICES, or use --device cpu", option,
+         e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
+  cudaDeviceProp p{};
+  check_cuda(cudaGetDeviceProperties(&p, 0), "cudaGetDeviceProperties");
+  if (p.major < 8)
+    fail("{}: GPU 0 ({}) has compute capability {}.{}; calq's CUDA backend needs 8.0 or newer (Ampere, Hopper), or "
+         "use --device cpu",
+         option, p.name, p.major, p.minor);
+  return fmt::format("{}, sm_{}{}, {:.1f} GiB", p.name, p.major, p.minor,
+                     static_cast<double>(p.totalGlobalMem) / (1 << 30));
+}
+
+std::vector<double> cuda_hessian_sum(const float* x, int64_t rows, int64_t n, const uint8_t* mask, int64_t block,
+                                     int64_t* tokens) {
+  cuda_require();
+  CALQ_CHECK(n > 0 && block > 0 && rows >= 0, "Hessian of {} features, block {}, {} rows", n, block, rows);
+  CALQ_CHECK(n <= INT32_MAX && block <= INT32_MAX, "Hessian of {} features: too wide for cuBLAS", n);
+  // The unmasked rows, compacted (the CPU accumulator buffers exactly these, `block` at a time).
+  std::vector<int64_t> keep;
+  keep.reserve(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r)
+    if (!mask || mask[r]) keep.push_back(r);
+  if (tokens) *tokens = static_cast<int64_t>(keep.size());
+  const size_t N = static_cast<size_t>(n);
+  const size_t need = N * N * (sizeof(double) + sizeof(float)) + static_cast<size_t>(block) * N * sizeof(float);
+  require_memory(need, "Hessian");
+  Handles hd;
+  DeviceBuffer d_sum, d_tmp, d_x;
+  d_sum.alloc(N * N * sizeof(double), "cudaMalloc(Hessian sum)");
+  d_tmp.alloc(N * N * sizeof(float), "cudaMalloc(Hessian block)");
+  d_x.alloc(static_cast<size_t>(block) * N * sizeof(float), "cudaMalloc(Hessian rows)");
+  check_cuda(cudaMemsetAsync(d_sum.as<double>(), 0, N * N * sizeof(double), hd.stream), "cudaMemset");
+  std::vector<float> buf(static_cast<size_t>(block) * N);
+  for (size_t b0 = 0; b0 < keep.size(); b0 += static_cast<size_t>(block)) {
+    const size_t cnt = std::min(keep.size() - b0, static_cast<size_t>(block));
+    for (size_t i = 0; i < cnt; ++i) std::memcpy(buf.data() + i * N, x + keep[b0 + i] * n, N * sizeof(float));
+    // On the stream, so it waits for the previous block's SYRK still reading d_x; the sync after
+    // the launches below keeps buf from being refilled before the copy has read it.
+    check_cuda(cudaMemcpyAsync(d_x.as<float>(), buf.data(), cnt * N * sizeof(float), cudaMemcpyHostToDevice,
+                               hd.stream),
+               "cudaMemcpy(Hessian rows)");
+    // X (cnt × n, row-major) is Xᵀ column-major (n × cnt): tmp = Xᵀ·X, column-major lower =
+    // row-major upper, as the CPU's row-major upper ssyrk.
+    const float one = 1.f, zero = 0.f;
+    check_cublas(cublasSsyrk(hd.blas, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(cnt),
+                             &one, d_x.as<float>(), static_cast<int>(n), &zero, d_tmp.as<float>(), static_cast<int>(n)),
+                 "cublasSsyrk");
+    cuda::launch_add_upper_f32_to_f64(d_tmp.as<float>(), d_sum.as<double>(), n, hd.stream);
+    check_cuda(cudaGetLastError(), "Hessian accumulation kernel");
+    hd.sync("Hessian block");
+  }
+  std::vector<double> sum(N * N);
+  check_cuda(cudaMemcpyAsync(sum.data(), d_sum.as<double>(), N * N * sizeof(double), cudaMemcpyDeviceToHost, hd.stream),
+             "cudaMemcpy(Hessian)");
+  hd.sync("Hessian");
+  for (size_t i = 0; i < N; ++i)
+    for (size_t j = i + 1; j < N; ++j) sum[j * N + i] = sum[i * N + j];
+  return sum;
+}
+
+quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t cols, const std::vector<double>& h_in,
+                                     const quant::Format& f, const quant::GptqOptions& o, const std::string& what) {
+  using namespace quant;
+  const auto t0 = std::chrono::steady_clock::now();
+  cuda_require();
+  f.check_shape(rows, cols, what);
+  CALQ_CHECK(static_cast<int64_t>(h_in.size()) == cols * cols, "{}: Hessian has {} values, expected {}×{}", what,
+             h_in.size(), cols, cols);
+  CALQ_CHECK(o.damp >= 0 && std::isfinite(o.damp), "--damp must be >= 0, got {}", o.damp);
+  CALQ_CHECK(o.block_size >= 1, "GPTQ block size must be >= 1, got {}", o.block_size);
+  CALQ_CHECK(rows <= INT32_MAX && cols <= INT32_MAX, "{}: {}×{} is too large for cuBLAS", what, rows, cols);
+  const size_t R = static_cast<size_t>(rows), C = static_cast<size_t>(cols);
+  std::vector<float> W(w_in, w_in + R * C);
+  for (size_t i = 0; i < W.size(); ++i)
+    if (!std::isfinite(W[i])) fail("{}: weight {} at row {}, column {} is not finite", what, W[i], i / C, i % C);
+  std::vector<double> H = h_in;
+  for (double v : H) CALQ_CHECK(std::isfinite(v), "{}: the Hessian has a non-finite value", what);
+
+  GptqResult res;
+  QuantizedWeight& q = res.q;
+  q.format = f;
+  q.rows = rows;
+  q.cols = cols;
+  q.codes.assign(R * C, 0);
+  const int64_t G = f.groups_per_row(cols), gs = f.group_len(cols);
+  q.params.assign(R * static_cast<size_t>(G), GroupParams{});
+
+  // Host preparation: exactly the CPU's steps 1 (dead inputs), nvfp4 scale, static groups, 3.
+  for (int64_t j = 0; j < cols; ++j) {
+    if (H[j * cols + j] == 0.0) {
+      H[j * cols + j] = 1.0;
+      for (int64_t r = 0; r < rows; ++r) W[r * cols + j] = 0.f;
+      ++res.dead_inputs;
+    }
+  }
+  float global = 1.f;
+  if (f.family == Family::NVFP4) {
+    if (o.global_scale) {
+      global = *o.global_scale;
+    } else {
+      float amax = 0.f;
+      for (float v : W) amax = std::max(amax, std::fabs(v));
+      global = nvfp4_global_scale(amax);
+    }
+    q.global_scale = global;
+  }
+  const bool per_channel = f.group_size < 0;
+  const bool static_params = per_channel || (o.act_order && o.static_groups);
+  if (static_params) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      std::vector<float> scratch;
+      for (int64_t g = 0; g < G; ++g)
+        q.params[r * G + g] = detail::gptq_choose_params(f, W.data() + r * cols + g * gs, gs, 1, o, global, scratch);
+    }
+  }
+  std::vector<int64_t> perm(C);
+  std::iota(perm.begin(), perm.end(), 0);
+  if (o.act_order)
+    std::stable_sort(perm.begin(), perm.end(),
+                     [&](int64_t a, int64_t b) { return H[a * cols + a] > H[b * cols + b]; });
+  std::vector<double> Wp(R * C), Hp(C * C);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < cols; ++k) Wp[r * cols + k] = W[r * cols + perm[k]];
+#pragma omp parallel for schedule(static)
+  for (int64_t k = 0; k < cols; ++k)
+    for (int64_t l = 0; l < cols; ++l) Hp[k * cols + l] = H[perm[k] * cols + perm[l]];
+  double mean_diag = 0;
+  for (int64_t k = 0; k < cols; ++k) mean_diag += Hp[k * cols + k];
+  mean_diag /= static_cast<double>(cols);
+
+  // GPU memory: H (kept undamped), the factor, Wp, the error block, the solver workspace.
+  Handles hd;
+  const int64_t B = o.block_size;
+  int64_t lwork_potrf = 0;
+  size_t trtri_dev = 0, trtri_host = 0;
+  DeviceBuffer d_h, d_u, d_w, d_e, d_work, d_info;
+  {
+    const int n32 = static_cast<int>(cols);
+    int lw = 0;
+    check_cusolver(cusolverDnDpotrf_bufferSize(hd.solver, CUBLAS_FILL_MODE_LOWER, n32, nullptr, n32, &lw),
+                   "cusolverDnDpotrf_bufferSize");
+    lwork_potrf = lw;
+    check_cusolver(cusolverDnXtrtri_bufferSize(hd.solver, CUBLAS_FILL_MODE_LOWER, CUBLAS_DIAG_NON_UNIT, cols,
+                                               CUDA_R_64F, nullptr, cols, &trtri_dev, &trtri_host),
+                   "cusolverDnXtrtri_bufferSize");
+  }
+  const size_t work_bytes = std::max(static_cast<size_t>(lwork_potrf) * sizeof(double), trtri_dev);
+  const size_t need = 2 * C * C * sizeof(double) + R * C * sizeof(double) + R * static_cast<size_t>(B) * sizeof(double) +
+                      work_bytes + sizeof(int);
+  require_memory(need, what);
+  d_h.alloc(C * C * sizeof(double), "cudaMalloc(H)");
+  d_u.alloc(C * C * sizeof(double), "cudaMalloc(U)");
+  d_w.alloc(R * C * sizeof(double), "cudaMalloc(W)");
+  d_e.alloc(R * static_cast<size_t>(B) * sizeof(double), "cudaMalloc(errors)");
+  d_work.alloc(work_bytes, "cudaMalloc(cuSOLVER workspace)");
+  d_info.alloc(sizeof(int), "cudaMalloc(info)");
+  std::vector<unsigned char> trtri_host_buf(std::max<size_t>(trtri_host, 1));
+  check_cuda(cudaMemcpyAsync(d_h.as<double>(), Hp.data(), C * C * sizeof(double), cudaMemcpyHostToDevice, hd.stream),
+             "cudaMemcpy(H)");
+  check_cuda(cudaMemcpyAsync(d_w.as<double>(), Wp.data(), R * C * sizeof(double), cudaMemcpyHostToDevice, hd.stream),
+             "cudaMemcpy(W)");
+
+  // 2. + 4. on the GPU: U = P·L⁻¹·P, L the lower Cholesky factor of P·(H + λI)·P; the damping
+  // retries of the CPU code (×10, at most 3 times) when the factorization fails.
+  double damp = o.damp;
+  for (int attempt = 0;; ++attempt) {
+    res.damp_value = damp * mean_diag;
+    cuda::launch_reverse(d_h.as<double>(), d_u.as<double>(), cols, hd.stream);
+    cuda::launch_add_diagonal(d_u.as<double>(), cols, res.damp_value, hd.stream);
+    check_cuda(cudaGetLastError(), "GPTQ damping kernels");
+    check_cusolver(cusolverDnDpotrf(hd.solver, CUBLAS_FILL_MODE_LOWER, static_cast<int>(cols), d_u.as<double>(),
+                                    static_cast<int>(cols), d_work.as<double>(), static_cast<int>(lwork_potrf),
+                                    d_info.as<int>()),
+                   "cusolverDnDpotrf");
+    int info = 0;
+    check_cuda(cudaMemcpyAsync(&info, d_info.as<int>(), sizeof(int), cudaMemcpyDeviceToHost, hd.stream),
+               "cudaMemcpy(info)");
+    hd.sync("cusolverDnDpotrf");
+    if (info == 0) {
+      check_cusolver(cusolverDnXtrtri(hd.solver, CUBLAS_FILL_MODE_LOWER, CUBLAS_DIAG_NON_UNIT, cols, CUDA_R_64F,
+                                      d_u.as<double>(), cols, d_work.as<void>(), trtri_dev, trtri_host_buf.data(),
+                                      trtri_host, d_info.as<int>()),
+                     "cusolverDnXtrtri");
+      check_cuda(cudaMemcpyAsync(&info, d_info.as<int>(), sizeof(int), cudaMemcpyDeviceToHost, hd.stream),
+                 "cudaMemcpy(info)");
+      hd.sync("cusolverDnXtrtri");
+      if (info == 0) break;
+    }
+    const double next = damp > 0 ? damp * 10 : 0.01;
+    if (attempt == 3 || !(mean_diag > 0))
+      fail("{}: the Hessian is not positive definite even with damping λ = {:.3g} (damp {}): use a larger --damp "
+           "or more calibration data",
+           what, res.damp_value, damp);
+    log_warn("{}: the Hessian is not positive definite with damp {}; retrying with damp {} (set --damp to choose)",
+             what, damp, next);
+    damp = next;
+  }
+  res.damp_used = damp;
+  // d_h is free now: it receives U (row-major upper); U also comes to the host for the in-block
+  // loop (its rows i1..i2 of each block).
+  cuda::launch_reversed_lower_to_upper(d_u.as<double>(), d_h.as<double>(), cols, hd.stream);
+  check_cuda(cudaGetLastError(), "GPTQ factor kernel");
+  std::vector<double> U(C * C);
+  check_cuda(cudaMemcpyAsync(U.data(), d_h.as<double>(), C * C * sizeof(double), cudaMemcpyDeviceToHost, hd.stream),
+             "cudaMemcpy(U)");
+  hd.sync("GPTQ factorization");
+  const double* d_U = d_h.as<double>();
+
+  const bool dynamic_act = o.act_order && !o.static_groups && !per_channel;
+  if (dynamic_act) {
+    q.g_idx.assign(C, 0);
+    for (int64_t k = 0; k < cols; ++k) q.g_idx[perm[k]] = static_cast<int32_t>(k / gs);
+  }
+  auto group_at = [&](int64_t k) -> int64_t {
+    if (per_channel) return 0;
+    if (dynamic_act) return k / gs;
+    return perm[k] / gs;
+  };
+
+  // 5. Blocks: download the block's current columns (and, when group parameters are chosen during
+  // the loop, the columns of groups that start in the block and reach past it), run the CPU
+  // column loop on them, upload the block's errors, lazy-update the later columns with one GEMM.
+  std::vector<double> err(R * static_cast<size_t>(B));
+  std::vector<double> blk;
+  double loss = 0;
+  for (int64_t i1 = 0; i1 < cols; i1 += B) {
+    const int64_t i2 = std::min(i1 + B, cols), count = i2 - i1;
+    const int64_t hi = static_params ? i2 : std::min(cols, i2 + gs);
+    const int64_t width = hi - i1;
+    blk.resize(R * static_cast<size_t>(width));
+    check_cuda(cudaMemcpy2DAsync(blk.data(), static_cast<size_t>(width) * sizeof(double), d_w.as<double>() + i1,
+                                 C * sizeof(double), static_cast<size_t>(width) * sizeof(double), R,
+                                 cudaMemcpyDeviceToHost, hd.stream),
+               "cudaMemcpy(block)");
+    hd.sync("GPTQ block download");
+#pragma omp parallel for schedule(static) reduction(+ : loss) if (rows * count >= 4096)
+    for (int64_t r = 0; r < rows; ++r) {
+      std::vector<float> cur, scr;
+      double* wr = blk.data() + r * width - i1;  // wr[k] = column k of this row, k in [i1, hi)
+      double* er = err.data() + r * B;
+      for (int64_t k = i1; k < i2; ++k) {
+        const int64_t g = group_at(k);
+        if (!static_params && k % gs == 0) {
+          const int64_t len = std::min(gs, cols - k);
+          cur.resize(static_cast<size_t>(len));
+          for (int64_t l = 0; l < len; ++l) {
+            double v = wr[k + l];
+            if (k + l >= i2)
+              for (int64_t m = i1; m < k; ++m) v -= er[m - i1] * U[m * cols + k + l];
+            cur[static_cast<size_t>(l)] = static_cast<float>(v);
+          }
+          q.params[r * G + g] = detail::gptq_choose_params(f, cur.data(), len, 1, o, global, scr);
+        }
+        const double xd = wr[k];
+        const GroupParams& p = q.params[r * G + g];
+        const uint8_t c = quantize_element(f, static_cast<float>(xd), p, global);
+        const double v = dequantize_element(f, c, p, global);
+        q.codes[r * cols + perm[k]] = c;
+        const double e = (xd - v) / U[k * cols + k];
+        loss += 0.5 * e * e;
+        er[k - i1] = e;
+        if (e != 0.0) {
+          const double* urow = U.data() + k * cols;
+          for (int64_t l = k + 1; l < i2; ++l) wr[l] -= e * urow[l];
+        }
+      }
+    }
+    if (i2 < cols) {
+      check_cuda(cudaMemcpyAsync(d_e.as<double>(), err.data(), R * static_cast<size_t>(B) * sizeof(double),
+                                 cudaMemcpyHostToDevice, hd.stream),
+                 "cudaMemcpy(errors)");
+      // Row-major Wp[:, i2:] -= E[:, :count] · U[i1:i2, i2:]; in cuBLAS's column-major view
+      // (Wp[:, i2:])ᵀ -= (U[i1:i2, i2:])ᵀ · Eᵀ.
+      const double minus_one = -1.0, one = 1.0;
+      check_cublas(cublasDgemm(hd.blas, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(cols - i2), static_cast<int>(rows),
+                               static_cast<int>(count), &minus_one, d_U + i1 * cols + i2, static_cast<int>(cols),
+                               d_e.as<double>(), static_cast<int>(B), &one, d_w.as<double>() + i2,
+                               static_cast<int>(cols)),
+                   "cublasDgemm(lazy update)");
+      // err is rewritten by the next block: its upload must be complete (the download below
+      // synchronizes the stream before the host touches err again).
+    }
+  }
+  hd.sync("GPTQ");
+  res.proxy_loss = loss;
+  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return res;
+}
+
+}  // namespace calq::backend

@@ -1,0 +1,41 @@
+// The compute device of calq's quantization kernels: the CPU (the reference, always built) or a
+// CUDA GPU (built when CMake finds the CUDA toolkit, CALQ_CUDA=AUTO|ON; src/calq/backend/cuda/).
+// Every function here exists in every build: without CUDA the cuda_* ones throw calq::Error with
+// a message saying that this calq was built without CUDA and what to do.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "calq/quant/gptq.h"
+
+namespace calq::backend {
+
+enum class Device { Cpu, Cuda };
+
+// "cpu" | "cuda"; anything else throws calq::Error naming `option` and the value.
+Device parse_device(std::string_view name, std::string_view option = "--device");
+
+// Whether this binary was built with the CUDA backend.
+bool cuda_built();
+
+// Checks that the CUDA backend can run here: built with CUDA, a GPU visible, compute capability
+// >= 8.0. Throws calq::Error naming `option` otherwise; returns a description of device 0
+// ("NVIDIA H200, sm_90, 139.8 GiB").
+std::string cuda_require(std::string_view option = "--device cuda");
+
+// Σ xᵀx over the rows of x (rows × features, row-major) whose mask is non-zero (mask may be
+// null), on the GPU, with the CPU HessianAccumulator's arithmetic: fp32 SYRK products over
+// blocks of at most `block` rows, each added into an fp64 sum. Full symmetric result, row-major;
+// `tokens` receives the number of rows used.
+std::vector<double> cuda_hessian_sum(const float* x, int64_t rows, int64_t features, const uint8_t* mask,
+                                     int64_t block, int64_t* tokens);
+
+// quant::gptq_quantize on the GPU (opt.cuda is ignored): same algorithm, same fp64 arithmetic,
+// same group-parameter and element code (the CPU format functions). See docs/cuda.md.
+quant::GptqResult cuda_gptq_quantize(const float* w, int64_t rows, int64_t cols, const std::vector<double>& h,
+                                     const quant::Format& f, const quant::GptqOptions& opt, const std::string& what);
+
+}  // namespace calq::backend

@@ -1,0 +1,45 @@
+// --device parsing, and on a build without CUDA the clear error of every CUDA entry point.
+#include "calq/backend/device.h"
+
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "calq/core/error.h"
+#include "calq/quant/gptq.h"
+
+namespace {
+
+using namespace calq;
+
+TEST(Device, Parses) {
+  EXPECT_EQ(backend::parse_device("cpu"), backend::Device::Cpu);
+  EXPECT_EQ(backend::parse_device("cuda"), backend::Device::Cuda);
+  try {
+    backend::parse_device("gpu");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--device must be cpu or cuda, got 'gpu'"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Device, CudaWithoutCudaBuildIsAClearError) {
+  if (backend::cuda_built()) GTEST_SKIP() << "built with CUDA (tests/gpu covers the CUDA build)";
+  std::vector<float> W(8 * 32, 0.1f);
+  std::vector<double> H(32 * 32, 0.0);
+  for (int i = 0; i < 32; ++i) H[i * 32 + i] = 1;
+  quant::GptqOptions o;
+  o.cuda = true;
+  try {
+    quant::gptq_quantize(W.data(), 8, 32, H, quant::Format::parse("int4", 32), o, "m");
+    FAIL();
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("--device cuda: this calq was built without CUDA"), std::string::npos) << m;
+    EXPECT_NE(m.find("--device cpu"), std::string::npos) << m;
+  }
+  EXPECT_THROW(backend::cuda_require(), Error);
+  EXPECT_THROW(backend::cuda_hessian_sum(nullptr, 0, 4, nullptr, 512, nullptr), Error);
+}
+
+}  // namespace
