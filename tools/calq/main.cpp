@@ -8,6 +8,7 @@
 
 #include "calq/core/error.h"
 #include "calq/core/log.h"
+#include "calq/engine/gemm.h"
 #include "calq/io/cleanup.h"
 #include "commands.h"
 
@@ -47,7 +48,7 @@ int main(int argc, char** argv) {
   }
   if (quiet) calq::set_log_level(calq::LogLevel::Warn);
   if (verbose) calq::set_log_level(calq::LogLevel::Debug);
-  if (threads > 0) omp_set_num_threads(threads);
+  if (threads > 0) calq::engine::set_num_threads(threads);
   try {
     for (const auto& c : commands)
       if (c.sub->parsed()) return c.run();

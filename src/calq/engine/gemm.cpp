@@ -335,6 +335,11 @@ std::atomic<GemmKernel>& active() {
 
 }  // namespace
 
+void set_num_threads(int n) {
+  omp_set_num_threads(n);
+  openblas_set_num_threads(n);
+}
+
 void PackedB::Free::operator()(float* p) const { std::free(p); }
 
 PackedB PackedB::pack(const void* W, bool bf16, int64_t N, int64_t K, int64_t ldw, GemmKernel k) {

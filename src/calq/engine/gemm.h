@@ -34,6 +34,11 @@ GemmKernel gemm_kernel();
 // Throws calq::Error when the CPU cannot run it.
 void set_gemm_kernel(GemmKernel k);
 
+// Sets the calling thread's OpenMP team size and OpenBLAS's thread count together (`--threads`):
+// OpenBLAS keeps its own count, taken from the environment when it loads, which
+// omp_set_num_threads alone does not change.
+void set_num_threads(int n);
+
 enum class GemmB : uint8_t { Trans, Normal };  // B is [N, K] (Trans) or [K, N] (Normal), row-major
 
 struct GemmArgs {
