@@ -198,8 +198,9 @@ TEST(LongRun, ActivationAwareRtn) {
 namespace {
 
 // GPTQ on a small random Qwen3-MoE: every expert is quantized from its own routed tokens (also
-// experts the first calibration chunk never reaches), experts of a layer batched per stage; with
-// --min-tokens 0 an expert without tokens is RTN-quantized loudly, never silently.
+// experts the first calibration chunk never reaches), experts of a layer batched per stage; an
+// expert with too few (or no) routed tokens gets a blended Hessian (--moe-min-tokens), never RTN,
+// and the report names it.
 TEST(LongRun, MoeExpertsGetGptq) {
   Shared s;
   const fs::path cfg30 = shared_file("data/configs/Qwen3-30B-A3B/config.json");
@@ -239,18 +240,40 @@ TEST(LongRun, MoeExpertsGetGptq) {
   EXPECT_EQ(mods.size(), 2u * (4 + 8 * 3));
   EXPECT_TRUE(mods.count("model.layers.1.mlp.experts.7.down_proj"));
   EXPECT_FALSE(mods.count("model.layers.0.mlp.gate")) << "the router must stay unquantized";
-  // Three calibration tokens (six routings) cannot reach all eight experts.
+  // Three calibration tokens (six routings) cannot reach all eight experts: those without tokens
+  // blend (here: take the every-token Hessian), by GPTQ, and the report lists them.
   r = run_calq(q + " -o " + (t / "q2").string() + " --samples 1 --seq-len 3 --min-tokens 0", d);
   ASSERT_EQ(r.rc, 0) << r.output;
-  int fallback = 0;
   const json rep2 = read_json(t / "q2" / "calq_report.json");  // named: a temporary would dangle in the loop
-  for (auto& m : rep2["gptq"]["modules"]) fallback += m.contains("fallback") ? 1 : 0;
-  EXPECT_GT(fallback, 0);
+  std::set<std::string> blended;
+  for (auto& m : rep2["gptq"]["modules"]) {
+    EXPECT_FALSE(m.contains("fallback") && m.contains("expert")) << "an expert fell back to RTN: " << m.dump();
+    if (m.value("hessian", "") == "blend") blended.insert(m["module"].get<std::string>());
+  }
+  EXPECT_GE(blended.size(), 2u * 3 * 2) << "at least two experts per layer got no token";
+  std::set<std::string> listed;
+  for (auto& f : rep2["moe"]["fallback"]) listed.insert(f["module"].get<std::string>());
+  EXPECT_EQ(listed, blended);
+  EXPECT_NE(r.output.find("blended"), std::string::npos) << r.output;
   // With the default --min-tokens the same run is an error naming the module.
   r = run_calq(q + " -o " + (t / "q3").string() + " --samples 1 --seq-len 8", d);
   EXPECT_EQ(r.rc, 1);
   EXPECT_NE(r.output.find("--min-tokens"), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(t / "q3.calq-work")) << "a run failing in its first layer leaves no work directory";
+  // The MoE options: bad values and the wrong method are refused, naming the option.
+  const std::string rtn = "-q quantize -i " + (t / "moe").string() + " --format int4 --group-size 32 -o " +
+                          (t / "q4").string();
+  for (const auto& [extra, needle] : std::vector<std::pair<std::string, std::string>>{
+           {" --method rtn --moe-hessian shared", "--moe-hessian applies to --method gptq"},
+           {" --method gptq --moe-min-tokens many", "--moe-min-tokens 'many'"},
+           {" --method gptq --moe-min-tokens -3", "--moe-min-tokens '-3'"},
+           {" --method gptq --moe-calibration some", "--moe-calibration"},
+           {" --method gptq --moe-hessian-memory lots", "--moe-hessian-memory 'lots'"}}) {
+    r = run_calq(rtn + extra, d);
+    EXPECT_NE(r.rc, 0) << extra;
+    EXPECT_NE(r.output.find(needle), std::string::npos) << extra << ": " << r.output;
+    EXPECT_FALSE(fs::exists(t / "q4"));
+  }
 }
 
 }  // namespace

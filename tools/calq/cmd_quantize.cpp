@@ -69,6 +69,10 @@ Command add_quantize(CLI::App& app) {
     bool no_hadamard = false, scale_search = false;
     double kurtosis_threshold = 0, scale_search_p = 2.4;
     uint64_t hadamard_seed = 0;
+    // mixture of experts
+    std::string moe_calibration = "routed", moe_hessian = "per-expert", moe_token_weight = "uniform",
+                moe_min_tokens = "auto", moe_hessian_memory;
+    int moe_threads = 0;
   };
   auto a = std::make_shared<Args>();
   sub->add_option("-i,--input", a->input, "Input model directory (HF safetensors + config.json)")->required();
@@ -181,6 +185,31 @@ Command add_quantize(CLI::App& app) {
                 "rtn: MR-GPTQ's scale search (= --clip-search --clip-grid 100 --clip-min 0.2 --clip-norm P)")
       ->group(mr);
 
+  auto* moe = "Mixture of experts (gptq, mr-gptq; docs/moe.md)";
+  sub->add_option("--moe-calibration", a->moe_calibration,
+                  "routed: each expert's Hessian from the tokens its router sends it; all-experts: every token is "
+                  "also fed through every expert for statistics only (the layer's output still follows the router)")
+      ->check(CLI::IsMember({"routed", "all-experts"}))->capture_default_str()->group(moe);
+  sub->add_option("--moe-hessian", a->moe_hessian,
+                  "per-expert: one Hessian per expert input; shared: one per layer and input position, pooled "
+                  "over the experts (a baseline)")
+      ->check(CLI::IsMember({"per-expert", "shared"}))->capture_default_str()->group(moe);
+  sub->add_option("--moe-token-weight", a->moe_token_weight,
+                  "uniform: every routed token counts once; routing: with its routing weight squared (the weight "
+                  "scales the expert's output and its error)")
+      ->check(CLI::IsMember({"uniform", "routing"}))->capture_default_str()->group(moe);
+  sub->add_option("--moe-min-tokens", a->moe_min_tokens,
+                  "routed: an expert input with n < N routed tokens gets H = (n*H_routed + (N-n)*H_all)/N, H_all "
+                  "from every token of the layer (an extra pass; the report lists these experts). auto: N = the "
+                  "input's width; 0: only experts no token was routed to")
+      ->capture_default_str()->group(moe);
+  sub->add_option("--moe-hessian-memory", a->moe_hessian_memory,
+                  "Memory for the expert Hessians of one step, e.g. 4GB (default: a quarter of the available "
+                  "memory); above it experts are processed in batches, one calibration pass each")
+      ->group(moe);
+  sub->add_option("--moe-threads", a->moe_threads, "Experts quantized in parallel (default 0: one per thread)")
+      ->check(CLI::NonNegativeNumber)->group(moe);
+
   auto run = [a, sub]() -> int {
     pipeline::QuantizeOptions o;
     o.input = a->input;
@@ -220,6 +249,9 @@ Command add_quantize(CLI::App& app) {
                                 "--act-grid", "--work-dir", "--resume", "--max-memory", "--layerwise", "--keep-work-dir"})
           CALQ_CHECK(sub->count(opt) == 0, "{} needs calibration: add --calibration SOURCE (activation-aware RTN) or use "
                                            "--method gptq", opt);
+      for (const char* opt : {"--moe-calibration", "--moe-hessian", "--moe-token-weight", "--moe-min-tokens",
+                              "--moe-hessian-memory", "--moe-threads"})
+        CALQ_CHECK(sub->count(opt) == 0, "{} applies to --method gptq and mr-gptq (rtn gives experts plain RTN)", opt);
     } else {
       CALQ_CHECK(sub->count("--act-grid") == 0, "--act-grid applies to --method rtn with --calibration");
     }
@@ -323,6 +355,25 @@ Command add_quantize(CLI::App& app) {
         g.gptq.cuda = on_cuda;
         g.true_sequential = !a->no_true_sequential;
         g.quantized_inputs = !a->unquantized_inputs;
+        using Moe = pipeline::MoeCalibOptions;
+        g.moe.calibration = a->moe_calibration == "all-experts" ? Moe::Calibration::AllExperts : Moe::Calibration::Routed;
+        g.moe.hessian = a->moe_hessian == "shared" ? Moe::Hessian::Shared : Moe::Hessian::PerExpert;
+        g.moe.token_weight = a->moe_token_weight == "routing" ? Moe::TokenWeight::Routing : Moe::TokenWeight::Uniform;
+        if (a->moe_min_tokens != "auto") {
+          size_t used = 0;
+          int64_t n = -1;
+          try {
+            n = std::stoll(a->moe_min_tokens, &used);
+          } catch (const std::exception&) {
+            used = 0;
+          }
+          CALQ_CHECK(used == a->moe_min_tokens.size() && n >= 0,
+                     "--moe-min-tokens '{}': expected auto or a token count >= 0", a->moe_min_tokens);
+          g.moe.min_tokens = n;
+        }
+        if (!a->moe_hessian_memory.empty())
+          g.moe.hessian_memory = parse_size(a->moe_hessian_memory, "--moe-hessian-memory");
+        g.moe.threads = a->moe_threads;
         if (is_mr) {
           g.mr.enabled = true;
           g.mr.rotate = !a->no_hadamard;
@@ -338,6 +389,10 @@ Command add_quantize(CLI::App& app) {
                             {"static_groups", g.gptq.static_groups},
                             {"true_sequential", g.true_sequential},
                             {"quantized_inputs", g.quantized_inputs}};
+        identity["moe"] = {{"calibration", a->moe_calibration},
+                           {"hessian", a->moe_hessian},
+                           {"token_weight", a->moe_token_weight},
+                           {"min_tokens", g.moe.min_tokens}};
         if (is_mr)
           identity["mr_gptq"] = {{"hadamard", g.mr.rotate},
                                  {"block", g.mr.hadamard_block},

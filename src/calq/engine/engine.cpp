@@ -344,7 +344,7 @@ struct Model::Impl {
   void linears(const std::vector<std::string>& modules, const std::vector<int64_t>& outs_n,
                int64_t layer, const float* x, int64_t rows, int64_t cols, const uint8_t* real,
                Observer* obs, const std::vector<float*>& outs, int64_t expert = -1,
-               const int64_t* token_rows = nullptr, const float* rw = nullptr) {
+               const int64_t* token_rows = nullptr, const float* rw = nullptr, bool routed = true) {
     bool any_transform = false;
     for (const auto& m : modules) any_transform = any_transform || transforms.count(m);
     auto notify = [&](std::vector<std::string> mods, const float* xx) {
@@ -359,6 +359,7 @@ struct Model::Impl {
       in.expert = expert;
       in.token_rows = token_rows;
       in.routing_weight = rw;
+      in.routed = routed;
       obs->on_linear_input(in);
     };
     if (!any_transform) {
@@ -576,12 +577,13 @@ struct Model::Impl {
   // out[N, H] = down(silu(gate(x)) * up(x))
   void mlp_swiglu(int64_t l, const std::string& gate, const std::string& up, const std::string& down,
                   int64_t I, const float* x, int64_t N, const uint8_t* real, Observer* obs, float* out,
-                  int64_t expert = -1, const int64_t* token_rows = nullptr, const float* rw = nullptr) {
+                  int64_t expert = -1, const int64_t* token_rows = nullptr, const float* rw = nullptr,
+                  bool routed = true) {
     const int64_t H = cfg.hidden_size;
     std::vector<float> g(static_cast<size_t>(N * I)), u(static_cast<size_t>(N * I));
-    linears({gate, up}, {I, I}, l, x, N, H, real, obs, {g.data(), u.data()}, expert, token_rows, rw);
+    linears({gate, up}, {I, I}, l, x, N, H, real, obs, {g.data(), u.data()}, expert, token_rows, rw, routed);
     silu_mul(g.data(), u.data(), N * I);
-    linears({down}, {H}, l, g.data(), N, I, real, obs, {out}, expert, token_rows, rw);
+    linears({down}, {H}, l, g.data(), N, I, real, obs, {out}, expert, token_rows, rw, routed);
   }
 
   void moe(int64_t l, const std::string& p, const std::vector<float>& xn, Activations& h,
@@ -630,6 +632,20 @@ struct Model::Impl {
       ro.real = real.data();
       obs->on_routing(ro);
     }
+    // Statistics-only feeds of every token through the experts the observer asks for, before
+    // the routed pass (their outputs are dropped; the routed pass below is unchanged).
+    if (obs)
+      for (int64_t e = 0; e < E; ++e) {
+        if (!obs->all_tokens(l, e)) continue;
+        const std::string ep = m + "experts." + std::to_string(e) + ".";
+        std::vector<float> ye(static_cast<size_t>(N * H));
+        if (mixtral)
+          mlp_swiglu(l, ep + "w1", ep + "w3", ep + "w2", I, xn.data(), N, real.data(), obs, ye.data(), e, nullptr,
+                     nullptr, false);
+        else
+          mlp_swiglu(l, ep + "gate_proj", ep + "up_proj", ep + "down_proj", I, xn.data(), N, real.data(), obs,
+                     ye.data(), e, nullptr, nullptr, false);
+      }
     for (int64_t e = 0; e < E; ++e) {
       std::vector<int64_t> rows;
       std::vector<float> rw;

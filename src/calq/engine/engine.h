@@ -53,6 +53,9 @@ struct LinearInput {
   int64_t expert = -1;
   const int64_t* token_rows = nullptr;
   const float* routing_weight = nullptr;
+  // false: a statistics-only feed (Observer::all_tokens): every token of the layer sent through
+  // this expert although the router did not choose it; its output is discarded.
+  bool routed = true;
 };
 
 // One MoE layer's routing: for every token row (padding included, as transformers routes it).
@@ -71,6 +74,11 @@ class Observer {
   virtual ~Observer() = default;
   virtual void on_linear_input(const LinearInput& in) {}
   virtual void on_routing(const Routing& r) {}
+  // MoE calibration (--moe-calibration all-experts, --moe-min-tokens): when true, after routing
+  // the engine also runs expert `expert` of `layer` on every token row, for the observer only
+  // (LinearInput::routed false, token_rows null, real marks padding); the layer's output still
+  // comes from the router's choice alone.
+  virtual bool all_tokens(int64_t layer, int64_t expert) const { return false; }
 };
 
 // Applied in place to a copy of a module's input [rows, cols] before its matmul (the slot for

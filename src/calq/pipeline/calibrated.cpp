@@ -1,8 +1,10 @@
 #include "calq/pipeline/calibrated.h"
 
 #include <cblas.h>
+#include <omp.h>
 
 #include <algorithm>
+#include <exception>
 #include <chrono>
 #include <cmath>
 #include <cctype>
@@ -56,7 +58,9 @@ std::vector<engine::Activations> embed_chunks(const engine::Model& m, const data
 // Calls `fn` for every input the observer sees.
 struct FnObserver : engine::Observer {
   std::function<void(const engine::LinearInput&)> fn;
+  std::function<bool(int64_t, int64_t)> all;  // engine::Observer::all_tokens (null: never)
   void on_linear_input(const engine::LinearInput& in) override { fn(in); }
+  bool all_tokens(int64_t layer, int64_t expert) const override { return all && all(layer, expert); }
 };
 
 // Row mask of the real tokens of an observed input (expert inputs only hold routed real tokens).
@@ -418,63 +422,257 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
       steps.emplace_back();
       for (size_t g = 0; g < groups.size(); ++g) steps.back().push_back(g);
     }
+    // MoE experts (docs/moe.md): the expert index of a module, -1 for none.
+    auto expert_of = [](const std::string& mod) -> int64_t {
+      const size_t e = mod.find(".experts.");
+      if (e == std::string::npos) return -1;
+      const size_t b = e + 9, d = mod.find('.', b);
+      if (d == std::string::npos || d == b) return -1;
+      for (size_t i = b; i < d; ++i)
+        if (!std::isdigit(static_cast<unsigned char>(mod[i]))) return -1;
+      return std::stoll(mod.substr(b, d - b));
+    };
+    const MoeCalibOptions& mo = opt.moe;
+    const bool shared = mo.hessian == MoeCalibOptions::Hessian::Shared;
+    const bool all_experts = mo.calibration == MoeCalibOptions::Calibration::AllExperts;
+    const bool weighted = mo.token_weight == MoeCalibOptions::TokenWeight::Routing;
+    // The engine gets a step's quantized weights when the step ends: every pass of the step (a
+    // batch of experts, the blend pass) sees the same weights as an unbatched one would.
+    std::vector<std::pair<std::string, std::vector<float>>> pending;
+    // Records the results of `mods` (one shared input).
+    auto finish_group = [&](const std::vector<std::string>& mods, std::vector<ModuleQuantResult> rs, int64_t tokens,
+                            const json& extra) {
+      for (size_t i = 0; i < mods.size(); ++i) {
+        const TensorPlan& p = *by_module.at(mods[i]);
+        ModuleQuantResult& r = rs[i];
+        pending.emplace_back(mods[i], std::move(r.w_hat));  // Ŵ in the original basis: no input transform needed
+        json entry = {{"module", mods[i]}, {"tokens", tokens}};
+        entry.update(r.report);
+        entry.update(extra);
+        out.report.push_back(entry);
+        out.weights.emplace(p.name, std::move(r.q));
+        if (r.rotation) out.rotations.emplace(p.name, std::move(*r.rotation));
+      }
+    };
+    auto global_of = [&](const TensorPlan& p) {
+      std::optional<float> global;
+      if (p.format->family == quant::Family::NVFP4 && fused_global.count(p.fuse_group))
+        global = fused_global.at(p.fuse_group);
+      return global;
+    };
     for (auto& step : steps) {
-      std::map<std::string, quant::HessianAccumulator> acc;
-      std::map<std::string, MomentAccumulator> moments;  // MR-GPTQ: input kurtosis
-      std::set<std::string> wanted;
-      for (size_t g : step) wanted.insert(groups[g].front());
-      FnObserver obs;
-      obs.fn = [&](const engine::LinearInput& in) {
-        std::string key;
-        for (auto& mod : in.modules)
-          if (by_module.count(mod)) { key = mod; break; }
-        if (key.empty() || !wanted.count(key)) return;
-        auto mask = real_mask(in);
-        auto it = acc.find(key);
-        if (it == acc.end()) it = acc.emplace(key, quant::HessianAccumulator(in.cols)).first;
-        it->second.add(in.x, in.rows, mask.data());
-        if (opt.mr.enabled) moments[key].add(in.x, in.rows, in.cols, mask.data());
-      };
-      ctx.observe(l, obs);
-      for (size_t g : step) {
-        const auto& mods = groups[g];
-        auto it = acc.find(mods.front());
-        const int64_t tokens = it == acc.end() ? 0 : it->second.tokens();
-        CALQ_CHECK(tokens >= opt.min_tokens,
-                   "{} saw {} calibration tokens, fewer than --min-tokens {}: use more --samples or a lower --min-tokens",
-                   mods.front(), tokens, opt.min_tokens);
-        if (tokens == 0) {
-          // Only reachable with --min-tokens 0: no Hessian exists, so RTN, said loudly.
-          for (auto& mod : mods) {
-            const TensorPlan& p = *by_module.at(mod);
-            log_warn("{}: no calibration token reached it (--min-tokens 0); quantized with RTN", mod);
-            const auto w = m.weight(mod);
-            quant::RtnOptions ro;
-            if (p.format->family == quant::Family::NVFP4 && fused_global.count(p.fuse_group))
-              ro.global_scale = fused_global[p.fuse_group];
-            auto q = quant::rtn_quantize(w.data(), p.rows(), p.cols(), *p.format, ro, mod);
-            m.set_weight(mod, q.dequantize());
-            out.report.push_back({{"module", mod}, {"tokens", 0}, {"fallback", "rtn: no calibration tokens"}});
-            out.weights.emplace(p.name, std::move(q));
+      // The step's expert groups go in batches whose Hessians fit the budget (each batch one
+      // observation pass); the other groups go with the first batch. Shared Hessians are one per
+      // input position, so they never need more than one batch.
+      std::vector<size_t> plain, expert_groups;
+      for (size_t g : step) (expert_of(groups[g].front()) >= 0 ? expert_groups : plain).push_back(g);
+      std::vector<std::vector<size_t>> batches{plain};
+      {
+        const uint64_t budget = mo.hessian_memory ? mo.hessian_memory : mem_available_bytes() / 4;
+        uint64_t used = 0;
+        for (size_t g : expert_groups) {
+          const auto n = static_cast<uint64_t>(by_module.at(groups[g].front())->cols());
+          const uint64_t bytes = shared ? 0 : n * n * 12 + n * 512 * 4;  // fp64 sums + fp32 block product + rows
+          if (used > 0 && used + bytes > budget && !batches.back().empty()) {
+            batches.emplace_back();
+            used = 0;
           }
-          continue;
-        }
-        const auto H = it->second.hessian();
-        for (auto& mod : mods) {
-          const TensorPlan& p = *by_module.at(mod);
-          std::optional<float> global;
-          if (p.format->family == quant::Family::NVFP4 && fused_global.count(p.fuse_group))
-            global = fused_global[p.fuse_group];
-          auto mit = moments.find(mods.front());
-          auto r = quantizer.quantize(m, p, H, mit == moments.end() ? nullptr : &mit->second, global);
-          m.set_weight(mod, std::move(r.w_hat));  // Ŵ in the original basis: no input transform needed
-          json entry = {{"module", mod}, {"tokens", tokens}};
-          entry.update(r.report);
-          out.report.push_back(entry);
-          out.weights.emplace(p.name, std::move(r.q));
-          if (r.rotation) out.rotations.emplace(p.name, std::move(*r.rotation));
+          batches.back().push_back(g);
+          used += bytes;
         }
       }
+      for (const auto& batch : batches) {
+        if (batch.empty()) continue;
+        std::map<std::string, quant::HessianAccumulator> acc, every;  // statistics: routed (or pooled) / every token
+        std::map<std::string, MomentAccumulator> moments, moments_every;  // MR-GPTQ: input kurtosis
+        std::map<std::string, int64_t> routed;                            // expert key -> routed real tokens
+        std::set<std::string> wanted;
+        std::set<int64_t> batch_experts;
+        for (size_t g : batch) {
+          wanted.insert(groups[g].front());
+          if (const int64_t e = expert_of(groups[g].front()); e >= 0) batch_experts.insert(e);
+        }
+        // Pass 1: routed statistics (all-experts: every token through every expert of the batch).
+        std::set<std::string> every_keys;  // keys whose every-token feed this pass collects
+        bool first_pass = true;
+        FnObserver obs;
+        obs.all = [&](int64_t layer, int64_t e) {
+          if (layer != l) return false;
+          if (first_pass) return all_experts && batch_experts.count(e) > 0;
+          for (auto& k : every_keys)
+            if (expert_of(k) == e) return true;
+          return false;
+        };
+        obs.fn = [&](const engine::LinearInput& in) {
+          std::string key;
+          for (auto& mod : in.modules)
+            if (by_module.count(mod)) { key = mod; break; }
+          if (key.empty() || !wanted.count(key)) return;
+          auto mask = real_mask(in);
+          const bool is_expert = in.expert >= 0;
+          if (is_expert && !in.routed) {
+            if (first_pass) {  // all-experts: the every-token feed is the statistic
+              const std::string k = shared ? stage_of(key) : key;
+              auto it = acc.find(k);
+              if (it == acc.end()) it = acc.emplace(k, quant::HessianAccumulator(in.cols)).first;
+              it->second.add(in.x, in.rows, mask.data());
+              if (opt.mr.enabled) moments[k].add(in.x, in.rows, in.cols, mask.data());
+            } else if (every_keys.count(key)) {  // blend pass
+              auto it = every.find(key);
+              if (it == every.end()) it = every.emplace(key, quant::HessianAccumulator(in.cols)).first;
+              it->second.add(in.x, in.rows, mask.data());
+              if (opt.mr.enabled) moments_every[key].add(in.x, in.rows, in.cols, mask.data());
+            }
+            return;
+          }
+          if (!first_pass) return;
+          if (is_expert) {
+            int64_t n = 0;
+            for (int64_t r = 0; r < in.rows; ++r) n += mask[r] ? 1 : 0;
+            routed[key] += n;
+            if (all_experts) return;  // counted only: the every-token feed gave the statistics
+          }
+          const std::string k = is_expert && shared ? stage_of(key) : key;
+          auto it = acc.find(k);
+          if (it == acc.end()) it = acc.emplace(k, quant::HessianAccumulator(in.cols)).first;
+          if (is_expert && weighted && in.routing_weight)
+            it->second.add_weighted(in.x, in.rows, mask.data(), in.routing_weight);
+          else
+            it->second.add(in.x, in.rows, mask.data());
+          if (opt.mr.enabled) moments[k].add(in.x, in.rows, in.cols, mask.data());
+        };
+        ctx.observe(l, obs);
+        // Pass 2 (routed per-expert statistics only): experts below --moe-min-tokens also get
+        // every token for a Hessian to blend with.
+        std::map<std::string, int64_t> blend_n;  // key -> N of the blend
+        // An expert no token was routed to has no routed Hessian at all: it always takes the
+        // every-token one (the blend with n = 0), also with --moe-min-tokens 0.
+        if (!all_experts && !shared)
+          for (size_t g : batch) {
+            const std::string& key = groups[g].front();
+            if (expert_of(key) < 0) continue;
+            const int64_t N = std::max<int64_t>(1, mo.min_tokens < 0 ? by_module.at(key)->cols() : mo.min_tokens);
+            if (routed[key] < N) {
+              blend_n[key] = N;
+              every_keys.insert(key);
+            }
+          }
+        if (!every_keys.empty()) {
+          first_pass = false;
+          ctx.observe(l, obs);
+        }
+        // Shared Hessians, computed once per input position.
+        std::map<std::string, std::vector<double>> shared_h;
+        if (shared)
+          for (auto& [k, a] : acc)
+            if (k.find(".experts.*") != std::string::npos) shared_h.emplace(k, a.hessian());
+        // Non-expert groups, in order.
+        std::vector<size_t> jobs;
+        for (size_t g : batch) {
+          const auto& mods = groups[g];
+          if (expert_of(mods.front()) >= 0) {
+            jobs.push_back(g);
+            continue;
+          }
+          auto it = acc.find(mods.front());
+          const int64_t tokens = it == acc.end() ? 0 : it->second.tokens();
+          CALQ_CHECK(tokens >= opt.min_tokens,
+                     "{} saw {} calibration tokens, fewer than --min-tokens {}: use more --samples or a lower --min-tokens",
+                     mods.front(), tokens, opt.min_tokens);
+          if (tokens == 0) {
+            // Only reachable with --min-tokens 0: no Hessian exists, so RTN, said loudly.
+            for (auto& mod : mods) {
+              const TensorPlan& p = *by_module.at(mod);
+              log_warn("{}: no calibration token reached it (--min-tokens 0); quantized with RTN", mod);
+              const auto w = m.weight(mod);
+              quant::RtnOptions ro;
+              if (auto gs = global_of(p)) ro.global_scale = *gs;
+              auto q = quant::rtn_quantize(w.data(), p.rows(), p.cols(), *p.format, ro, mod);
+              pending.emplace_back(mod, q.dequantize());
+              out.report.push_back({{"module", mod}, {"tokens", 0}, {"fallback", "rtn: no calibration tokens"}});
+              out.weights.emplace(p.name, std::move(q));
+            }
+            continue;
+          }
+          const auto H = it->second.hessian();
+          auto mit = moments.find(mods.front());
+          std::vector<ModuleQuantResult> rs;
+          for (auto& mod : mods) {
+            const TensorPlan& p = *by_module.at(mod);
+            rs.push_back(quantizer.quantize(m, p, H, mit == moments.end() ? nullptr : &mit->second, global_of(p)));
+          }
+          finish_group(mods, std::move(rs), tokens, json::object());
+        }
+        // Expert groups: independent given the router, quantized in parallel (each GPTQ single-
+        // threaded inside), then handed to the engine in order.
+        std::vector<std::vector<ModuleQuantResult>> results(jobs.size());
+        std::vector<json> extras(jobs.size());
+        const int threads =
+            opt.gptq.cuda ? 1 : std::max(1, std::min<int>(mo.threads > 0 ? mo.threads : omp_get_max_threads(),
+                                                           static_cast<int>(jobs.size())));
+        const int blas_threads = openblas_get_num_threads();
+        if (threads > 1) openblas_set_num_threads(1);
+        std::vector<std::exception_ptr> errors(jobs.size());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+        for (size_t j = 0; j < jobs.size(); ++j) {
+          try {
+            const auto& mods = groups[jobs[j]];
+            const std::string& key = mods.front();
+            const int64_t n = routed.count(key) ? routed.at(key) : 0;
+            json extra = {{"expert", expert_of(key)}, {"routed_tokens", n}};
+            std::vector<double> H;
+            const MomentAccumulator* mom = nullptr;
+            if (shared) {
+              const std::string k = stage_of(key);
+              CALQ_CHECK(shared_h.count(k), "{}: no calibration token reached any expert of this layer", key);
+              H = shared_h.at(k);
+              extra["hessian"] = all_experts ? "shared, all-experts" : "shared";
+              if (moments.count(k)) mom = &moments.at(k);
+            } else if (blend_n.count(key)) {
+              const int64_t N = blend_n.at(key);
+              CALQ_CHECK(every.count(key), "{}: the every-token pass did not reach it", key);
+              H = every.at(key).hessian();
+              if (n > 0) {
+                const auto Hr = acc.at(key).hessian();
+                const double a = static_cast<double>(n) / static_cast<double>(N);
+                for (size_t i = 0; i < H.size(); ++i) H[i] = a * Hr[i] + (1 - a) * H[i];
+              }
+              extra["hessian"] = "blend";
+              extra["blend_min_tokens"] = N;
+              extra["blend_routed_share"] = static_cast<double>(n) / static_cast<double>(N);
+              if (moments_every.count(key)) mom = &moments_every.at(key);
+            } else {
+              CALQ_CHECK(acc.count(key), "{}: no calibration statistics were collected", key);
+              H = acc.at(key).hessian();
+              extra["hessian"] = all_experts ? "all-experts" : "routed";
+              if (moments.count(key)) mom = &moments.at(key);
+            }
+            const double t = now_s();
+            for (auto& mod : mods) {
+              const TensorPlan& p = *by_module.at(mod);
+              results[j].push_back(quantizer.quantize(m, p, H, mom, global_of(p)));
+            }
+            extra["expert_seconds"] = now_s() - t;
+            extras[j] = std::move(extra);
+          } catch (...) {
+            errors[j] = std::current_exception();
+          }
+        }
+        if (threads > 1) openblas_set_num_threads(blas_threads);
+        for (auto& e : errors)
+          if (e) std::rethrow_exception(e);
+        for (size_t j = 0; j < jobs.size(); ++j) {
+          const auto& mods = groups[jobs[j]];
+          const int64_t tokens = extras[j]["routed_tokens"].get<int64_t>();
+          if (extras[j]["hessian"] == "blend")
+            log_warn("{}: {} routed calibration tokens, below --moe-min-tokens {}: Hessian blended with the "
+                     "every-token one",
+                     mods.front(), tokens, extras[j]["blend_min_tokens"].get<int64_t>());
+          finish_group(mods, std::move(results[j]), tokens, extras[j]);
+        }
+      }
+      for (auto& [mod, w] : pending) m.set_weight(mod, std::move(w));
+      pending.clear();
     }
     return out;
   };
@@ -500,6 +698,39 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
                        {"max_memory", opt.storage.max_memory},
                        {"layerwise", opt.storage.layerwise},
                        {"resumed", opt.storage.resume}};
+  // MoE: tokens, Hessian and time of every expert, by layer, and every expert that fell back.
+  {
+    json layers = json::object(), fallback = json::array();
+    for (const auto& r : modules) {
+      if (!r.contains("expert")) continue;
+      const std::string mod = r["module"];
+      const std::string lk = std::to_string(layer_of(mod));
+      const std::string ek = std::to_string(r["expert"].get<int64_t>());
+      json& e = layers[lk][ek];
+      const std::string leaf = mod.substr(mod.rfind('.') + 1);
+      e["routed_tokens"] = r["routed_tokens"];
+      e["seconds"] = e.value("seconds", 0.0) + r.value("seconds", 0.0);
+      e["hessian"][leaf] = r["hessian"];
+      if (r["hessian"] == "blend")
+        fallback.push_back({{"module", mod},
+                            {"routed_tokens", r["routed_tokens"]},
+                            {"min_tokens", r["blend_min_tokens"]},
+                            {"routed_share", r["blend_routed_share"]}});
+    }
+    if (!layers.empty()) {
+      const auto& mo = opt.moe;
+      report["moe"] = {
+          {"calibration", mo.calibration == MoeCalibOptions::Calibration::AllExperts ? "all-experts" : "routed"},
+          {"hessian", mo.hessian == MoeCalibOptions::Hessian::Shared ? "shared" : "per-expert"},
+          {"token_weight", mo.token_weight == MoeCalibOptions::TokenWeight::Routing ? "routing" : "uniform"},
+          {"min_tokens", mo.min_tokens < 0 ? json("auto") : json(mo.min_tokens)},
+          {"layers", layers},
+          {"fallback", fallback}};
+      if (!fallback.empty())
+        log_info("moe: {} expert input(s) below --moe-min-tokens got a blended Hessian (calq_report.json moe.fallback)",
+                 fallback.size());
+    }
+  }
   if (opt.mr.enabled)
     report["mr_gptq"] = {{"hadamard", opt.mr.rotate},
                          {"hadamard_block", opt.mr.hadamard_block == 0 ? json("full") : json(opt.mr.hadamard_block)},

@@ -78,6 +78,30 @@ class CalibratedResults {
   std::map<std::string, int64_t> weights_, replaced_;
 };
 
+// How the experts of a mixture-of-experts layer get their Hessians (docs/moe.md).
+struct MoeCalibOptions {
+  // routed: an expert's statistics come from the tokens its router sends it; all-experts: every
+  // token of the layer is also fed through every expert for statistics only (the layer's output
+  // still follows the router), so each expert's Hessian sees every token.
+  enum class Calibration { Routed, AllExperts } calibration = Calibration::Routed;
+  // per-expert: one Hessian per expert input; shared: one per layer and input position (all
+  // experts' gate/up share the pooled Hessian of their inputs, all downs theirs) -- the baseline
+  // of tools that hook experts by module pattern.
+  enum class Hessian { PerExpert, Shared } hessian = Hessian::PerExpert;
+  // uniform: every routed token counts once; routing: with its routing weight squared (the
+  // expert's output, and so its error, is scaled by that weight). Routed statistics only.
+  enum class TokenWeight { Uniform, Routing } token_weight = TokenWeight::Uniform;
+  // An expert input that saw n < N routed tokens gets H = (n·H_routed + (N−n)·H_all) / N, H_all
+  // being its Hessian over every token of the layer (an extra statistics-only pass). -1: N is the
+  // input's width (below it the routed XᵀX is singular); 0: blend only experts
+  // that no token was routed to (they have no routed Hessian at all).
+  int64_t min_tokens = -1;
+  // Bytes the expert Hessians of one step may take (0: a quarter of the available memory); above
+  // it the experts are processed in batches, one calibration pass of the layer each.
+  uint64_t hessian_memory = 0;
+  int threads = 0;  // experts quantized at once (0: OpenMP's thread count)
+};
+
 // The GPTQ pass: every module the plan quantizes gets its Hessian from the layer's real inputs
 // (true-sequential: the modules of a layer are quantized in execution order, each seeing inputs
 // that the already quantized modules before it produced) and is quantized with GPTQ.
@@ -89,6 +113,7 @@ struct GptqPipelineOptions {
   int64_t min_tokens = 16;       // a module seeing fewer calibration tokens is an error
   RunStorage storage;
   MrPipelineOptions mr;          // --method mr-gptq
+  MoeCalibOptions moe;
 };
 // Runs calibration + GPTQ (or MR-GPTQ) for `plan`, layer by layer with a checkpoint after each, and returns the
 // quantized weights (from the work directory), with a report (per module: proxy loss, seconds,

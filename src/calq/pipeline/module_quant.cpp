@@ -69,7 +69,9 @@ ModuleQuantizer::ModuleQuantizer(const quant::GptqOptions& gptq, const MrPipelin
 ModuleQuantResult ModuleQuantizer::quantize(engine::Model& m, const TensorPlan& p, const std::vector<double>& H,
                                             const MomentAccumulator* moments, std::optional<float> global_scale) {
   ModuleQuantResult out;
+  std::unique_lock<std::mutex> lock(mu_);
   const auto w = m.weight(p.module);
+  lock.unlock();
   quant::GptqOptions go = gptq_;
   go.global_scale = global_scale;
   if (!mr_.enabled) {
@@ -101,6 +103,7 @@ ModuleQuantResult ModuleQuantizer::quantize(engine::Model& m, const TensorPlan& 
   }
   extra["rotated"] = mo.rotate;
   if (mo.rotate && p.format->family == quant::Family::NVFP4 && !p.fuse_group.empty()) {
+    std::lock_guard<std::mutex> guard(mu_);
     auto it = rotated_global_.find(p.fuse_group);
     if (it == rotated_global_.end()) {
       // Every module of the group still holds its original weight here: the group's modules

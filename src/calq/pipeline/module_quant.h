@@ -4,6 +4,7 @@
 #pragma once
 
 #include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -62,6 +63,8 @@ class ModuleQuantizer {
   // input moments (MR-GPTQ), `global_scale`: nvfp4's shared tensor scale of the unrotated group.
   // For a rotated nvfp4 module in a fused group, the shared scale is recomputed from the rotated
   // weights of every module of the group (they share the input, hence the rotation decision).
+  // Safe to call from several threads at once for different modules (MoE experts); the engine is
+  // only read here, under a lock.
   ModuleQuantResult quantize(engine::Model& m, const TensorPlan& p, const std::vector<double>& H,
                              const MomentAccumulator* moments, std::optional<float> global_scale);
 
@@ -70,6 +73,7 @@ class ModuleQuantizer {
   MrPipelineOptions mr_;
   const std::vector<TensorPlan>& plan_;
   std::map<std::string, float> rotated_global_;  // fuse group -> nvfp4 scale of the rotated weights
+  std::mutex mu_;                                // guards rotated_global_ and reads of the engine
 };
 
 }  // namespace calq::pipeline
