@@ -152,4 +152,34 @@ inline std::vector<float> raw_to_float(const RawTensor& t) {
 inline std::string calq_bin() { return CALQ_BIN; }
 #endif
 
+// Calibration-like inputs with correlated features: x = z·M, z ~ N(0, 1), M = mix·N(0, 1) + I,
+// every `outlier_every`-th feature boosted by `boost` (n tokens × cols, row-major).
+inline std::vector<float> correlated_inputs(int n, int cols, unsigned seed, float mix = 0.3f, int outlier_every = 7,
+                                            float boost = 3.f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d(0, 1);
+  std::vector<float> M(static_cast<size_t>(cols) * cols);
+  for (auto& v : M) v = d(rng) * mix;
+  for (int i = 0; i < cols; ++i) M[static_cast<size_t>(i) * cols + i] += 1.f + (i % outlier_every == 0 ? boost : 0.f);
+  std::vector<float> X(static_cast<size_t>(n) * cols), z(cols);
+  for (int t = 0; t < n; ++t) {
+    for (auto& v : z) v = d(rng);
+    for (int j = 0; j < cols; ++j) {
+      float s = 0;
+      for (int k = 0; k < cols; ++k) s += z[k] * M[static_cast<size_t>(k) * cols + j];
+      X[static_cast<size_t>(t) * cols + j] = s;
+    }
+  }
+  return X;
+}
+
+// Weights ~ N(0, std²), rows × cols.
+inline std::vector<float> random_weights(int rows, int cols, unsigned seed, float std = 0.05f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d(0, std);
+  std::vector<float> w(static_cast<size_t>(rows) * cols);
+  for (auto& v : w) v = d(rng);
+  return w;
+}
+
 }  // namespace calq_test

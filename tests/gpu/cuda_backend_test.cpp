@@ -8,6 +8,7 @@
 #include <random>
 #include <string>
 
+#include "support.h"
 #include "calq/backend/device.h"
 #include "calq/core/error.h"
 #include "calq/quant/gptq.h"
@@ -39,31 +40,9 @@ bool gpu_usable(std::string* why) {
   } while (0)
 
 // x = z·M with correlated features and a few large ones; n tokens × cols.
-std::vector<float> inputs(int n, int cols, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0, 1);
-  std::vector<float> M(static_cast<size_t>(cols) * cols);
-  for (auto& v : M) v = d(rng) * 0.2f;
-  for (int i = 0; i < cols; ++i) M[i * cols + i] += 1.f + (i % 11 == 0 ? 4.f : 0.f);
-  std::vector<float> X(static_cast<size_t>(n) * cols), z(cols);
-  for (int t = 0; t < n; ++t) {
-    for (auto& v : z) v = d(rng);
-    for (int j = 0; j < cols; ++j) {
-      float s = 0;
-      for (int k = 0; k < cols; ++k) s += z[k] * M[k * cols + j];
-      X[static_cast<size_t>(t) * cols + j] = s;
-    }
-  }
-  return X;
-}
+std::vector<float> inputs(int n, int cols, unsigned seed) { return calq_test::correlated_inputs(n, cols, seed, 0.2f, 11, 4.f); }
 
-std::vector<float> weights(int rows, int cols, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0, 0.05f);
-  std::vector<float> w(static_cast<size_t>(rows) * cols);
-  for (auto& v : w) v = d(rng);
-  return w;
-}
+std::vector<float> weights(int rows, int cols, unsigned seed) { return calq_test::random_weights(rows, cols, seed); }
 
 struct Case {
   std::string format;

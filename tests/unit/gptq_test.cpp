@@ -2,6 +2,7 @@
 // updates of every later column, explicit inverse), plus properties: identity Hessian = RTN,
 // lower Hessian error than RTN on correlated inputs, dead inputs, act-order groups; and the
 // Hessian accumulator against a plain fp64 sum.
+#include "support.h"
 #include "calq/quant/gptq.h"
 
 #include <gtest/gtest.h>
@@ -19,24 +20,7 @@ namespace {
 using namespace calq::quant;
 using LD = long double;
 
-// Inputs with correlated features: x = z·M, z ~ N(0, 1), plus a few large-scale features.
-std::vector<float> correlated_inputs(int n, int cols, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0, 1);
-  std::vector<float> M(cols * cols);
-  for (auto& v : M) v = d(rng) * 0.3f;
-  for (int i = 0; i < cols; ++i) M[i * cols + i] += 1.f + (i % 7 == 0 ? 3.f : 0.f);
-  std::vector<float> X(static_cast<size_t>(n) * cols), z(cols);
-  for (int t = 0; t < n; ++t) {
-    for (auto& v : z) v = d(rng);
-    for (int j = 0; j < cols; ++j) {
-      float s = 0;
-      for (int k = 0; k < cols; ++k) s += z[k] * M[k * cols + j];
-      X[t * cols + j] = s;
-    }
-  }
-  return X;
-}
+std::vector<float> correlated_inputs(int n, int cols, unsigned seed) { return calq_test::correlated_inputs(n, cols, seed); }
 
 std::vector<double> hessian_of(const std::vector<float>& X, int cols) {
   HessianAccumulator acc(cols);
@@ -44,13 +28,7 @@ std::vector<double> hessian_of(const std::vector<float>& X, int cols) {
   return acc.hessian();
 }
 
-std::vector<float> random_weights(int rows, int cols, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0, 0.05f);
-  std::vector<float> w(static_cast<size_t>(rows) * cols);
-  for (auto& v : w) v = d(rng);
-  return w;
-}
+using calq_test::random_weights;
 
 // Gauss-Jordan inverse and Cholesky in long double.
 std::vector<LD> ref_inverse(std::vector<LD> a, int n) {

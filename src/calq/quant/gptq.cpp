@@ -51,10 +51,10 @@ using detail::gptq_choose_params;
 }  // namespace
 
 
-GptqResult gptq_quantize(const float* w_in, int64_t rows, int64_t cols, const std::vector<double>& h_in,
-                         const Format& f, const GptqOptions& o, const std::string& what) {
-  if (o.cuda) return backend::cuda_gptq_quantize(w_in, rows, cols, h_in, f, o, what);
-  const auto t0 = std::chrono::steady_clock::now();
+namespace detail {
+
+GptqPrepared gptq_prepare(const float* w_in, int64_t rows, int64_t cols, const std::vector<double>& h_in,
+                          const Format& f, const GptqOptions& o, const std::string& what) {
   f.check_shape(rows, cols, what);
   CALQ_CHECK(static_cast<int64_t>(h_in.size()) == cols * cols, "{}: Hessian has {} values, expected {}×{}", what,
              h_in.size(), cols, cols);
@@ -67,13 +67,13 @@ GptqResult gptq_quantize(const float* w_in, int64_t rows, int64_t cols, const st
   std::vector<double> H = h_in;
   for (double v : H) CALQ_CHECK(std::isfinite(v), "{}: the Hessian has a non-finite value", what);
 
-  GptqResult res;
-  QuantizedWeight& q = res.q;
+  GptqPrepared p;
+  QuantizedWeight& q = p.res.q;
   q.format = f;
   q.rows = rows;
   q.cols = cols;
   q.codes.assign(R * C, 0);
-  const int64_t G = f.groups_per_row(cols), gs = f.group_len(cols);
+  const int64_t G = p.groups = f.groups_per_row(cols), gs = p.group_len = f.group_len(cols);
   q.params.assign(R * static_cast<size_t>(G), GroupParams{});
 
   // 1. Dead inputs.
@@ -81,54 +81,74 @@ GptqResult gptq_quantize(const float* w_in, int64_t rows, int64_t cols, const st
     if (H[j * cols + j] == 0.0) {
       H[j * cols + j] = 1.0;
       for (int64_t r = 0; r < rows; ++r) W[r * cols + j] = 0.f;
-      ++res.dead_inputs;
+      ++p.res.dead_inputs;
     }
   }
   // nvfp4 global scale: from the (dead-zeroed) tensor unless shared.
-  float global = 1.f;
   if (f.family == Family::NVFP4) {
     if (o.global_scale) {
-      global = *o.global_scale;
+      p.global = *o.global_scale;
     } else {
       float amax = 0.f;
       for (float v : W) amax = std::max(amax, std::fabs(v));
-      global = nvfp4_global_scale(amax);
+      p.global = nvfp4_global_scale(amax);
     }
-    q.global_scale = global;
+    q.global_scale = p.global;
   }
-  std::vector<float> scratch;  // for the static parameters, computed before the loop
-
   // Static groups (and per-channel): parameters from the original weights, original order.
-  const bool per_channel = f.group_size < 0;
-  const bool static_params = per_channel || (o.act_order && o.static_groups);
-  if (static_params) {
-    for (int64_t r = 0; r < rows; ++r)
+  p.per_channel = f.group_size < 0;
+  p.static_params = p.per_channel || (o.act_order && o.static_groups);
+  if (p.static_params) {
+#pragma omp parallel for schedule(static) if (rows * cols >= 65536)
+    for (int64_t r = 0; r < rows; ++r) {
+      std::vector<float> scratch;
       for (int64_t g = 0; g < G; ++g)
-        q.params[r * G + g] = gptq_choose_params(f, W.data() + r * cols + g * gs, gs, 1, o, global, scratch);
+        q.params[r * G + g] = gptq_choose_params(f, W.data() + r * cols + g * gs, gs, 1, o, p.global, scratch);
+    }
   }
-
-  // 3. Act-order permutation (stable, so ties keep the original order).
-  std::vector<int64_t> perm(C);
-  std::iota(perm.begin(), perm.end(), 0);
+  // 3. Act-order permutation (stable, so ties keep the original order), and the permuted copies
+  // in fp64: the blocked and the unblocked algorithm then agree to ~1e-12, so the codes are the
+  // same as the reference's (tests), and the CUDA path has a precise target.
+  p.perm.resize(C);
+  std::iota(p.perm.begin(), p.perm.end(), 0);
   if (o.act_order)
-    std::stable_sort(perm.begin(), perm.end(),
+    std::stable_sort(p.perm.begin(), p.perm.end(),
                      [&](int64_t a, int64_t b) { return H[a * cols + a] > H[b * cols + b]; });
-  // Permuted copies: Wp[r][k] = W[r][perm[k]], Hp[k][l] = H[perm[k]][perm[l]].
-  // Working copies in fp64: the blocked and the unblocked algorithm then agree to ~1e-12, so the
-  // codes are the same as the reference's (tests), and the CUDA fp32 path has a precise target.
-  std::vector<double> Wp(R * C);
-  std::vector<double> Hp(C * C);
+  p.Wp.resize(R * C);
+  p.Hp.resize(C * C);
+  const auto& perm = p.perm;
+#pragma omp parallel for schedule(static) if (rows * cols >= 65536)
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t k = 0; k < cols; ++k) Wp[r * cols + k] = W[r * cols + perm[k]];
+    for (int64_t k = 0; k < cols; ++k) p.Wp[r * cols + k] = W[r * cols + perm[k]];
+#pragma omp parallel for schedule(static) if (cols * cols >= 65536)
   for (int64_t k = 0; k < cols; ++k)
-    for (int64_t l = 0; l < cols; ++l) Hp[k * cols + l] = H[perm[k] * cols + perm[l]];
+    for (int64_t l = 0; l < cols; ++l) p.Hp[k * cols + l] = H[perm[k] * cols + perm[l]];
+  for (int64_t k = 0; k < cols; ++k) p.mean_diag += p.Hp[k * cols + k];
+  p.mean_diag /= static_cast<double>(cols);
+  return p;
+}
+
+}  // namespace detail
+
+GptqResult gptq_quantize(const float* w_in, int64_t rows, int64_t cols, const std::vector<double>& h_in,
+                         const Format& f, const GptqOptions& o, const std::string& what) {
+  if (o.cuda) return backend::cuda_gptq_quantize(w_in, rows, cols, h_in, f, o, what);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto prep = detail::gptq_prepare(w_in, rows, cols, h_in, f, o, what);
+  const size_t R = static_cast<size_t>(rows), C = static_cast<size_t>(cols);
+  GptqResult& res = prep.res;
+  QuantizedWeight& q = res.q;
+  const int64_t G = prep.groups, gs = prep.group_len;
+  const float global = prep.global;
+  const bool per_channel = prep.per_channel, static_params = prep.static_params;
+  const std::vector<int64_t>& perm = prep.perm;
+  std::vector<double>& Wp = prep.Wp;
+  std::vector<double>& Hp = prep.Hp;
+  const double mean_diag = prep.mean_diag;
 
   // 2. Damping, once: λ = damp · mean(diag H). 4. U = upper Cholesky factor of H⁻¹. When H + λI
   // is still not positive definite, retry from the undamped H with damp ×10 (at most 3 times),
   // saying so; the result records the damping used.
-  double mean_diag = 0;
-  for (int64_t k = 0; k < cols; ++k) mean_diag += Hp[k * cols + k];
-  mean_diag /= static_cast<double>(cols);
   const std::vector<double> undamped = Hp;
   double damp = o.damp;
   for (int attempt = 0;; ++attempt) {
@@ -213,7 +233,7 @@ GptqResult gptq_quantize(const float* w_in, int64_t rows, int64_t cols, const st
   }
   res.proxy_loss = loss;
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return res;
+  return std::move(res);
 }
 
 double hessian_error(const float* w, const float* w_hat, int64_t rows, int64_t cols, const std::vector<double>& h) {

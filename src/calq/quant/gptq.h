@@ -64,6 +64,23 @@ namespace detail {
 // clip search); shared by the CPU and CUDA GPTQ so both choose identical parameters.
 GroupParams gptq_choose_params(const Format& f, const float* x, int64_t n, int64_t stride, const GptqOptions& o,
                                float global, std::vector<float>& scratch);
+
+// Everything CPU and CUDA GPTQ do before damping and the column loop, so that both start from
+// identical values: the input checks, dead inputs (H_jj = 0: the column's weights are zeroed and
+// H_jj set to 1), the nvfp4 tensor scale, static group parameters (per-channel, or act-order with
+// static groups), the act-order permutation (stable: ties keep the original order), and the
+// permuted fp64 working copies Wp[r][k] = W[r][perm[k]], Hp[k][l] = H[perm[k]][perm[l]].
+struct GptqPrepared {
+  GptqResult res;  // q sized (codes, params; static params set), global scale, dead_inputs
+  float global = 1.f;
+  bool per_channel = false, static_params = false;
+  int64_t groups = 0, group_len = 0;  // groups per row, columns per group
+  std::vector<int64_t> perm;
+  std::vector<double> Wp, Hp;
+  double mean_diag = 0;  // of Hp (undamped)
+};
+GptqPrepared gptq_prepare(const float* w, int64_t rows, int64_t cols, const std::vector<double>& h, const Format& f,
+                          const GptqOptions& o, const std::string& what);
 }  // namespace detail
 
 // tr((W − Ŵ) H (W − Ŵ)ᵀ): the layer-output error the Hessian measures (for reports and tests).

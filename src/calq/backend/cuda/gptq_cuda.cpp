@@ -170,72 +170,19 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
   using namespace quant;
   const auto t0 = std::chrono::steady_clock::now();
   cuda_require();
-  f.check_shape(rows, cols, what);
-  CALQ_CHECK(static_cast<int64_t>(h_in.size()) == cols * cols, "{}: Hessian has {} values, expected {}×{}", what,
-             h_in.size(), cols, cols);
-  CALQ_CHECK(o.damp >= 0 && std::isfinite(o.damp), "--damp must be >= 0, got {}", o.damp);
-  CALQ_CHECK(o.block_size >= 1, "GPTQ block size must be >= 1, got {}", o.block_size);
   CALQ_CHECK(rows <= INT32_MAX && cols <= INT32_MAX, "{}: {}×{} is too large for cuBLAS", what, rows, cols);
+  // Host preparation: exactly the CPU's (quant::detail::gptq_prepare).
+  auto prep = detail::gptq_prepare(w_in, rows, cols, h_in, f, o, what);
   const size_t R = static_cast<size_t>(rows), C = static_cast<size_t>(cols);
-  std::vector<float> W(w_in, w_in + R * C);
-  for (size_t i = 0; i < W.size(); ++i)
-    if (!std::isfinite(W[i])) fail("{}: weight {} at row {}, column {} is not finite", what, W[i], i / C, i % C);
-  std::vector<double> H = h_in;
-  for (double v : H) CALQ_CHECK(std::isfinite(v), "{}: the Hessian has a non-finite value", what);
-
-  GptqResult res;
+  GptqResult& res = prep.res;
   QuantizedWeight& q = res.q;
-  q.format = f;
-  q.rows = rows;
-  q.cols = cols;
-  q.codes.assign(R * C, 0);
-  const int64_t G = f.groups_per_row(cols), gs = f.group_len(cols);
-  q.params.assign(R * static_cast<size_t>(G), GroupParams{});
-
-  // Host preparation: exactly the CPU's steps 1 (dead inputs), nvfp4 scale, static groups, 3.
-  for (int64_t j = 0; j < cols; ++j) {
-    if (H[j * cols + j] == 0.0) {
-      H[j * cols + j] = 1.0;
-      for (int64_t r = 0; r < rows; ++r) W[r * cols + j] = 0.f;
-      ++res.dead_inputs;
-    }
-  }
-  float global = 1.f;
-  if (f.family == Family::NVFP4) {
-    if (o.global_scale) {
-      global = *o.global_scale;
-    } else {
-      float amax = 0.f;
-      for (float v : W) amax = std::max(amax, std::fabs(v));
-      global = nvfp4_global_scale(amax);
-    }
-    q.global_scale = global;
-  }
-  const bool per_channel = f.group_size < 0;
-  const bool static_params = per_channel || (o.act_order && o.static_groups);
-  if (static_params) {
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      std::vector<float> scratch;
-      for (int64_t g = 0; g < G; ++g)
-        q.params[r * G + g] = detail::gptq_choose_params(f, W.data() + r * cols + g * gs, gs, 1, o, global, scratch);
-    }
-  }
-  std::vector<int64_t> perm(C);
-  std::iota(perm.begin(), perm.end(), 0);
-  if (o.act_order)
-    std::stable_sort(perm.begin(), perm.end(),
-                     [&](int64_t a, int64_t b) { return H[a * cols + a] > H[b * cols + b]; });
-  std::vector<double> Wp(R * C), Hp(C * C);
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t k = 0; k < cols; ++k) Wp[r * cols + k] = W[r * cols + perm[k]];
-#pragma omp parallel for schedule(static)
-  for (int64_t k = 0; k < cols; ++k)
-    for (int64_t l = 0; l < cols; ++l) Hp[k * cols + l] = H[perm[k] * cols + perm[l]];
-  double mean_diag = 0;
-  for (int64_t k = 0; k < cols; ++k) mean_diag += Hp[k * cols + k];
-  mean_diag /= static_cast<double>(cols);
+  const int64_t G = prep.groups, gs = prep.group_len;
+  const float global = prep.global;
+  const bool per_channel = prep.per_channel, static_params = prep.static_params;
+  const std::vector<int64_t>& perm = prep.perm;
+  std::vector<double>& Wp = prep.Wp;
+  std::vector<double>& Hp = prep.Hp;
+  const double mean_diag = prep.mean_diag;
 
   // GPU memory: H (kept undamped), the factor, Wp, the error block, the solver workspace.
   Handles hd;
@@ -393,7 +340,7 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
   hd.sync("GPTQ");
   res.proxy_loss = loss;
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return res;
+  return std::move(res);
 }
 
 }  // namespace calq::backend
