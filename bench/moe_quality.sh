@@ -3,7 +3,9 @@
 # 8 experts, top-2), KL divergence against the bf16 model on WikiText-2 test (ctx 512, llama.cpp
 # chunking), PPL, same-top-p, for RTN, GPTQ with one shared Hessian per layer, per-expert GPTQ
 # (routed; all-experts; routing-weighted) and nvfp4 MR-GPTQ. Calibration: bartowski-v3 SAMPLES x 512.
-# Prints a markdown table with each row's KLD as a ratio to shared-Hessian GPTQ and to RTN.
+# Prints a markdown table with each row's KLD as a ratio to shared-Hessian GPTQ and to RTN (of the
+# same variant: -act rows against act-order shared GPTQ; -xo rows, experts only with attention
+# kept in bf16, against experts-only RTN and shared GPTQ).
 # Usage: bench/moe_quality.sh MODEL_DIR [chunks (default: all)] [samples (default 128)]
 # Environment: ROWS (default: every row below, by name), CALQ (a calq binary: skips the build),
 # SHARED, WORK_DIR.
@@ -40,8 +42,16 @@ declare -A ARGS=(
   [nvfp4-gptq-shared]="--format nvfp4 --method gptq --moe-hessian shared ${CAL[*]}"
   [nvfp4-gptq-routed]="--format nvfp4 --method gptq ${CAL[*]}"
   [nvfp4-mr-gptq]="--format nvfp4 --method mr-gptq ${CAL[*]}"
+  # act-order variants; experts only (attention kept in bf16: the experts' share of the error)
+  [int4-gptq-shared-act]="--format int4 --method gptq --act-order --moe-hessian shared ${CAL[*]}"
+  [int4-gptq-routed-act]="--format int4 --method gptq --act-order ${CAL[*]}"
+  [int4-rtn-xo]="--format int4 --method rtn --keep self_attn"
+  [int4-gptq-shared-xo]="--format int4 --method gptq --moe-hessian shared --keep self_attn ${CAL[*]}"
+  [int4-gptq-routed-xo]="--format int4 --method gptq --keep self_attn ${CAL[*]}"
 )
-ORDER="int4-rtn int4-gptq-shared int4-gptq-routed int4-gptq-routed-noblend int4-gptq-all-experts int4-gptq-routing-weight nvfp4-rtn nvfp4-gptq-shared nvfp4-gptq-routed nvfp4-mr-gptq"
+ORDER="int4-rtn int4-gptq-shared int4-gptq-routed int4-gptq-routed-noblend int4-gptq-all-experts int4-gptq-routing-weight
+  nvfp4-rtn nvfp4-gptq-shared nvfp4-gptq-routed nvfp4-mr-gptq int4-gptq-shared-act int4-gptq-routed-act
+  int4-rtn-xo int4-gptq-shared-xo int4-gptq-routed-xo"
 for row in ${ROWS:-$ORDER}; do
   [ -n "${ARGS[$row]:-}" ] || { echo "unknown row $row (rows: $ORDER)" >&2; exit 2; }
   out=$W/$row
@@ -59,8 +69,9 @@ print("| row | bits/weight | mean KLD | KLD / shared-H GPTQ | KLD / RTN | PPL | 
 print("|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     fmt = r.split("-")[0]
+    suffix = next((s for s in ("-act", "-xo") if r.endswith(s)), "")
     def ratio(ref):
-        ref = f"{fmt}-{ref}"
+        ref = f"{fmt}-{ref}{suffix if ref != 'rtn' or suffix == '-xo' else ''}"
         return f"{k[r]['kld_mean'] / k[ref]['kld_mean']:.3f}" if ref in k and ref != r else "—"
     rp = rep[r]
     secs = rp.get("gptq", {}).get("seconds", 0) + rp["seconds"]
