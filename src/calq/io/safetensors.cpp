@@ -20,6 +20,8 @@
 
 #include "calq/core/error.h"
 #include "calq/io/atomic.h"
+#include "calq/io/config.h"
+#include "calq/io/moe_layout.h"
 
 namespace calq::io {
 
@@ -254,13 +256,17 @@ const TensorInfo& SafetensorsFile::info(const std::string& name) const {
   return tensors_[it->second];
 }
 
-TensorView SafetensorsFile::view(const std::string& name) const {
-  const auto& t = info(name);
+TensorView SafetensorsFile::view(const std::string& name) const { return view(info(name)); }
+
+TensorView SafetensorsFile::view(const TensorInfo& t) const {
+  CALQ_CHECK(t.begin <= t.end && t.end <= size_ - data_start_,
+             "{}: tensor {}: bytes [{}, {}) lie outside the data buffer", path_.string(), t.name, t.begin, t.end);
   return {t.dtype, t.shape, base_ + data_start_ + t.begin, static_cast<size_t>(t.end - t.begin)};
 }
 
-void SafetensorsFile::release(const std::string& name) const {
-  const auto& t = info(name);
+void SafetensorsFile::release(const std::string& name) const { release(info(name)); }
+
+void SafetensorsFile::release(const TensorInfo& t) const {
   if (!mapped_ || t.end == t.begin) return;  // from_memory(): the caller owns those bytes
   // The page-aligned range covering the tensor. Rounding outward may drop pages that a
   // neighbouring tensor shares; that is harmless because the mapping is a read-only view of the
@@ -349,6 +355,8 @@ Checkpoint Checkpoint::open(const fs::path& p) {
     files.push_back(p);
   }
 
+  std::map<std::string, size_t> stored_in;  // stored tensor -> file
+  std::vector<TensorInfo> stored;
   for (const auto& f : files) {
     c.files_.push_back(SafetensorsFile::open(f));
     c.shard_paths_.push_back(f);
@@ -363,14 +371,36 @@ Checkpoint Checkpoint::open(const fs::path& p) {
                    f.string(), t.name, kIndexName, it->second);
       }
       // With an index this cannot fire (a name maps to one shard), but keep lookups unambiguous.
-      CALQ_CHECK(c.where_.emplace(t.name, idx).second, "{}: tensor {} appears in two shards",
+      CALQ_CHECK(stored_in.emplace(t.name, idx).second, "{}: tensor {} appears in two shards",
                  f.string(), t.name);
+      stored.push_back(t);
     }
   }
   for (const auto& [name, shard] : weight_map)
-    CALQ_CHECK(c.where_.count(name), "{}: tensor {} listed in {} is missing from this shard",
+    CALQ_CHECK(stored_in.count(name), "{}: tensor {} listed in {} is missing from this shard",
                (dir / shard).string(), name, kIndexName);
   c.root_ = p;
+
+  // Expert tensors under calq's per-expert names (io/moe_layout.h), checked against config.json.
+  const fs::path config = (dir.empty() ? (p.parent_path().empty() ? fs::path(".") : p.parent_path()) : dir) /
+                          "config.json";
+  std::vector<ExposedTensor> exposed;
+  if (fs::exists(config, ec)) {
+    const ModelConfig cfg = load_config(config);
+    exposed = expose_moe_tensors(stored, cfg, p.string());
+  } else {
+    for (const auto& t : stored) {
+      CALQ_CHECK(!is_fused_expert_bank(t.name),
+                 "{}: tensor {} is a fused expert bank; splitting it into per-expert tensors needs the model's "
+                 "config.json, which is not in {}",
+                 p.string(), t.name, config.parent_path().string());
+      exposed.push_back({t.name, t});
+    }
+  }
+  for (auto& x : exposed) {
+    std::string name = x.info.name;
+    c.where_.emplace(std::move(name), Located{stored_in.at(x.stored), std::move(x.info)});
+  }
   return c;
 }
 
@@ -385,20 +415,24 @@ bool Checkpoint::contains(const std::string& name) const {
   return where_.count(name) > 0;
 }
 
-const SafetensorsFile& Checkpoint::file_of(const std::string& name) const {
+const Checkpoint::Located& Checkpoint::locate(const std::string& name) const {
   auto it = where_.find(name);
   CALQ_CHECK(it != where_.end(), "{}: no tensor named {}", root_.string(), name);
-  return *files_[it->second];
+  return it->second;
 }
 
-const TensorInfo& Checkpoint::info(const std::string& name) const {
-  return file_of(name).info(name);
+const SafetensorsFile& Checkpoint::file_of(const std::string& name) const {
+  return *files_[locate(name).file];
 }
+
+const TensorInfo& Checkpoint::info(const std::string& name) const { return locate(name).info; }
 TensorView Checkpoint::view(const std::string& name) const {
-  return file_of(name).view(name);
+  const Located& l = locate(name);
+  return files_[l.file]->view(l.info);
 }
 void Checkpoint::release(const std::string& name) const {
-  file_of(name).release(name);
+  const Located& l = locate(name);
+  files_[l.file]->release(l.info);
 }
 
 uint64_t Checkpoint::total_bytes() const {

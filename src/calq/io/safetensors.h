@@ -50,6 +50,10 @@ class SafetensorsFile {
   TensorView view(const std::string& name) const;
   // Tells the kernel the pages of this tensor are no longer needed (drops them from RSS).
   void release(const std::string& name) const;
+  // The same for a byte range of this file's data buffer that the caller described: one of
+  // tensors(), or a slice inside one (a Checkpoint's per-expert view of a fused bank).
+  TensorView view(const TensorInfo& t) const;
+  void release(const TensorInfo& t) const;
 
  private:
   SafetensorsFile() = default;
@@ -67,6 +71,13 @@ class SafetensorsFile {
 // All tensors of a model directory: model.safetensors, or the shards listed by
 // model.safetensors.index.json (every listed shard must exist and contain exactly the tensors the
 // index assigns to it), or a single *.safetensors path.
+//
+// Mixture-of-experts tensors are seen under calq's per-expert names (io/moe_layout.h): a fused
+// 3-D expert bank is exposed as one zero-copy view per expert and projection and its own name is
+// hidden. That, and checking the expert tensors against the expert count, needs the model's
+// config.json (next to the safetensors files); it is read when present, and a checkpoint with
+// fused banks but no config.json is an error. Without a config.json the tensors are as stored.
+// info(n).begin/end are byte offsets within the data buffer of file_of(n).
 class Checkpoint {
  public:
   static Checkpoint open(const fs::path& dir_or_file);
@@ -80,10 +91,15 @@ class Checkpoint {
   uint64_t total_bytes() const;
 
  private:
+  struct Located {
+    size_t file = 0;  // index into files_
+    TensorInfo info;  // the exposed name; a byte range of that file
+  };
   std::vector<std::shared_ptr<SafetensorsFile>> files_;
   std::vector<fs::path> shard_paths_;
   fs::path root_;  // what open() was given, for error messages
-  std::map<std::string, size_t> where_;
+  std::map<std::string, Located> where_;
+  const Located& locate(const std::string& name) const;
 };
 
 // Writer with a planned layout: declare every tensor first, then write their bytes in any order

@@ -208,7 +208,9 @@ std::vector<TensorPlan> make_plan(const std::vector<TensorDesc>& tensors, const 
     } else {
       switch (p.kind) {
         case TensorKind::FusedExperts:
-          p.reason = "fused 3-D expert bank (not quantized by this version)";
+          // qwen3_moe / mixtral banks never get here: io::Checkpoint splits them into per-expert
+          // tensors (io/moe_layout.h). A rank-3 expert tensor of another layout is kept as is.
+          p.reason = "fused 3-D expert bank of an unknown layout (kept)";
           break;
         case TensorKind::OtherLinear:
           p.reason = "unrecognised module (use --override to quantize it)";
