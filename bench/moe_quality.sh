@@ -8,7 +8,7 @@
 # kept in bf16, against experts-only RTN and shared GPTQ).
 # Usage: bench/moe_quality.sh MODEL_DIR [chunks (default: all)] [samples (default 128)]
 # Environment: ROWS (default: every row below, by name), CALQ (a calq binary: skips the build),
-# SHARED, WORK_DIR.
+# SHARED, WORK_DIR, REUSE=1 (rows already measured in WORK_DIR are not run again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:?usage: bench/moe_quality.sh MODEL_DIR [chunks] [samples]}
@@ -33,28 +33,36 @@ echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; chunks: 
 CAL=(--samples "$SAMPLES" --seq-len 512)
 declare -A ARGS=(
   [int4-rtn]="--format int4 --method rtn"
-  [int4-gptq-shared]="--format int4 --method gptq --moe-hessian shared ${CAL[*]}"
-  [int4-gptq-routed]="--format int4 --method gptq ${CAL[*]}"
-  [int4-gptq-routed-noblend]="--format int4 --method gptq --moe-min-tokens 0 --min-tokens 0 ${CAL[*]}"
-  [int4-gptq-all-experts]="--format int4 --method gptq --moe-calibration all-experts ${CAL[*]}"
-  [int4-gptq-routing-weight]="--format int4 --method gptq --moe-token-weight routing ${CAL[*]}"
+  [int4-gptq-shared]="--moe-token-weight uniform --format int4 --method gptq --moe-hessian shared ${CAL[*]}"
+  [int4-gptq-routed]="--moe-token-weight uniform --format int4 --method gptq ${CAL[*]}"
+  [int4-gptq-routed-noblend]="--moe-token-weight uniform --format int4 --method gptq --moe-min-tokens 0 --min-tokens 0 ${CAL[*]}"
+  [int4-gptq-all-experts]="--moe-token-weight uniform --format int4 --method gptq --moe-calibration all-experts ${CAL[*]}"
+  [int4-gptq-routing-weight]="--format int4 --method gptq ${CAL[*]}"
+  [int4-gptq-routing-weight-act]="--format int4 --method gptq --act-order ${CAL[*]}"
+  [int4-gptq-routing-weight-xo]="--format int4 --method gptq --keep self_attn ${CAL[*]}"
+  [int4-gptq-shared-routing-weight]="--format int4 --method gptq --moe-hessian shared ${CAL[*]}"
+  [nvfp4-gptq-routing-weight]="--format nvfp4 --method gptq ${CAL[*]}"
+  [nvfp4-mr-gptq-routing-weight]="--format nvfp4 --method mr-gptq ${CAL[*]}"
   [nvfp4-rtn]="--format nvfp4 --method rtn"
-  [nvfp4-gptq-shared]="--format nvfp4 --method gptq --moe-hessian shared ${CAL[*]}"
-  [nvfp4-gptq-routed]="--format nvfp4 --method gptq ${CAL[*]}"
-  [nvfp4-mr-gptq]="--format nvfp4 --method mr-gptq ${CAL[*]}"
+  [nvfp4-gptq-shared]="--moe-token-weight uniform --format nvfp4 --method gptq --moe-hessian shared ${CAL[*]}"
+  [nvfp4-gptq-routed]="--moe-token-weight uniform --format nvfp4 --method gptq ${CAL[*]}"
+  [nvfp4-mr-gptq]="--moe-token-weight uniform --format nvfp4 --method mr-gptq ${CAL[*]}"
   # act-order variants; experts only (attention kept in bf16: the experts' share of the error)
-  [int4-gptq-shared-act]="--format int4 --method gptq --act-order --moe-hessian shared ${CAL[*]}"
-  [int4-gptq-routed-act]="--format int4 --method gptq --act-order ${CAL[*]}"
+  [int4-gptq-shared-act]="--moe-token-weight uniform --format int4 --method gptq --act-order --moe-hessian shared ${CAL[*]}"
+  [int4-gptq-routed-act]="--moe-token-weight uniform --format int4 --method gptq --act-order ${CAL[*]}"
   [int4-rtn-xo]="--format int4 --method rtn --keep self_attn"
-  [int4-gptq-shared-xo]="--format int4 --method gptq --moe-hessian shared --keep self_attn ${CAL[*]}"
-  [int4-gptq-routed-xo]="--format int4 --method gptq --keep self_attn ${CAL[*]}"
+  [int4-gptq-shared-xo]="--moe-token-weight uniform --format int4 --method gptq --moe-hessian shared --keep self_attn ${CAL[*]}"
+  [int4-gptq-routed-xo]="--moe-token-weight uniform --format int4 --method gptq --keep self_attn ${CAL[*]}"
 )
 ORDER="int4-rtn int4-gptq-shared int4-gptq-routed int4-gptq-routed-noblend int4-gptq-all-experts int4-gptq-routing-weight
   nvfp4-rtn nvfp4-gptq-shared nvfp4-gptq-routed nvfp4-mr-gptq int4-gptq-shared-act int4-gptq-routed-act
-  int4-rtn-xo int4-gptq-shared-xo int4-gptq-routed-xo"
+  int4-rtn-xo int4-gptq-shared-xo int4-gptq-routed-xo int4-gptq-routing-weight-act int4-gptq-routing-weight-xo
+  int4-gptq-shared-routing-weight nvfp4-gptq-routing-weight nvfp4-mr-gptq-routing-weight"
 for row in ${ROWS:-$ORDER}; do
   [ -n "${ARGS[$row]:-}" ] || { echo "unknown row $row (rows: $ORDER)" >&2; exit 2; }
   out=$W/$row
+  # REUSE=1: keep a row already measured in WORK_DIR (to assemble a table from several runs)
+  if [ "${REUSE:-0}" = 1 ] && [ -f "$out.kld.json" ] && [ -f "$out/calq_report.json" ]; then continue; fi
   # shellcheck disable=SC2086
   $CALQ -q quantize -i "$MODEL" -o "$out" ${ARGS[$row]} --overwrite >/dev/null
   $CALQ -q eval --metric kl-divergence --model "$out" --reference-logits "$W/base.logprobs" "${CH[@]}" \

@@ -92,6 +92,7 @@ pipeline::GptqPipelineOptions base_options(const Fixture& f, const fs::path& wor
   g.storage.work_dir = work;
   g.storage.overwrite = true;
   g.min_tokens = 1;
+  g.moe.token_weight = pipeline::MoeCalibOptions::TokenWeight::Uniform;  // the weighted case sets Routing
   return g;
 }
 

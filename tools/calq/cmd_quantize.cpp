@@ -70,7 +70,7 @@ Command add_quantize(CLI::App& app) {
     double kurtosis_threshold = 0, scale_search_p = 2.4;
     uint64_t hadamard_seed = 0;
     // mixture of experts
-    std::string moe_calibration = "routed", moe_hessian = "per-expert", moe_token_weight = "uniform",
+    std::string moe_calibration = "routed", moe_hessian = "per-expert", moe_token_weight = "routing",
                 moe_min_tokens = "auto", moe_hessian_memory;
     int moe_threads = 0;
   };
@@ -195,8 +195,8 @@ Command add_quantize(CLI::App& app) {
                   "over the experts (a baseline)")
       ->check(CLI::IsMember({"per-expert", "shared"}))->capture_default_str()->group(moe);
   sub->add_option("--moe-token-weight", a->moe_token_weight,
-                  "uniform: every routed token counts once; routing: with its routing weight squared (the weight "
-                  "scales the expert's output and its error)")
+                  "routing: each routed token counts with its routing weight squared (the weight scales the "
+                  "expert's output and its error); uniform: every routed token counts once")
       ->check(CLI::IsMember({"uniform", "routing"}))->capture_default_str()->group(moe);
   sub->add_option("--moe-min-tokens", a->moe_min_tokens,
                   "routed: an expert input with n < N routed tokens gets H = (n*H_routed + (N-n)*H_all)/N, H_all "
@@ -358,7 +358,7 @@ Command add_quantize(CLI::App& app) {
         using Moe = pipeline::MoeCalibOptions;
         g.moe.calibration = a->moe_calibration == "all-experts" ? Moe::Calibration::AllExperts : Moe::Calibration::Routed;
         g.moe.hessian = a->moe_hessian == "shared" ? Moe::Hessian::Shared : Moe::Hessian::PerExpert;
-        g.moe.token_weight = a->moe_token_weight == "routing" ? Moe::TokenWeight::Routing : Moe::TokenWeight::Uniform;
+        g.moe.token_weight = a->moe_token_weight == "uniform" ? Moe::TokenWeight::Uniform : Moe::TokenWeight::Routing;
         if (a->moe_min_tokens != "auto") {
           size_t used = 0;
           int64_t n = -1;

@@ -88,9 +88,10 @@ struct MoeCalibOptions {
   // experts' gate/up share the pooled Hessian of their inputs, all downs theirs) -- the baseline
   // of tools that hook experts by module pattern.
   enum class Hessian { PerExpert, Shared } hessian = Hessian::PerExpert;
-  // uniform: every routed token counts once; routing: with its routing weight squared (the
-  // expert's output, and so its error, is scaled by that weight). Routed statistics only.
-  enum class TokenWeight { Uniform, Routing } token_weight = TokenWeight::Uniform;
+  // routing (default): a routed token counts with its routing weight squared (the expert's
+  // output, and so its error, is scaled by that weight); uniform: every routed token counts once.
+  // Routed statistics only (docs/moe.md has the measurement behind the default).
+  enum class TokenWeight { Uniform, Routing } token_weight = TokenWeight::Routing;
   // An expert input that saw n < N routed tokens gets H = (n·H_routed + (N−n)·H_all) / N, H_all
   // being its Hessian over every token of the layer (an extra statistics-only pass). -1: N is the
   // input's width (below it the routed XᵀX is singular); 0: blend only experts
