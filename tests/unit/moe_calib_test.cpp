@@ -431,3 +431,35 @@ TEST(HessianAccumulator, WeightedMatchesPlainSum) {
   quant::HessianAccumulator b(n);
   EXPECT_THROW(b.add_weighted(x.data(), rows, nullptr, bad.data()), std::exception);
 }
+
+// The statistics-only feed (Observer::all_tokens) sends every token through the experts it names,
+// reports those inputs as not routed, and leaves the layer's output exactly as without it.
+TEST(MoeCalib, AllTokensFeedLeavesTheOutputAlone) {
+  Fixture f;
+  if (!f.ok) GTEST_SKIP() << "../shared absent (tokenizer)";
+  auto m = engine::Model::load(f.model);
+  engine::Batch b;
+  b.batch = 2;
+  b.seq = 24;
+  for (int i = 0; i < 48; ++i) b.tokens.push_back((i * 37 + 11) % 8000);
+  b.lengths = {24, 17};  // padding in the second sequence
+  auto plain = m.embed(b);
+  auto fed = plain;
+  m.run_layer(0, plain);
+  struct Obs : engine::Observer {
+    std::map<int64_t, int64_t> routed, all;  // expert -> rows seen by its gate/up input
+    bool all_tokens(int64_t, int64_t e) const override { return e % 2 == 1; }
+    void on_linear_input(const engine::LinearInput& in) override {
+      if (in.expert < 0 || in.modules.front().find("gate_proj") == std::string::npos) return;
+      (in.routed ? routed : all)[in.expert] += in.rows;
+      if (!in.routed) EXPECT_EQ(in.token_rows, nullptr);
+    }
+  } obs;
+  m.run_layer(0, fed, &obs);
+  ASSERT_EQ(plain.data.size(), fed.data.size());
+  for (size_t i = 0; i < plain.data.size(); ++i) ASSERT_EQ(plain.data[i], fed.data[i]) << i;
+  for (int64_t e = 0; e < kE; ++e) EXPECT_EQ(obs.all.count(e) ? obs.all.at(e) : 0, e % 2 == 1 ? 48 : 0) << e;
+  int64_t routed = 0;
+  for (auto& [e, n] : obs.routed) routed += n;
+  EXPECT_EQ(routed, 48 * kK) << "every row (padding included) is routed to top-k experts";
+}
