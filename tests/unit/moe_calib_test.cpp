@@ -232,8 +232,7 @@ struct Reference {
 };
 
 // Share of codes equal between the pipeline's weight and GPTQ on the reference Hessian.
-double agreement(const Fixture& f, const MoeRun& run, const std::string& mod, const std::vector<double>& H) {
-  auto m = engine::Model::load(f.model);
+double agreement(engine::Model& m, const MoeRun& run, const std::string& mod, const std::vector<double>& H) {
   const auto w = m.weight(mod);
   const auto& q = run.w.at(mod);
   quant::GptqOptions go;
@@ -254,13 +253,14 @@ std::string emod(int64_t e, const char* leaf) {
 void expect_hessians(const Fixture& f, const MoeRun& r, const std::function<std::vector<double>(int64_t, bool)>& ref,
                      const std::function<std::vector<double>(int64_t, bool)>& wrong) {
   double worst = 1, wrong_worst = 1;
+  auto m = engine::Model::load(f.model);
   for (int64_t e = 0; e < kE; ++e)
     for (const char* leaf : {"gate_proj", "up_proj", "down_proj"}) {
       const bool down = std::string(leaf) == "down_proj";
-      const double a = agreement(f, r, emod(e, leaf), ref(e, down));
+      const double a = agreement(m, r, emod(e, leaf), ref(e, down));
       EXPECT_GE(a, 0.995) << emod(e, leaf);
       worst = std::min(worst, a);
-      wrong_worst = std::min(wrong_worst, agreement(f, r, emod(e, leaf), wrong(e, down)));
+      wrong_worst = std::min(wrong_worst, agreement(m, r, emod(e, leaf), wrong(e, down)));
     }
   std::printf("code agreement: reference Hessian >= %.4f, wrong Hessian >= %.4f\n", worst, wrong_worst);
   EXPECT_LT(wrong_worst, worst - 0.02) << "the wrong Hessian is indistinguishable: the test would not fail";
