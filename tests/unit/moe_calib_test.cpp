@@ -463,3 +463,79 @@ TEST(MoeCalib, AllTokensFeedLeavesTheOutputAlone) {
   for (auto& [e, n] : obs.routed) routed += n;
   EXPECT_EQ(routed, 48 * kK) << "every row (padding included) is routed to top-k experts";
 }
+
+// Activation-aware RTN on a MoE layer: every expert's down_proj gets input scales from its own
+// routed tokens, folded into the same expert's up_proj rows. The written checkpoint must compute
+// the layer better than plain RTN does (a wrong fold would wreck it), and the report must pair each
+// expert's down with its own up and its routed token count.
+TEST(MoeCalib, ActRtnScalesEachExpertFromItsRoutedTokens) {
+  Fixture f;
+  if (!f.ok) GTEST_SKIP() << "../shared absent (tokenizer)";
+  auto g = base_options(f, f.t / "work");
+  const auto ri = router_input(f, g);
+  const Reference ref(f, ri);
+  pipeline::QuantizeOptions q;
+  q.input = f.model;
+  q.method = "rtn";
+  q.plan.format = quant::Format::parse("int4", 16, true);
+  q.plan.group_size_explicit = true;
+  // Plain RTN.
+  q.output = f.t / "rtn";
+  pipeline::quantize_model(q);
+  // Activation-aware RTN from the same calibration text.
+  pipeline::ActRtnOptions ar;
+  ar.calib = g.calib;
+  ar.storage.work_dir = f.t / "work-act";
+  ar.min_tokens = 16;
+  json report;
+  auto dry = q;
+  dry.dry_run = true;
+  const auto plan = pipeline::quantize_model(dry).plan;
+  auto res = std::make_shared<pipeline::CalibratedResults>(pipeline::run_act_rtn(f.model, plan, ar, json{{"t", 1}}, report));
+  q.output = f.t / "act";
+  q.quantizer = [res](const pipeline::TensorPlan& p, const std::vector<float>&) { return res->weight(p); };
+  q.replace = [res](const pipeline::TensorPlan& p) { return res->replaced(p.name); };
+  pipeline::quantize_model(q);
+  res->work_dir().remove();
+
+  int scaled = 0;
+  for (auto& row : report["act_scale"]["inputs"]) {
+    const std::string m0 = row["modules"][0];
+    const size_t at = m0.find(".experts.");
+    if (at == std::string::npos || m0.find("down_proj") == std::string::npos) continue;
+    const int64_t e = std::stoll(m0.substr(at + 9));
+    const int64_t n = static_cast<int64_t>(ref.routed_rows[e].size());
+    if (n < 16) {
+      EXPECT_FALSE(row["scaled"].get<bool>()) << m0;
+      continue;
+    }
+    EXPECT_EQ(row["tokens"].get<int64_t>(), n) << m0;
+    if (row["scaled"].get<bool>()) {
+      ++scaled;
+      EXPECT_EQ(row["fold"], emod(e, "up_proj")) << m0;
+      EXPECT_LE(row["output_error"].get<double>(), row["output_error_rtn"].get<double>() * (1 + 1e-9)) << m0;
+    }
+  }
+  EXPECT_GE(scaled, 3) << report["act_scale"].dump();
+  // The layer's output on the calibration tokens' embeddings: act-RTN closer to the original.
+  auto layer_out = [&](const fs::path& dir) {
+    auto m = engine::Model::load(dir);
+    engine::Batch b;
+    b.batch = 2;
+    b.seq = 48;
+    auto ci = pipeline::load_calibration(f.model, g.calib);
+    for (int i = 0; i < 2; ++i) b.tokens.insert(b.tokens.end(), ci.set.tokens[i].begin(), ci.set.tokens[i].end());
+    auto h = m.embed(b);
+    m.run_layer(0, h);
+    return h.data;
+  };
+  const auto base = layer_out(f.model), rtn = layer_out(f.t / "rtn"), act = layer_out(f.t / "act");
+  double e_rtn = 0, e_act = 0, norm = 0;
+  for (size_t i = 0; i < base.size(); ++i) {
+    e_rtn += (rtn[i] - base[i]) * (rtn[i] - base[i]);
+    e_act += (act[i] - base[i]) * (act[i] - base[i]);
+    norm += base[i] * base[i];
+  }
+  std::printf("layer output relative error: rtn %.5f, act-rtn %.5f\n", std::sqrt(e_rtn / norm), std::sqrt(e_act / norm));
+  EXPECT_LT(e_act, e_rtn);
+}

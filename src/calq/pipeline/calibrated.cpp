@@ -837,8 +837,20 @@ std::vector<FoldGroup> fold_groups(const io::ModelConfig& cfg, const io::Checkpo
     return gs;
   }
   const std::string P = fmt::format("model.layers.{}.", l);
-  const bool moe = cfg.arch == io::Arch::Qwen3Moe || cfg.arch == io::Arch::Mixtral;
-  if (!moe && has(P + "mlp.down_proj.weight")) {
+  const bool mixtral = cfg.arch == io::Arch::Mixtral;
+  if (cfg.is_moe() && cfg.layer_is_sparse(l)) {
+    // Each expert as a small MLP of its own, with its routed tokens' statistics: down folds into
+    // the same expert's up rows; gate/up read the normed hidden state that the router and every
+    // other expert read too, so nothing can absorb a per-expert scale there (clip search only).
+    const std::string X = P + (mixtral ? "block_sparse_moe.experts." : "mlp.experts.");
+    for (int64_t e = 0; e < cfg.num_experts; ++e) {
+      const std::string ep = X + std::to_string(e) + ".";
+      const std::string gate = ep + (mixtral ? "w1" : "gate_proj"), up = ep + (mixtral ? "w3" : "up_proj"),
+                        down = ep + (mixtral ? "w2" : "down_proj");
+      gs.push_back({FoldGroup::Rows, {down}, "", "", up, ""});
+      gs.push_back({FoldGroup::None, {gate, up}, "", "", "", ""});
+    }
+  } else if (has(P + "mlp.down_proj.weight")) {
     gs.push_back({FoldGroup::Rows, {P + "mlp.down_proj"}, "", "", P + "mlp.up_proj", opt(P + "mlp.up_proj.bias")});
     gs.push_back({FoldGroup::Norm, {P + "mlp.gate_proj", P + "mlp.up_proj"}, P + "post_attention_layernorm.weight", "",
                   "", ""});
@@ -951,7 +963,7 @@ CalibratedResults run_act_rtn(const fs::path& model_dir, const std::vector<Tenso
       obs.fn = [&](const engine::LinearInput& in) {
         bool planned = false;
         for (auto& mod : in.modules) planned |= by_module.count(mod) > 0;
-        if (!planned || in.expert >= 0) return;
+        if (!planned || !in.routed) return;  // experts: their routed tokens only
         const std::string& key = in.modules.front();
         auto mask = real_mask(in);
         auto it = hacc.find(key);
@@ -969,6 +981,8 @@ CalibratedResults run_act_rtn(const fs::path& model_dir, const std::vector<Tenso
       for (auto& [key, acc] : hacc) {
         InputMoments im;
         im.tokens = acc.tokens();
+        // An expert the router starves keeps plain RTN (said in the report), not an error.
+        if (key.find(".experts.") != std::string::npos && im.tokens < std::max<int64_t>(opt.min_tokens, 1)) continue;
         CALQ_CHECK(im.tokens >= opt.min_tokens,
                    "{} saw {} calibration tokens, fewer than --min-tokens {}: use more --samples or a lower --min-tokens",
                    key, im.tokens, opt.min_tokens);
@@ -1022,6 +1036,9 @@ CalibratedResults run_act_rtn(const fs::path& model_dir, const std::vector<Tenso
       bool same_format = true;
       for (auto& mod : mods) same_format &= by_module.at(mod)->format->describe() == p0.format->describe();
       if (kind != FoldGroup::None && !same_format) kind = FoldGroup::None, why = "modules of this input differ in format";
+      if (kind != FoldGroup::None &&
+          (ci ? !moments.count(g.modules.front()) : !stats_file["detailed_stats"].contains(g.modules.front())))
+        kind = FoldGroup::None, why = fmt::format("too few routed calibration tokens (--min-tokens {})", opt.min_tokens);
       json row = {{"modules", mods}, {"layer", l}};
       if (kind == FoldGroup::None) {
         // No scaling; the clip search still weights columns by the input's mean squares.
@@ -1099,7 +1116,7 @@ CalibratedResults run_act_rtn(const fs::path& model_dir, const std::vector<Tenso
       row["tokens"] = im.tokens;
       out.report.push_back(row);
     }
-    // Planned modules of this layer outside every group (MoE experts, routers) get plain RTN.
+    // Planned modules of this layer outside every group (a router that --override quantizes) get plain RTN.
     for (auto& [mod, p] : by_module) {
       if (done.count(mod) || layer_of(mod) != l) continue;
       auto& wm = weight(mod);
