@@ -1036,9 +1036,15 @@ CalibratedResults run_act_rtn(const fs::path& model_dir, const std::vector<Tenso
       bool same_format = true;
       for (auto& mod : mods) same_format &= by_module.at(mod)->format->describe() == p0.format->describe();
       if (kind != FoldGroup::None && !same_format) kind = FoldGroup::None, why = "modules of this input differ in format";
-      if (kind != FoldGroup::None &&
-          (ci ? !moments.count(g.modules.front()) : !stats_file["detailed_stats"].contains(g.modules.front())))
-        kind = FoldGroup::None, why = fmt::format("too few routed calibration tokens (--min-tokens {})", opt.min_tokens);
+      if (kind != FoldGroup::None) {
+        // Experts the router starved (fewer than --min-tokens routed tokens) keep plain RTN.
+        const std::string& key = g.modules.front();
+        const json& ds = ci ? json() : stats_file["detailed_stats"];
+        const bool starved = ci ? !moments.count(key)
+                                : !ds.contains(key) || (key.find(".experts.") != std::string::npos &&
+                                                        ds[key].value("tokens", int64_t{0}) < opt.min_tokens);
+        if (starved) kind = FoldGroup::None, why = fmt::format("too few routed calibration tokens (--min-tokens {})", opt.min_tokens);
+      }
       json row = {{"modules", mods}, {"layer", l}};
       if (kind == FoldGroup::None) {
         // No scaling; the clip search still weights columns by the input's mean squares.
