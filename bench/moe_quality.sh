@@ -16,17 +16,7 @@ CHUNKS=${2:-}
 SAMPLES=${3:-128}
 SHARED=${SHARED:-../shared}
 W=${WORK_DIR:-build/bench-moe}
-mkdir -p "$W/data"
-if [ -z "${CALQ:-}" ]; then
-  cmake --preset release >/dev/null
-  cmake --build --preset release -j "$(nproc)" --target calq >/dev/null
-  CALQ=build/release/calq
-fi
-export CALQ_DATA=$W/data CALQ_OFFLINE=1
-ln -sf "$(realpath "$SHARED/data/calibration/calibration_datav3.txt")" "$W/data/"
-ln -sf "$(realpath "$SHARED/data/wikitext-2-raw/wiki.test.raw")" "$W/data/"
-CH=()
-[ -n "$CHUNKS" ] && CH=(--chunks "$CHUNKS")
+source bench/eval_setup.sh
 echo "model: $MODEL ($(python3 -c "import json,sys; t=json.load(open(sys.argv[1])); print(t.get('params'), 'params,', t.get('steps'), 'steps, held-out PPL', round(t.get('heldout_ppl', 0), 3))" "$MODEL/TRAINING.json" 2>/dev/null || echo '?'))"
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; chunks: ${CHUNKS:-all}; calibration: bartowski-v3 ${SAMPLES}x512"
 [ -f "$W/base.logprobs" ] || $CALQ -q eval --metric kl-divergence --model "$MODEL" --save-logits "$W/base.logprobs" "${CH[@]}" >/dev/null

@@ -19,17 +19,7 @@ W=${WORK_DIR:-build/bench-mr-gptq}
 FORMATS=${FORMATS:-nvfp4 mxfp4 fp4}
 METHODS=${METHODS:-rtn rtn-ss rtn-rot gptq mr-gptq mr-gptq-kurt}
 BLOCK=${BLOCK:-128}
-mkdir -p "$W/data"
-if [ -z "${NO_BUILD:-}" ] && [ -z "${CALQ:-}" ]; then  # NO_BUILD=1: use build/release/calq; CALQ: that binary
-  cmake --preset release >/dev/null
-  cmake --build --preset release -j "$(nproc)" --target calq >/dev/null
-fi
-CALQ=${CALQ:-build/release/calq}
-export CALQ_DATA=$W/data CALQ_OFFLINE=1
-ln -sf "$(realpath "$SHARED/data/calibration/calibration_datav3.txt")" "$W/data/"
-ln -sf "$(realpath "$SHARED/data/wikitext-2-raw/wiki.test.raw")" "$W/data/"
-CH=()
-[ -n "$CHUNKS" ] && CH=(--chunks "$CHUNKS")
+source bench/eval_setup.sh  # NO_BUILD=1: use build/release/calq; CALQ: that binary
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; chunks: ${CHUNKS:-all}; calibration: bartowski-v3 ${SAMPLES}x512; hadamard block $BLOCK; kurtosis K $KURT"
 BASE=$W/base-${CHUNKS:-all}.logprobs
 [ -f "$BASE" ] || $CALQ -q eval --metric kl-divergence --model "$MODEL" --save-logits "$BASE" "${CH[@]}" >/dev/null

@@ -12,17 +12,7 @@ SAMPLES=${2:-128}
 SHARED=${SHARED:-../shared}
 MODEL=$SHARED/data/models/bench-qwen3-28m
 W=${WORK_DIR:-build/bench-quality}
-mkdir -p "$W/data"
-if [ -z "${CALQ:-}" ]; then
-  cmake --preset release >/dev/null
-  cmake --build --preset release -j "$(nproc)" --target calq >/dev/null
-  CALQ=build/release/calq
-fi
-export CALQ_DATA=$W/data CALQ_OFFLINE=1
-ln -sf "$(realpath "$SHARED/data/calibration/calibration_datav3.txt")" "$W/data/"
-ln -sf "$(realpath "$SHARED/data/wikitext-2-raw/wiki.test.raw")" "$W/data/"
-CH=()
-[ -n "$CHUNKS" ] && CH=(--chunks "$CHUNKS")
+source bench/eval_setup.sh
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; chunks: ${CHUNKS:-all}; calibration: bartowski-v3 ${SAMPLES}x512"
 [ -f "$W/base.logprobs" ] || $CALQ -q eval --metric kl-divergence --model "$MODEL" --save-logits "$W/base.logprobs" "${CH[@]}" >/dev/null
 printf '| format | method | bits/weight | mean KLD | PPL | PPL(base) | same top p | quantize s | peak RSS |\n|---|---|---|---|---|---|---|---|---|\n'
