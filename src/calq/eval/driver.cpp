@@ -59,6 +59,20 @@ struct Timer {
   double s() const { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); }
 };
 
+// log_softmax of each of `rows` rows of V logits into out (rows × V), rows in parallel.
+void log_softmax_rows(std::span<const float> logits, size_t rows, size_t V, std::vector<double>& out) {
+  const auto n = static_cast<int64_t>(rows);
+#pragma omp parallel if (rows * V >= (1u << 16))
+  {
+    std::vector<double> row;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+      log_softmax(logits.subspan(static_cast<size_t>(r) * V, V), row);
+      std::copy(row.begin(), row.end(), out.begin() + static_cast<std::ptrdiff_t>(static_cast<size_t>(r) * V));
+    }
+  }
+}
+
 }  // namespace
 
 PerplexityResult run_perplexity(const std::vector<Window>& windows, int64_t vocab, const ForwardFn& model,
@@ -94,7 +108,7 @@ KldResult run_kl_divergence(const std::vector<Window>& windows, int64_t vocab, c
   CALQ_CHECK((base.model != nullptr) != (base.file != nullptr), "KL divergence needs one base: a model or a file");
   KldAccumulator acc;
   std::vector<float> ql, bl;
-  std::vector<double> blp, row;
+  std::vector<double> blp;
   std::unique_ptr<Progress> bar;
   if (opts.progress) bar = std::make_unique<Progress>(opts.label, windows.size(), "chunks");
   Timer t;
@@ -112,10 +126,7 @@ KldResult run_kl_divergence(const std::vector<Window>& windows, int64_t vocab, c
       if (base.model) {
         forward_group(*base.model, one, windows, c, c + 1, vocab, bl, "the reference");
         blp.resize(rows * V);
-        for (size_t r = 0; r < rows; ++r) {
-          log_softmax(std::span<const float>(bl).subspan(r * V, V), row);
-          std::copy(row.begin(), row.end(), blp.begin() + static_cast<std::ptrdiff_t>(r * V));
-        }
+        log_softmax_rows(bl, rows, V, blp);
         processed += static_cast<int64_t>(w.input.size());
       } else {
         const int64_t got = base.file->next_window(blp);
@@ -123,9 +134,8 @@ KldResult run_kl_divergence(const std::vector<Window>& windows, int64_t vocab, c
                    rows);
       }
       const size_t off = window_offset(windows, c0, c, vocab);
-      for (size_t r = 0; r < rows; ++r)
-        acc.add_row(std::span<const float>(ql).subspan(off + r * V, V), std::span<const double>(blp).subspan(r * V, V),
-                    w.targets[r]);
+      acc.add_rows(std::span<const float>(ql).subspan(off, rows * V), std::span<const double>(blp).subspan(0, rows * V),
+                   vocab, w.targets);
       processed += static_cast<int64_t>(w.input.size());
     }
     if (bar) bar->advance(c1 - c0, 0, fmt::format("KLD {:.5f}", acc.mean_kld()));
@@ -141,7 +151,7 @@ PerplexityResult save_logprobs(const std::vector<Window>& windows, int64_t vocab
   CALQ_CHECK(!windows.empty(), "no windows to evaluate");
   PerplexityAccumulator acc;
   std::vector<float> logits;
-  std::vector<double> lp, row;
+  std::vector<double> lp;
   std::unique_ptr<Progress> bar;
   if (opts.progress) bar = std::make_unique<Progress>(opts.label, windows.size(), "chunks");
   Timer t;
@@ -154,11 +164,8 @@ PerplexityResult save_logprobs(const std::vector<Window>& windows, int64_t vocab
       const Window& w = windows[c];
       const size_t rows = w.targets.size(), off = window_offset(windows, c0, c, vocab);
       lp.resize(rows * V);
-      for (size_t r = 0; r < rows; ++r) {
-        log_softmax(std::span<const float>(logits).subspan(off + r * V, V), row);
-        std::copy(row.begin(), row.end(), lp.begin() + static_cast<std::ptrdiff_t>(r * V));
-        acc.add_nll(-row[static_cast<size_t>(w.targets[r])]);
-      }
+      log_softmax_rows(std::span<const float>(logits).subspan(off, rows * V), rows, V, lp);
+      for (size_t r = 0; r < rows; ++r) acc.add_nll(-lp[r * V + static_cast<size_t>(w.targets[r])]);
       out.add_window(lp, static_cast<int64_t>(rows));
       processed += static_cast<int64_t>(w.input.size());
     }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <exception>
 
 #include <fmt/format.h>
 
@@ -59,13 +60,25 @@ std::vector<Window> stride_windows(const std::vector<int32_t>& tokens, int64_t c
   return out;
 }
 
-void log_softmax(std::span<const float> logits, std::vector<double>& out) {
-  out.resize(logits.size());
+namespace {
+
+// log Σ exp(logits), in fp64 from the max.
+double log_sum_exp(std::span<const float> logits) {
   double mx = -INFINITY;
   for (float v : logits) mx = std::max(mx, static_cast<double>(v));
   double sum = 0;
   for (float v : logits) sum += std::exp(static_cast<double>(v) - mx);
-  const double lse = mx + std::log(sum);
+  return mx + std::log(sum);
+}
+
+// Rows per thread below which a parallel region costs more than it saves (a row is ~vocab exps).
+constexpr int64_t kParallelElems = 1 << 16;
+
+}  // namespace
+
+void log_softmax(std::span<const float> logits, std::vector<double>& out) {
+  out.resize(logits.size());
+  const double lse = log_sum_exp(logits);
   for (size_t i = 0; i < logits.size(); ++i) out[i] = static_cast<double>(logits[i]) - lse;
 }
 
@@ -101,14 +114,16 @@ void PerplexityAccumulator::add_nll(double nll) {
 void PerplexityAccumulator::add(std::span<const float> logits, int64_t vocab, std::span<const int32_t> targets) {
   CALQ_CHECK(static_cast<int64_t>(logits.size()) == vocab * static_cast<int64_t>(targets.size()),
              "perplexity: {} logits for {} targets of vocab {}", logits.size(), targets.size(), vocab);
-  std::vector<double> lp;
-  for (size_t r = 0; r < targets.size(); ++r) {
-    const int32_t t = targets[r];
-    CALQ_CHECK(t >= 0 && t < vocab, "target token {} outside the vocabulary ({})", t, vocab);
-    auto row = logits.subspan(r * static_cast<size_t>(vocab), static_cast<size_t>(vocab));
-    log_softmax(row, lp);
-    add_nll(-lp[static_cast<size_t>(t)]);
+  const int64_t rows = static_cast<int64_t>(targets.size());
+  for (int32_t t : targets) CALQ_CHECK(t >= 0 && t < vocab, "target token {} outside the vocabulary ({})", t, vocab);
+  // -log_softmax(row)[t], exactly as log_softmax computes it, without writing the row.
+  std::vector<double> nll(static_cast<size_t>(rows));
+#pragma omp parallel for schedule(static) if (rows * vocab >= kParallelElems)
+  for (int64_t r = 0; r < rows; ++r) {
+    auto row = logits.subspan(static_cast<size_t>(r * vocab), static_cast<size_t>(vocab));
+    nll[r] = -(static_cast<double>(row[static_cast<size_t>(targets[r])]) - log_sum_exp(row));
   }
+  for (double v : nll) add_nll(v);
 }
 
 PerplexityResult PerplexityAccumulator::result() const {
@@ -125,22 +140,59 @@ nlohmann::json PerplexityResult::to_json() const {
   return {{"ppl", ppl}, {"ppl_stderr", ppl_err}, {"tokens_scored", tokens}};
 }
 
-void KldAccumulator::add_row(std::span<const float> q_logits, std::span<const double> base_lp, int32_t target) {
+KldAccumulator::Row KldAccumulator::score(std::span<const float> q_logits, std::span<const double> base_lp,
+                                          int32_t target, std::vector<double>& buf) {
   CALQ_CHECK(q_logits.size() == base_lp.size(), "KL divergence: vocabularies differ ({} vs {})", q_logits.size(),
              base_lp.size());
   CALQ_CHECK(target >= 0 && static_cast<size_t>(target) < q_logits.size(), "target token {} outside the vocabulary",
              target);
-  log_softmax(q_logits, buf_);
+  log_softmax(q_logits, buf);
   const size_t V = q_logits.size();
-  double kld = 0;
+  Row row;
   size_t arg_q = 0, arg_b = 0;
   for (size_t i = 0; i < V; ++i) {
     const double lb = base_lp[i];
-    if (lb > -INFINITY) kld += std::exp(lb) * (lb - buf_[i]);
-    if (buf_[i] > buf_[arg_q]) arg_q = i;
+    if (lb > -INFINITY) row.kld += std::exp(lb) * (lb - buf[i]);
+    if (buf[i] > buf[arg_q]) arg_q = i;
     if (base_lp[i] > base_lp[arg_b]) arg_b = i;
   }
-  const double nll = -buf_[static_cast<size_t>(target)], nllb = -base_lp[static_cast<size_t>(target)];
+  row.nll = -buf[static_cast<size_t>(target)];
+  row.nllb = -base_lp[static_cast<size_t>(target)];
+  row.same_top = arg_q == arg_b;
+  return row;
+}
+
+void KldAccumulator::add_row(std::span<const float> q_logits, std::span<const double> base_lp, int32_t target) {
+  add(score(q_logits, base_lp, target, buf_));
+}
+
+void KldAccumulator::add_rows(std::span<const float> q_logits, std::span<const double> base_lp, int64_t vocab,
+                              std::span<const int32_t> targets) {
+  const int64_t rows = static_cast<int64_t>(targets.size());
+  const auto V = static_cast<size_t>(vocab);
+  CALQ_CHECK(q_logits.size() == static_cast<size_t>(rows) * V && base_lp.size() == q_logits.size(),
+             "KL divergence: {} and {} values for {} rows of vocab {}", q_logits.size(), base_lp.size(), rows, vocab);
+  std::vector<Row> out(static_cast<size_t>(rows));
+  std::vector<std::exception_ptr> err(static_cast<size_t>(rows));
+#pragma omp parallel if (rows * vocab >= kParallelElems)
+  {
+    std::vector<double> buf;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      try {
+        out[r] = score(q_logits.subspan(r * V, V), base_lp.subspan(r * V, V), targets[r], buf);
+      } catch (...) {
+        err[r] = std::current_exception();
+      }
+    }
+  }
+  for (auto& e : err)
+    if (e) std::rethrow_exception(e);
+  for (const Row& r : out) add(r);
+}
+
+void KldAccumulator::add(const Row& row) {
+  const double nll = row.nll, nllb = row.nllb, kld = row.kld;
   s_nll_ += nll;
   s_nll2_ += nll * nll;
   s_nllb_ += nllb;
@@ -152,7 +204,7 @@ void KldAccumulator::add_row(std::span<const float> q_logits, std::span<const do
   s_dp_ += dp;
   s_dp2_ += dp * dp;
   s_dp4_ += dp * dp * dp * dp;
-  same_top_ += arg_q == arg_b;
+  same_top_ += row.same_top;
   ++n_;
   kld_.push_back(static_cast<float>(kld));
   dp_.push_back(static_cast<float>(dp));

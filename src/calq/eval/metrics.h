@@ -58,6 +58,7 @@ struct PerplexityResult {
 class PerplexityAccumulator {
  public:
   // Adds the scored rows of one window: logits is [rows × vocab] for positions scored_from...
+  // (rows scored in parallel, accumulated in row order: independent of the thread count).
   void add(std::span<const float> logits, int64_t vocab, std::span<const int32_t> targets);
   void add_nll(double nll);
   PerplexityResult result() const;
@@ -92,12 +93,23 @@ class KldAccumulator {
   // the same vocab. When the base log-probs come from log_softmax of the same logits, every term
   // is exactly zero: a model against itself gives KLD 0 and same-top 100%.
   void add_row(std::span<const float> q_logits, std::span<const double> base_logprobs, int32_t target);
+  // add_row for each of targets.size() rows ([rows × vocab] each), the rows' sums computed in
+  // parallel and accumulated in row order: the same result as calling add_row row by row.
+  void add_rows(std::span<const float> q_logits, std::span<const double> base_logprobs, int64_t vocab,
+                std::span<const int32_t> targets);
   KldResult result() const;
   int64_t count() const { return n_; }
   // The running mean KLD (cheap: result() sorts every value for the percentiles).
   double mean_kld() const { return n_ ? s_kld_ / static_cast<double>(n_) : 0.0; }
 
  private:
+  struct Row {
+    double nll = 0, nllb = 0, kld = 0;
+    bool same_top = false;
+  };
+  static Row score(std::span<const float> q_logits, std::span<const double> base_lp, int32_t target,
+                   std::vector<double>& buf);
+  void add(const Row& r);
   double s_nll_ = 0, s_nll2_ = 0, s_nllb_ = 0, s_nllb2_ = 0, s_nll_nllb_ = 0;
   double s_kld_ = 0, s_kld2_ = 0, s_dp_ = 0, s_dp2_ = 0, s_dp4_ = 0;
   int64_t same_top_ = 0, n_ = 0;
