@@ -1038,11 +1038,13 @@ CalibratedResults run_act_rtn(const fs::path& model_dir, const std::vector<Tenso
       if (kind != FoldGroup::None && !same_format) kind = FoldGroup::None, why = "modules of this input differ in format";
       if (kind != FoldGroup::None) {
         // Experts the router starved (fewer than --min-tokens routed tokens) keep plain RTN.
+        // (Any other input without statistics stays an error: file_moments names it.)
         const std::string& key = g.modules.front();
+        const bool expert = key.find(".experts.") != std::string::npos;
         const json& ds = ci ? json() : stats_file["detailed_stats"];
-        const bool starved = ci ? !moments.count(key)
-                                : !ds.contains(key) || (key.find(".experts.") != std::string::npos &&
-                                                        ds[key].value("tokens", int64_t{0}) < opt.min_tokens);
+        const bool starved =
+            expert && (ci ? !moments.count(key)
+                          : !ds.contains(key) || ds[key].value("tokens", int64_t{0}) < opt.min_tokens);
         if (starved) kind = FoldGroup::None, why = fmt::format("too few routed calibration tokens (--min-tokens {})", opt.min_tokens);
       }
       json row = {{"modules", mods}, {"layer", l}};
