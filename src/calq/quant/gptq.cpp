@@ -106,6 +106,7 @@ GptqPrepared gptq_prepare(const float* w_in, int64_t rows, int64_t cols, const s
         q.params[r * G + g] = gptq_choose_params(f, W.data() + r * cols + g * gs, gs, 1, o, p.global, scratch);
     }
   }
+  p.dynamic_act = o.act_order && !o.static_groups && !p.per_channel;
   // 3. Act-order permutation (stable, so ties keep the original order), and the permuted copies
   // in fp64: the blocked and the unblocked algorithm then agree to ~1e-12, so the codes are the
   // same as the reference's (tests), and the CUDA path has a precise target.
@@ -125,7 +126,57 @@ GptqPrepared gptq_prepare(const float* w_in, int64_t rows, int64_t cols, const s
     for (int64_t l = 0; l < cols; ++l) p.Hp[k * cols + l] = H[perm[k] * cols + perm[l]];
   for (int64_t k = 0; k < cols; ++k) p.mean_diag += p.Hp[k * cols + k];
   p.mean_diag /= static_cast<double>(cols);
+  // g_idx when groups follow the processing order.
+  if (p.dynamic_act) {
+    q.g_idx.assign(C, 0);
+    for (int64_t k = 0; k < cols; ++k) q.g_idx[perm[k]] = static_cast<int32_t>(k / gs);
+  }
   return p;
+}
+
+double gptq_block(GptqPrepared& p, const std::vector<double>& U, int64_t i1, int64_t i2, double* w, int64_t ldw,
+                  int64_t w_col0, std::vector<double>& err, int64_t B, const Format& f, const GptqOptions& o) {
+  QuantizedWeight& q = p.res.q;
+  const int64_t rows = q.rows, cols = q.cols, G = p.groups, gs = p.group_len;
+  double loss = 0;
+#pragma omp parallel for schedule(static) reduction(+ : loss) if (rows * (i2 - i1) >= 4096)
+  for (int64_t r = 0; r < rows; ++r) {
+    std::vector<float> cur, scr;
+    double* wr = w + r * ldw - w_col0;  // wr[k]: column k of this row
+    double* er = err.data() + r * B;
+    for (int64_t k = i1; k < i2; ++k) {
+      const int64_t g = p.group_at(k);
+      if (!p.static_params && k % gs == 0) {
+        // The group is columns k..k+gs-1 of the processing order (without act-order the original
+        // columns g·gs.., with dynamic act-order the permuted ones), at their current values.
+        // Columns past this block have not received this block's errors yet (they come with the
+        // lazy update): add them here so the parameters see the current weights.
+        const int64_t len = std::min(gs, cols - k);
+        cur.resize(static_cast<size_t>(len));
+        for (int64_t l = 0; l < len; ++l) {
+          double v = wr[k + l];
+          if (k + l >= i2)
+            for (int64_t m = i1; m < k; ++m) v -= er[m - i1] * U[m * cols + k + l];
+          cur[static_cast<size_t>(l)] = static_cast<float>(v);
+        }
+        q.params[r * G + g] = gptq_choose_params(f, cur.data(), len, 1, o, p.global, scr);
+      }
+      const double xd = wr[k];
+      const GroupParams& gp = q.params[r * G + g];
+      const uint8_t c = quantize_element(f, static_cast<float>(xd), gp, p.global);
+      const double v = dequantize_element(f, c, gp, p.global);
+      q.codes[r * cols + p.perm[k]] = c;
+      const double e = (xd - v) / U[k * cols + k];
+      loss += 0.5 * e * e;
+      er[k - i1] = e;
+      // Propagate inside the block: w[l] -= err · U[k, l] for k < l < i2.
+      if (e != 0.0) {
+        const double* urow = U.data() + k * cols;
+        for (int64_t l = k + 1; l < i2; ++l) wr[l] -= e * urow[l];
+      }
+    }
+  }
+  return loss;
 }
 
 }  // namespace detail
@@ -135,14 +186,7 @@ GptqResult gptq_quantize(const float* w_in, int64_t rows, int64_t cols, const st
   if (o.cuda) return backend::cuda_gptq_quantize(w_in, rows, cols, h_in, f, o, what);
   const auto t0 = std::chrono::steady_clock::now();
   auto prep = detail::gptq_prepare(w_in, rows, cols, h_in, f, o, what);
-  const size_t R = static_cast<size_t>(rows), C = static_cast<size_t>(cols);
   GptqResult& res = prep.res;
-  QuantizedWeight& q = res.q;
-  const int64_t G = prep.groups, gs = prep.group_len;
-  const float global = prep.global;
-  const bool per_channel = prep.per_channel, static_params = prep.static_params;
-  const std::vector<int64_t>& perm = prep.perm;
-  std::vector<double>& Wp = prep.Wp;
   std::vector<double>& Hp = prep.Hp;
   const double mean_diag = prep.mean_diag;
 
@@ -168,63 +212,15 @@ GptqResult gptq_quantize(const float* w_in, int64_t rows, int64_t cols, const st
   res.damp_used = damp;
   const std::vector<double>& U = Hp;
 
-  // g_idx when groups follow the processing order.
-  const bool dynamic_act = o.act_order && !o.static_groups && !per_channel;
-  if (dynamic_act) {
-    q.g_idx.assign(C, 0);
-    for (int64_t k = 0; k < cols; ++k) q.g_idx[perm[k]] = static_cast<int32_t>(k / gs);
-  }
-
   // 5. Column loop with lazy block updates. Inside a block every row is independent (its updates
   // only read its own values and U), so rows run in parallel; the lazy update is one GEMM.
   const int64_t B = o.block_size;
-  std::vector<double> err(R * static_cast<size_t>(B));  // rows × block: err of each column
-  // Group of processing position k.
-  auto group_at = [&](int64_t k) -> int64_t {
-    if (per_channel) return 0;
-    if (dynamic_act) return k / gs;
-    return perm[k] / gs;
-  };
+  std::vector<double> err(static_cast<size_t>(rows * B));  // rows × block: err of each column
+  std::vector<double>& Wp = prep.Wp;
   double loss = 0;
   for (int64_t i1 = 0; i1 < cols; i1 += B) {
     const int64_t i2 = std::min(i1 + B, cols), count = i2 - i1;
-#pragma omp parallel for schedule(static) reduction(+ : loss) if (rows * count >= 4096)
-    for (int64_t r = 0; r < rows; ++r) {
-      std::vector<float> cur, scr;
-      double* wr = Wp.data() + r * cols;
-      double* er = err.data() + r * B;
-      for (int64_t k = i1; k < i2; ++k) {
-        const int64_t g = group_at(k);
-        if (!static_params && k % gs == 0) {
-          // The group is columns k..k+gs-1 of the processing order (without act-order the original
-          // columns g·gs.., with dynamic act-order the permuted ones), at their current values.
-          // Columns past this block have not received this block's errors yet (they come with the
-          // lazy update): add them here so the parameters see the current weights.
-          const int64_t len = std::min(gs, cols - k);
-          cur.resize(static_cast<size_t>(len));
-          for (int64_t l = 0; l < len; ++l) {
-            double v = wr[k + l];
-            if (k + l >= i2)
-              for (int64_t m = i1; m < k; ++m) v -= er[m - i1] * U[m * cols + k + l];
-            cur[static_cast<size_t>(l)] = static_cast<float>(v);
-          }
-          q.params[r * G + g] = gptq_choose_params(f, cur.data(), len, 1, o, global, scr);
-        }
-        const double xd = wr[k];
-        const GroupParams& p = q.params[r * G + g];
-        const uint8_t c = quantize_element(f, static_cast<float>(xd), p, global);
-        const double v = dequantize_element(f, c, p, global);
-        q.codes[r * cols + perm[k]] = c;
-        const double e = (xd - v) / U[k * cols + k];
-        loss += 0.5 * e * e;
-        er[k - i1] = e;
-        // Propagate inside the block: w[l] -= err · U[k, l] for k < l < i2.
-        if (e != 0.0) {
-          const double* urow = U.data() + k * cols;
-          for (int64_t l = k + 1; l < i2; ++l) wr[l] -= e * urow[l];
-        }
-      }
-    }
+    loss += detail::gptq_block(prep, U, i1, i2, Wp.data(), cols, 0, err, B, f, o);
     // Lazy update of every later column: Wp[:, i2:] -= Err[:, 0:count] · U[i1:i2, i2:].
     if (i2 < cols)
       cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(rows), static_cast<int>(cols - i2),

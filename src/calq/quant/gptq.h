@@ -74,13 +74,24 @@ struct GptqPrepared {
   GptqResult res;  // q sized (codes, params; static params set), global scale, dead_inputs
   float global = 1.f;
   bool per_channel = false, static_params = false;
+  bool dynamic_act = false;            // act-order with groups in processing order (q.g_idx set)
   int64_t groups = 0, group_len = 0;  // groups per row, columns per group
   std::vector<int64_t> perm;
   std::vector<double> Wp, Hp;
   double mean_diag = 0;  // of Hp (undamped)
+  // The group of processing position k.
+  int64_t group_at(int64_t k) const { return per_channel ? 0 : dynamic_act ? k / group_len : perm[k] / group_len; }
 };
 GptqPrepared gptq_prepare(const float* w, int64_t rows, int64_t cols, const std::vector<double>& h, const Format& f,
                           const GptqOptions& o, const std::string& what);
+
+// The column loop of one block [i1, i2) for every row, shared by CPU and CUDA GPTQ: quantize
+// column k (choosing a group's parameters when it starts, unless static), err = (w − q)/U_kk into
+// err[r·B + k − i1], propagate inside the block. Row r's columns are w[r·ldw + k − w_col0] for
+// k in [i1, min(cols, i2 + group_len)); U is the upper factor of H⁻¹ (cols × cols). Rows run in
+// parallel. Returns Σ ½·err².
+double gptq_block(GptqPrepared& p, const std::vector<double>& U, int64_t i1, int64_t i2, double* w, int64_t ldw,
+                  int64_t w_col0, std::vector<double>& err, int64_t B, const Format& f, const GptqOptions& o);
 }  // namespace detail
 
 // tr((W − Ŵ) H (W − Ŵ)ᵀ): the layer-output error the Hessian measures (for reports and tests).

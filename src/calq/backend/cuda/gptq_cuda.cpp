@@ -175,13 +175,8 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
   auto prep = detail::gptq_prepare(w_in, rows, cols, h_in, f, o, what);
   const size_t R = static_cast<size_t>(rows), C = static_cast<size_t>(cols);
   GptqResult& res = prep.res;
-  QuantizedWeight& q = res.q;
-  const int64_t G = prep.groups, gs = prep.group_len;
-  const float global = prep.global;
-  const bool per_channel = prep.per_channel, static_params = prep.static_params;
-  const std::vector<int64_t>& perm = prep.perm;
-  std::vector<double>& Wp = prep.Wp;
-  std::vector<double>& Hp = prep.Hp;
+  const std::vector<double>& Wp = prep.Wp;
+  const std::vector<double>& Hp = prep.Hp;
   const double mean_diag = prep.mean_diag;
 
   // GPU memory: H (kept undamped), the factor, Wp, the error block, the solver workspace.
@@ -262,17 +257,6 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
   hd.sync("GPTQ factorization");
   const double* d_U = d_h.as<double>();
 
-  const bool dynamic_act = o.act_order && !o.static_groups && !per_channel;
-  if (dynamic_act) {
-    q.g_idx.assign(C, 0);
-    for (int64_t k = 0; k < cols; ++k) q.g_idx[perm[k]] = static_cast<int32_t>(k / gs);
-  }
-  auto group_at = [&](int64_t k) -> int64_t {
-    if (per_channel) return 0;
-    if (dynamic_act) return k / gs;
-    return perm[k] / gs;
-  };
-
   // 5. Blocks: download the block's current columns (and, when group parameters are chosen during
   // the loop, the columns of groups that start in the block and reach past it), run the CPU
   // column loop on them, upload the block's errors, lazy-update the later columns with one GEMM.
@@ -281,7 +265,7 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
   double loss = 0;
   for (int64_t i1 = 0; i1 < cols; i1 += B) {
     const int64_t i2 = std::min(i1 + B, cols), count = i2 - i1;
-    const int64_t hi = static_params ? i2 : std::min(cols, i2 + gs);
+    const int64_t hi = prep.static_params ? i2 : std::min(cols, i2 + prep.group_len);
     const int64_t width = hi - i1;
     blk.resize(R * static_cast<size_t>(width));
     check_cuda(cudaMemcpy2DAsync(blk.data(), static_cast<size_t>(width) * sizeof(double), d_w.as<double>() + i1,
@@ -289,38 +273,7 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
                                  cudaMemcpyDeviceToHost, hd.stream),
                "cudaMemcpy(block)");
     hd.sync("GPTQ block download");
-#pragma omp parallel for schedule(static) reduction(+ : loss) if (rows * count >= 4096)
-    for (int64_t r = 0; r < rows; ++r) {
-      std::vector<float> cur, scr;
-      double* wr = blk.data() + r * width - i1;  // wr[k] = column k of this row, k in [i1, hi)
-      double* er = err.data() + r * B;
-      for (int64_t k = i1; k < i2; ++k) {
-        const int64_t g = group_at(k);
-        if (!static_params && k % gs == 0) {
-          const int64_t len = std::min(gs, cols - k);
-          cur.resize(static_cast<size_t>(len));
-          for (int64_t l = 0; l < len; ++l) {
-            double v = wr[k + l];
-            if (k + l >= i2)
-              for (int64_t m = i1; m < k; ++m) v -= er[m - i1] * U[m * cols + k + l];
-            cur[static_cast<size_t>(l)] = static_cast<float>(v);
-          }
-          q.params[r * G + g] = detail::gptq_choose_params(f, cur.data(), len, 1, o, global, scr);
-        }
-        const double xd = wr[k];
-        const GroupParams& p = q.params[r * G + g];
-        const uint8_t c = quantize_element(f, static_cast<float>(xd), p, global);
-        const double v = dequantize_element(f, c, p, global);
-        q.codes[r * cols + perm[k]] = c;
-        const double e = (xd - v) / U[k * cols + k];
-        loss += 0.5 * e * e;
-        er[k - i1] = e;
-        if (e != 0.0) {
-          const double* urow = U.data() + k * cols;
-          for (int64_t l = k + 1; l < i2; ++l) wr[l] -= e * urow[l];
-        }
-      }
-    }
+    loss += detail::gptq_block(prep, U, i1, i2, blk.data(), width, i1, err, B, f, o);
     if (i2 < cols) {
       check_cuda(cudaMemcpyAsync(d_e.as<double>(), err.data(), R * static_cast<size_t>(B) * sizeof(double),
                                  cudaMemcpyHostToDevice, hd.stream),
