@@ -229,6 +229,14 @@ struct Reference {
     return r;
   }
   const std::vector<double>& input_of(int64_t e, bool down) const { return down ? down_in[e] : ri->x; }
+  // Expert e's gate/up (down = false) or down input Hessian: over its routed tokens (weighted by
+  // the routing weight when `weighted`), or over every token.
+  std::vector<double> routed(int64_t e, bool down, bool weighted = false) const {
+    return hessian(input_of(e, down), down ? kI : kH, routed_rows[e], weighted ? &routed_weight[e] : nullptr);
+  }
+  std::vector<double> every(int64_t e, bool down) const {
+    return hessian(input_of(e, down), down ? kI : kH, all_rows(), nullptr);
+  }
 };
 
 // Share of codes equal between the pipeline's weight and GPTQ on the reference Hessian.
@@ -292,23 +300,17 @@ TEST(MoeCalib, RoutedHessiansAndBlendBelowMinTokens) {
       EXPECT_EQ(fell.count(emod(e, leaf)) > 0, counts[e] < N) << emod(e, leaf) << " tokens " << counts[e];
   }
   auto expected = [&](int64_t e, bool down) {
-    const int64_t n = down ? kI : kH;
-    const auto& X = ref.input_of(e, down);
-    auto Hr = Reference::hessian(X, n, ref.routed_rows[e], nullptr);
+    auto Hr = ref.routed(e, down);
     const int64_t c = counts[e];
     if (c >= N) return Hr;
-    auto Ha = Reference::hessian(X, n, ref.all_rows(), nullptr);
+    auto Ha = ref.every(e, down);
     const double a = static_cast<double>(c) / static_cast<double>(N);
     for (size_t i = 0; i < Ha.size(); ++i) Ha[i] = a * Hr[i] + (1 - a) * Ha[i];
     return Ha;
   };
-  auto routed_only = [&](int64_t e, bool down) {
-    return Reference::hessian(ref.input_of(e, down), down ? kI : kH, ref.routed_rows[e], nullptr);
-  };
   expect_hessians(f, r, expected, [&](int64_t e, bool down) {
     // For experts that did not blend, "wrong" = the every-token Hessian.
-    return counts[e] < N ? routed_only(e, down)
-                         : Reference::hessian(ref.input_of(e, down), down ? kI : kH, ref.all_rows(), nullptr);
+    return counts[e] < N ? ref.routed(e, down) : ref.every(e, down);
   });
   // Every expert module was quantized by GPTQ (never RTN), with its Hessian kind recorded.
   for (auto& m : r.report["gptq"]["modules"]) {
@@ -323,12 +325,8 @@ TEST(MoeCalib, AllExpertsSharedAndRoutingWeights) {
   auto g = base_options(f, f.t / "work");
   const auto ri = router_input(f, g);
   const Reference ref(f, ri);
-  auto routed = [&](int64_t e, bool down) {
-    return Reference::hessian(ref.input_of(e, down), down ? kI : kH, ref.routed_rows[e], nullptr);
-  };
-  auto every = [&](int64_t e, bool down) {
-    return Reference::hessian(ref.input_of(e, down), down ? kI : kH, ref.all_rows(), nullptr);
-  };
+  auto routed = [&](int64_t e, bool down) { return ref.routed(e, down); };
+  auto every = [&](int64_t e, bool down) { return ref.every(e, down); };
   {  // all-experts: every token's statistics through every expert
     auto ga = g;
     ga.moe.calibration = pipeline::MoeCalibOptions::Calibration::AllExperts;
@@ -365,7 +363,7 @@ TEST(MoeCalib, AllExpertsSharedAndRoutingWeights) {
         [&](int64_t e, bool down) {
           // An expert without routed tokens takes the every-token Hessian even with --moe-min-tokens 0.
           if (ref.routed_rows[e].empty()) return every(e, down);
-          return Reference::hessian(ref.input_of(e, down), down ? kI : kH, ref.routed_rows[e], &ref.routed_weight[e]);
+          return ref.routed(e, down, true);
         },
         routed);
   }
