@@ -7,7 +7,9 @@
 # Usage: LLAMA_CPP=/path/to/llama.cpp/build/bin bench/engine_vs_llamacpp.sh [threads] [chunks 28m] [chunks 1.7B]
 # REPEATS=n (default 1) alternates calq and llama.cpp n times per model (calq, llama.cpp, calq, ...)
 # and reports the median and the best tokens/s of each, and the median of the per-pair ratios;
-# MODELS="28m 1.7b" (default both) picks the models; CALQ=binary skips the build.
+# MODELS="28m 1.7b" (default both) picks the models; CALQ=binary skips the build; RANDOM_28M=1
+# replaces bench-qwen3-28m's weights by random ones from its config.json (same shapes and speed;
+# for a machine that has the config and tokenizer but not the checkpoint).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${LLAMA_CPP:?set LLAMA_CPP to the directory holding llama-perplexity}"
@@ -26,12 +28,21 @@ if [ -z "${CALQ:-}" ]; then  # CALQ: a calq binary (skips the build)
 fi
 WIKI=$SHARED/data/wikitext-2-raw/wiki.test.raw
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; threads: $THREADS; ctx 512"
-if [ ! -d "$W/qwen3-1.7b-shape" ]; then
+if [[ " $MODELS " == *" 1.7b "* ]] && [ ! -d "$W/qwen3-1.7b-shape" ]; then
   $CALQ -q generate-model -c "$SHARED/data/configs/Qwen3-1.7B" -o "$W/qwen3-1.7b-shape" --seed 0
   cp "$SHARED"/data/models/bench-qwen3-28m/tokenizer*.json "$W/qwen3-1.7b-shape/"
 fi
+M28=$SHARED/data/models/bench-qwen3-28m
+if [ "${RANDOM_28M:-0}" = 1 ]; then
+  if [ ! -d "$W/bench-qwen3-28m" ]; then
+    mkdir -p "$W/cfg28" && cp "$M28/config.json" "$W/cfg28/"
+    $CALQ -q generate-model -c "$W/cfg28" -o "$W/bench-qwen3-28m" --seed 0
+    cp "$M28"/tokenizer*.json "$W/bench-qwen3-28m/"
+  fi
+  M28=$W/bench-qwen3-28m
+fi
 printf '| model | chunks | runs | calq tok/s median (best) | llama.cpp tok/s median (best) | calq / llama.cpp median (range) | calq PPL | llama.cpp PPL |\n|---|---|---|---|---|---|---|---|\n'
-for m in "$SHARED/data/models/bench-qwen3-28m" "$W/qwen3-1.7b-shape"; do
+for m in "$M28" "$W/qwen3-1.7b-shape"; do
   name=$(basename "$m")
   CHUNKS=$CHUNKS_SMALL
   [ "$name" = qwen3-1.7b-shape ] && CHUNKS=$CHUNKS_LARGE

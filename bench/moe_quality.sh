@@ -23,6 +23,7 @@ echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; chunks: 
 CAL=(--samples "$SAMPLES" --seq-len 512)
 declare -A ARGS=(
   [int4-rtn]="--format int4 --method rtn"
+  [int4-rtn-act]="--format int4 --method rtn --calibration bartowski-v3 ${CAL[*]}"
   [int4-gptq-shared]="--moe-token-weight uniform --format int4 --method gptq --moe-hessian shared ${CAL[*]}"
   [int4-gptq-routed]="--moe-token-weight uniform --format int4 --method gptq ${CAL[*]}"
   [int4-gptq-routed-noblend]="--moe-token-weight uniform --format int4 --method gptq --moe-min-tokens 0 --min-tokens 0 ${CAL[*]}"
@@ -44,7 +45,7 @@ declare -A ARGS=(
   [int4-gptq-shared-xo]="--moe-token-weight uniform --format int4 --method gptq --moe-hessian shared --keep self_attn ${CAL[*]}"
   [int4-gptq-routed-xo]="--moe-token-weight uniform --format int4 --method gptq --keep self_attn ${CAL[*]}"
 )
-ORDER="int4-rtn int4-gptq-shared int4-gptq-routed int4-gptq-routed-noblend int4-gptq-all-experts int4-gptq-routing-weight
+ORDER="int4-rtn int4-rtn-act int4-gptq-shared int4-gptq-routed int4-gptq-routed-noblend int4-gptq-all-experts int4-gptq-routing-weight
   nvfp4-rtn nvfp4-gptq-shared nvfp4-gptq-routed nvfp4-mr-gptq int4-gptq-shared-act int4-gptq-routed-act
   int4-rtn-xo int4-gptq-shared-xo int4-gptq-routed-xo int4-gptq-routing-weight-act int4-gptq-routing-weight-xo
   int4-gptq-shared-routing-weight nvfp4-gptq-routing-weight nvfp4-mr-gptq-routing-weight"
