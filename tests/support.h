@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -148,8 +149,47 @@ inline std::vector<float> raw_to_float(const RawTensor& t) {
   return out;
 }
 
+inline nlohmann::json read_json(const fs::path& p) { return nlohmann::json::parse(read_file(p)); }
+
 #ifdef CALQ_BIN
 inline std::string calq_bin() { return CALQ_BIN; }
+
+// The files of ../shared that the CLI tests use; ok is false (the test skips) when any is absent.
+struct SharedData {
+  fs::path m28 = shared_file("data/models/bench-qwen3-28m");
+  fs::path m16 = shared_file("data/models/bench-qwen3-16m");
+  fs::path wiki = shared_file("data/wikitext-2-raw/wiki.test.raw");
+  fs::path v3 = shared_file("data/calibration/calibration_datav3.txt");
+  bool ok = !m28.empty() && !m16.empty() && !wiki.empty() && !v3.empty();
+};
+
+// A CALQ_DATA directory under t holding links to WikiText-2 test and the v3 calibration text.
+inline fs::path calq_data_dir(const TempDir& t, const SharedData& s) {
+  const fs::path d = t / "data";
+  fs::create_directories(d);
+  fs::create_symlink(s.wiki, d / "wiki.test.raw");
+  fs::create_symlink(s.v3, d / "calibration_datav3.txt");
+  return d;
+}
+
+// Runs calq offline with CALQ_DATA = data_dir; `env` is prepended (e.g. "CALQ_TEST_ABORT_AFTER_LAYER=1").
+inline RunResult run_calq(const std::string& args, const fs::path& data_dir, const std::string& env = "") {
+  return run(env + " CALQ_OFFLINE=1 CALQ_DATA=" + data_dir.string() + " " + calq_bin() + " " + args);
+}
+
+// `calq eval --metric kl-divergence` of `model` against `reference` over the first `chunks` chunks
+// of WikiText-2 test; the JSON goes to `json_out`. Returns kld_mean (NaN, with a test failure, when
+// the run fails).
+inline double eval_kld(const fs::path& model, const fs::path& reference, const fs::path& data_dir,
+                       const fs::path& json_out, int chunks = 3) {
+  const RunResult r = run_calq("-q eval --metric kl-divergence --model " + model.string() + " --reference " +
+                                   reference.string() + " --chunks " + std::to_string(chunks) + " --json " +
+                                   json_out.string(),
+                               data_dir);
+  EXPECT_EQ(r.rc, 0) << r.output;
+  if (r.rc != 0) return std::nan("");
+  return read_json(json_out)["kld_mean"].get<double>();
+}
 #endif
 
 // Calibration-like inputs with correlated features: x = z·M, z ~ N(0, 1), M = mix·N(0, 1) + I,

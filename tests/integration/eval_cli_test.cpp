@@ -12,42 +12,11 @@
 using namespace calq_test;
 using nlohmann::json;
 
-namespace {
-
-struct Shared {
-  fs::path m28, m16, wiki, v3;
-  bool ok = false;
-  Shared() {
-    m28 = shared_file("data/models/bench-qwen3-28m");
-    m16 = shared_file("data/models/bench-qwen3-16m");
-    wiki = shared_file("data/wikitext-2-raw/wiki.test.raw");
-    v3 = shared_file("data/calibration/calibration_datav3.txt");
-    ok = !m28.empty() && !m16.empty() && !wiki.empty() && !v3.empty();
-  }
-};
-
-// Runs calq with the shared data directory as CALQ_DATA and downloads off.
-RunResult run_calq(const std::string& args, const fs::path& data_dir) {
-  return run("CALQ_OFFLINE=1 CALQ_DATA=" + data_dir.string() + " " + calq_bin() + " " + args);
-}
-
-fs::path data_dir(const TempDir& t, const Shared& s) {
-  const fs::path d = t / "data";
-  fs::create_directories(d);
-  fs::create_symlink(s.wiki, d / "wiki.test.raw");
-  fs::create_symlink(s.v3, d / "calibration_datav3.txt");
-  return d;
-}
-
-json read_json(const fs::path& p) { return json::parse(read_file(p)); }
-
-}  // namespace
-
 TEST(EvalCli, PerplexityMatchesTransformersOnTheFirstChunk) {
-  Shared s;
+  SharedData s;
   if (!s.ok) GTEST_SKIP() << "../shared absent";
   TempDir t;
-  auto d = data_dir(t, s);
+  auto d = calq_data_dir(t, s);
   auto r = run_calq("-q eval --model " + s.m28.string() + " --chunks 1 --json " + (t / "p.json").string(), d);
   ASSERT_EQ(r.rc, 0) << r.output;
   auto j = read_json(t / "p.json");
@@ -70,10 +39,10 @@ TEST(EvalCli, PerplexityMatchesTransformersOnTheFirstChunk) {
 // engine between its sequence-parallel and batch-wide paths all give the same perplexity, to the
 // last printed digit.
 TEST(EvalCli, BatchAndThreadsDoNotChangeResults) {
-  Shared s;
+  SharedData s;
   if (!s.ok) GTEST_SKIP() << "../shared absent";
   TempDir t;
-  auto d = data_dir(t, s);
+  auto d = calq_data_dir(t, s);
   double first = 0;
   for (const char* opts : {"--threads 1 --batch 1", "--threads 2", "--threads 3 --batch 2", "--threads 2 --batch 5",
                            "--threads 4 --batch 0"}) {
@@ -93,10 +62,10 @@ TEST(EvalCli, BatchAndThreadsDoNotChangeResults) {
 }
 
 TEST(EvalCli, KlDivergenceSelfZeroSavedLogitsAndErrors) {
-  Shared s;
+  SharedData s;
   if (!s.ok) GTEST_SKIP() << "../shared absent";
   TempDir t;
-  auto d = data_dir(t, s);
+  auto d = calq_data_dir(t, s);
   auto r = run_calq("-q eval --metric kl-divergence --model " + s.m16.string() + " --reference " + s.m16.string() +
                     " --chunks 2 --ctx 256 --json " + (t / "self.json").string(),
                 d);
@@ -158,10 +127,10 @@ TEST(EvalCli, KlDivergenceSelfZeroSavedLogitsAndErrors) {
 }
 
 TEST(CalibrateCli, StatisticsHessiansAndImatrix) {
-  Shared s;
+  SharedData s;
   if (!s.ok) GTEST_SKIP() << "../shared absent";
   TempDir t;
-  auto d = data_dir(t, s);
+  auto d = calq_data_dir(t, s);
   auto r = run_calq("-q calibrate -i " + s.m16.string() + " -o " + (t / "cal").string() +
                     " --samples 4 --seq-len 128 --hessians --imatrix " + (t / "imatrix.gguf").string(),
                 d);
@@ -187,10 +156,10 @@ TEST(CalibrateCli, StatisticsHessiansAndImatrix) {
 }
 
 TEST(QuantizeGptqCli, BeatsRtnAndReportsCalibration) {
-  Shared s;
+  SharedData s;
   if (!s.ok) GTEST_SKIP() << "../shared absent";
   TempDir t;
-  auto d = data_dir(t, s);
+  auto d = calq_data_dir(t, s);
   auto r = run_calq("-q quantize -i " + s.m16.string() + " -o " + (t / "g").string() +
                     " --method gptq --format int4 --samples 8 --seq-len 256",
                 d);
@@ -202,16 +171,8 @@ TEST(QuantizeGptqCli, BeatsRtnAndReportsCalibration) {
   EXPECT_GT(rep["gptq"]["modules"][0]["proxy_loss"].get<double>(), 0.0);
   r = run_calq("-q quantize -i " + s.m16.string() + " -o " + (t / "r").string() + " --format int4", d);
   ASSERT_EQ(r.rc, 0) << r.output;
-  double kld[2];
-  int i = 0;
-  for (const char* m : {"g", "r"}) {
-    r = run_calq("-q eval --metric kl-divergence --model " + (t / m).string() + " --reference " + s.m16.string() +
-                 " --chunks 3 --json " + (t / (std::string(m) + ".json")).string(),
-             d);
-    ASSERT_EQ(r.rc, 0) << r.output;
-    kld[i++] = read_json(t / (std::string(m) + ".json"))["kld_mean"].get<double>();
-  }
-  EXPECT_LT(kld[0], 0.8 * kld[1]) << "gptq " << kld[0] << " rtn " << kld[1];
+  const double kld_g = eval_kld(t / "g", s.m16, d, t / "g.json"), kld_r = eval_kld(t / "r", s.m16, d, t / "r.json");
+  EXPECT_LT(kld_g, 0.8 * kld_r) << "gptq " << kld_g << " rtn " << kld_r;
   // Too few calibration tokens for --min-tokens.
   r = run_calq("-q quantize -i " + s.m16.string() + " -o " + (t / "x").string() +
                " --method gptq --samples 1 --seq-len 64 --min-tokens 1000",
@@ -225,10 +186,10 @@ TEST(QuantizeGptqCli, BeatsRtnAndReportsCalibration) {
 }
 
 TEST(DataCli, InspectV3AndWikitext) {
-  Shared s;
+  SharedData s;
   if (!s.ok) GTEST_SKIP() << "../shared absent";
   TempDir t;
-  auto d = data_dir(t, s);
+  auto d = calq_data_dir(t, s);
   auto r = run_calq("-q data inspect --calibration bartowski-v3 --tokenizer " + s.m28.string() +
                     " --samples 128 --seq-len 512 --json " + (t / "v3.json").string(),
                 d);

@@ -15,31 +15,6 @@ using nlohmann::json;
 
 namespace {
 
-struct Shared {
-  fs::path m16, wiki, v3;
-  bool ok = false;
-  Shared() {
-    m16 = shared_file("data/models/bench-qwen3-16m");
-    wiki = shared_file("data/wikitext-2-raw/wiki.test.raw");
-    v3 = shared_file("data/calibration/calibration_datav3.txt");
-    ok = !m16.empty() && !wiki.empty() && !v3.empty();
-  }
-};
-
-json read_json(const fs::path& p) { return json::parse(read_file(p)); }
-
-RunResult run_calq(const std::string& args, const fs::path& data_dir, const std::string& env = "") {
-  return run(env + " CALQ_OFFLINE=1 CALQ_DATA=" + data_dir.string() + " " + calq_bin() + " " + args);
-}
-
-fs::path data_dir(const TempDir& t, const Shared& s) {
-  const fs::path d = t / "data";
-  fs::create_directories(d);
-  fs::create_symlink(s.wiki, d / "wiki.test.raw");
-  fs::create_symlink(s.v3, d / "calibration_datav3.txt");
-  return d;
-}
-
 // Every file of two output directories, byte for byte, except the report (times, paths).
 void expect_same_files(const fs::path& a, const fs::path& b) {
   std::vector<std::string> names;
@@ -60,10 +35,10 @@ std::string gptq_args(int samples = 6) {
 const std::string kGptq = gptq_args();
 
 TEST(LongRun, ResumeAfterKillIsByteIdentical) {
-  Shared s;
+  SharedData s;
   if (!s.ok) GTEST_SKIP() << "../shared absent";
   TempDir t;
-  auto d = data_dir(t, s);
+  auto d = calq_data_dir(t, s);
   const std::string in = " -i " + s.m16.string();
   auto r = run_calq("-q quantize" + in + " -o " + (t / "full").string() + kGptq, d);
   ASSERT_EQ(r.rc, 0) << r.output;
@@ -101,10 +76,10 @@ TEST(LongRun, ResumeAfterKillIsByteIdentical) {
 }
 
 TEST(LongRun, StorageOptionErrors) {
-  Shared s;
+  SharedData s;
   if (!s.ok) GTEST_SKIP() << "../shared absent";
   TempDir t;
-  auto d = data_dir(t, s);
+  auto d = calq_data_dir(t, s);
   const std::string in = " -i " + s.m16.string();
   auto r = run_calq("-q quantize" + in + " -o " + (t / "c").string() + kGptq + " --max-memory 12XB", d);
   EXPECT_EQ(r.rc, 1);
@@ -129,18 +104,12 @@ TEST(LongRun, StorageOptionErrors) {
 // plain int8 RTN), and at int4 it beats plain RTN in KL divergence. Also from an
 // activation_ranges.json written by calq calibrate.
 TEST(LongRun, ActivationAwareRtn) {
-  Shared s;
+  SharedData s;
   if (!s.ok) GTEST_SKIP() << "../shared absent";
   TempDir t;
-  auto d = data_dir(t, s);
+  auto d = calq_data_dir(t, s);
   const std::string in = " -i " + s.m16.string();
-  auto kld = [&](const fs::path& m) {
-    auto r = run_calq("-q eval --metric kl-divergence --model " + m.string() + " --reference " + s.m16.string() +
-                          " --chunks 3 --json " + (m.string() + ".json"),
-                      d);
-    EXPECT_EQ(r.rc, 0) << r.output;
-    return read_json(m.string() + ".json")["kld_mean"].get<double>();
-  };
+  auto kld = [&](const fs::path& m) { return eval_kld(m, s.m16, d, m.string() + ".json"); };
   const std::string cal = " --calibration bartowski-v3 --samples 12 --seq-len 256";
   auto r = run_calq("-q quantize" + in + " -o " + (t / "act4").string() + " --format int4" + cal, d);
   ASSERT_EQ(r.rc, 0) << r.output;
@@ -202,12 +171,12 @@ namespace {
 // expert with too few (or no) routed tokens gets a blended Hessian (--moe-min-tokens), never RTN,
 // and the report names it.
 TEST(LongRun, MoeExpertsGetGptq) {
-  Shared s;
+  SharedData s;
   const fs::path cfg30 = shared_file("data/configs/Qwen3-30B-A3B/config.json");
   const fs::path m28 = shared_file("data/models/bench-qwen3-28m");
   if (!s.ok || cfg30.empty() || m28.empty()) GTEST_SKIP() << "../shared absent";
   TempDir t;
-  auto d = data_dir(t, s);
+  auto d = calq_data_dir(t, s);
   json c = read_json(cfg30);
   c["hidden_size"] = 128;
   c["num_attention_heads"] = 4;
@@ -283,10 +252,10 @@ namespace {
 // MR-GPTQ's rotations survive a kill: they are recorded per layer in the work directory, and the
 // resumed output (sign tensors and config included) equals an uninterrupted run's.
 TEST(LongRun, MrGptqResumeKeepsRotations) {
-  Shared s;
+  SharedData s;
   if (!s.ok) GTEST_SKIP() << "../shared absent";
   TempDir t;
-  auto d = data_dir(t, s);
+  auto d = calq_data_dir(t, s);
   const std::string q = "-q quantize -i " + s.m16.string() + " --method mr-gptq --format nvfp4 --samples 4 --seq-len 64";
   auto r = run_calq(q + " -o " + (t / "full").string(), d);
   ASSERT_EQ(r.rc, 0) << r.output;

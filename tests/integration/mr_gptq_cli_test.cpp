@@ -20,8 +20,6 @@ using nlohmann::json;
 
 namespace {
 
-json read_json(const fs::path& p) { return json::parse(read_file(p)); }
-
 // docs/format.md: sign i is −1 when the top bit of the i-th SplitMix64 output (state starting at
 // the seed) is set.
 std::vector<float> spec_signs(int64_t n, uint64_t seed) {
@@ -56,28 +54,6 @@ double rel_fro(const std::vector<float>& a, const std::vector<float>& b) {
   return std::sqrt(num / den);
 }
 
-struct Shared {
-  fs::path m16, wiki, v3;
-  bool ok = false;
-  Shared() {
-    m16 = shared_file("data/models/bench-qwen3-16m");
-    wiki = shared_file("data/wikitext-2-raw/wiki.test.raw");
-    v3 = shared_file("data/calibration/calibration_datav3.txt");
-    ok = !m16.empty() && !wiki.empty() && !v3.empty();
-  }
-};
-
-RunResult run_calq(const std::string& args, const fs::path& data_dir) {
-  return run("CALQ_OFFLINE=1 CALQ_DATA=" + data_dir.string() + " " + calq_bin() + " " + args);
-}
-
-fs::path data_dir(const TempDir& t, const Shared& s) {
-  const fs::path d = t / "data";
-  fs::create_directories(d);
-  fs::create_symlink(s.wiki, d / "wiki.test.raw");
-  fs::create_symlink(s.v3, d / "calibration_datav3.txt");
-  return d;
-}
 
 }  // namespace
 
@@ -204,10 +180,10 @@ TEST(RotationCli, BadInput) {
 }
 
 TEST(MrGptqCli, KurtosisGateEvalAndGgufExport) {
-  Shared s;
+  SharedData s;
   if (!s.ok) GTEST_SKIP() << "../shared absent";
   TempDir t;
-  auto d = data_dir(t, s);
+  auto d = calq_data_dir(t, s);
   const std::string cal = " --samples 8 --seq-len 256";
   auto r = run_calq("-q quantize -i " + s.m16.string() + " -o " + (t / "mr").string() +
                         " --method mr-gptq --format nvfp4 --hadamard-block 64 --hadamard-seed 3" + cal,
@@ -247,16 +223,8 @@ TEST(MrGptqCli, KurtosisGateEvalAndGgufExport) {
   // eval of the rotated output against the base and RTN nvfp4.
   r = run_calq("-q quantize -i " + s.m16.string() + " -o " + (t / "rtn").string() + " --format nvfp4", d);
   ASSERT_EQ(r.rc, 0) << r.output;
-  double kld[2];
-  int i = 0;
-  for (const char* m : {"mr", "rtn"}) {
-    r = run_calq("-q eval --metric kl-divergence --model " + (t / m).string() + " --reference " + s.m16.string() +
-                     " --chunks 3 --json " + (t / (std::string(m) + ".json")).string(),
-                 d);
-    ASSERT_EQ(r.rc, 0) << r.output;
-    kld[i++] = read_json(t / (std::string(m) + ".json"))["kld_mean"].get<double>();
-  }
-  EXPECT_LT(kld[0], 0.8 * kld[1]) << "mr-gptq " << kld[0] << " rtn " << kld[1];
+  const double kld_mr = eval_kld(t / "mr", s.m16, d, t / "mr.json"), kld_r = eval_kld(t / "rtn", s.m16, d, t / "rtn.json");
+  EXPECT_LT(kld_mr, 0.8 * kld_r) << "mr-gptq " << kld_mr << " rtn " << kld_r;
   // GGUF export dequantizes rotated modules back to the original basis (Ŵ = Q·Rᵀ).
   r = run_calq("-q export -i " + (t / "mr").string() + " -o " + (t / "mr.gguf").string() + " --outtype f32", d);
   ASSERT_EQ(r.rc, 0) << r.output;

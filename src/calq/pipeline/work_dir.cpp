@@ -226,6 +226,8 @@ fs::path WorkDir::acts_dir(int64_t layer) const { return dir_ / layer_name("acts
 
 void WorkDir::finish_layer(int64_t layer, const LayerOutput& out, ActivationStore& next) {
   const fs::path ldir = dir_ / layer_name("layer", layer);
+  layer_json_.erase(layer);
+  open_.erase(layer);
   {
     io::AtomicDir ad(ldir, true);
     io::SafetensorsWriter w(ad.path(), 1ull << 62, {{"format", "calq-layer"}});
@@ -257,7 +259,12 @@ void WorkDir::finish_layer(int64_t layer, const LayerOutput& out, ActivationStor
   fs::remove_all(acts_dir(layer), ec);
 }
 
-json WorkDir::layer_json(int64_t layer) const { return read_json(dir_ / layer_name("layer", layer) / "layer.json"); }
+const json& WorkDir::layer_json(int64_t layer) const {
+  auto it = layer_json_.find(layer);
+  if (it == layer_json_.end())
+    it = layer_json_.emplace(layer, read_json(dir_ / layer_name("layer", layer) / "layer.json")).first;
+  return it->second;
+}
 
 const io::Checkpoint& WorkDir::layer_file(int64_t layer) const {
   auto it = open_.find(layer);
@@ -269,7 +276,7 @@ const io::Checkpoint& WorkDir::layer_file(int64_t layer) const {
 std::map<std::string, int64_t> WorkDir::weight_index() const {
   std::map<std::string, int64_t> idx;
   for (int64_t l = 0; l < completed_; ++l) {
-    const json j = layer_json(l);  // named: a range-for over a temporary's items() would dangle
+    const json& j = layer_json(l);
     for (auto& [name, v] : j.at("weights").items()) idx[name] = l;
   }
   return idx;
@@ -278,7 +285,7 @@ std::map<std::string, int64_t> WorkDir::weight_index() const {
 std::map<std::string, int64_t> WorkDir::replaced_index() const {
   std::map<std::string, int64_t> idx;
   for (int64_t l = 0; l < completed_; ++l) {
-    const json j = layer_json(l);
+    const json& j = layer_json(l);
     for (auto& name : j.at("replaced")) idx[name.get<std::string>()] = l;
   }
   return idx;
@@ -287,7 +294,7 @@ std::map<std::string, int64_t> WorkDir::replaced_index() const {
 std::map<std::string, quant::Rotation> WorkDir::rotations() const {
   std::map<std::string, quant::Rotation> out;
   for (int64_t l = 0; l < completed_; ++l) {
-    const json j = layer_json(l);
+    const json& j = layer_json(l);
     for (auto& [name, v] : j.at("weights").items())
       if (v.contains("rotation")) {
         const json& r = v["rotation"];
@@ -308,8 +315,7 @@ quant::QuantizedWeight WorkDir::load_weight(int64_t layer, const std::string& na
     if (n.compare(0, prefix.size(), prefix) == 0) views[n.substr(prefix.size())] = ck.view(n);
   CALQ_CHECK(!views.empty(), "work directory {}: layer {} has no tensor {}", dir_.string(), layer, name);
   auto q = quant::unpack(f, views, name);
-  const json j = layer_json(layer);
-  q.saturated_scales = j.at("weights").at(name).at("saturated_scales").get<int64_t>();
+  q.saturated_scales = layer_json(layer).at("weights").at(name).at("saturated_scales").get<int64_t>();
   return q;
 }
 
@@ -322,6 +328,7 @@ Tensor WorkDir::load_replaced(int64_t layer, const std::string& name) const {
 
 void WorkDir::remove() {
   open_.clear();
+  layer_json_.clear();
   std::error_code ec;
   fs::remove_all(dir_, ec);
 }

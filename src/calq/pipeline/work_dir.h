@@ -95,11 +95,14 @@ class WorkDir {
   void remove();
 
  private:
-  nlohmann::json layer_json(int64_t layer) const;
+  // A finished layer's layer.json, parsed once (weight_index, rotations and load_weight read it
+  // for every tensor).
+  const nlohmann::json& layer_json(int64_t layer) const;
   const io::Checkpoint& layer_file(int64_t layer) const;
   std::filesystem::path dir_;
   int64_t completed_ = 0;
   mutable std::map<int64_t, io::Checkpoint> open_;
+  mutable std::map<int64_t, nlohmann::json> layer_json_;
 };
 
 // The differences between two manifests, as "key: old -> new" lines (empty: equal).
