@@ -19,29 +19,12 @@ namespace detail {
 GroupParams gptq_choose_params(const Format& f, const float* x, int64_t n, int64_t stride, const GptqOptions& o,
                           float global, std::vector<float>& scratch) {
   scratch.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) scratch[static_cast<size_t>(i)] = x[i * stride];
   float mn = 0.f, mx = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i * stride];
-    scratch[static_cast<size_t>(i)] = v;
-    mn = std::min(mn, v);
-    mx = std::max(mx, v);
-  }
-  GroupParams best = group_params_from_range(f, mn, mx, 1.f, global);
-  if (!o.clip_search || o.clip_grid <= 1) return best;
-  double best_err = group_error(f, scratch.data(), n, best, global, o.clip_norm);
-  GroupParams prev = best;
-  for (int i = 1; i < o.clip_grid; ++i) {
-    const float s = static_cast<float>(1.0 - i * (1.0 - static_cast<double>(o.clip_min)) / (o.clip_grid - 1));
-    GroupParams c = group_params_from_range(f, mn, mx, s, global);
-    if (c.scale == prev.scale && c.zero == prev.zero) continue;
-    prev = c;
-    const double e = group_error(f, scratch.data(), n, c, global, o.clip_norm);
-    if (e < best_err) {
-      best_err = e;
-      best = c;
-    }
-  }
-  return best;
+  elem::min_max(scratch.data(), n, 1, &mn, &mx);
+  // The clip search of element.h (shared with the CUDA kernel), with the bulk group_error.
+  return elem::choose_params(f.spec(), mn, mx, o.clip_search, o.clip_grid, o.clip_min, global,
+                             [&](const GroupParams& p) { return group_error(f, scratch.data(), n, p, global, o.clip_norm); });
 }
 
 }  // namespace detail

@@ -44,6 +44,19 @@ struct GptqOptions {
   bool cuda = false;
 };
 
+// Where the time of one CUDA GPTQ call went (seconds; all zero on the CPU path). GPU stages are
+// timed with CUDA events (`block_loop`, `lazy_gemm`: summed over the blocks), host stages with a
+// steady clock; `gemm_flops` counts the lazy-update GEMMs (2·rows·(cols − i2)·count per block).
+struct GptqStageTimes {
+  double prepare = 0;     // host: gptq_prepare (checks, dead inputs, static params, permuted fp64 copies)
+  double setup = 0;       // handles, allocation, uploads of W, H and the small arrays
+  double factor = 0;      // damping, Cholesky, inverse (with the retries)
+  double block_loop = 0;  // the fused in-block kernel, all blocks
+  double lazy_gemm = 0;   // the lazy-update GEMMs, all blocks
+  double download = 0;    // codes to the weight's layout, codes/params/loss to the host
+  double gemm_flops = 0;
+};
+
 struct GptqResult {
   QuantizedWeight q;
   double proxy_loss = 0;
@@ -51,6 +64,7 @@ struct GptqResult {
   double damp_value = 0;  // λ actually added
   double damp_used = 0;   // the damp factor that gave a positive definite H (after retries)
   double seconds = 0;
+  GptqStageTimes stages;  // CUDA path only
 };
 
 // w: rows×cols fp32 row-major; h: cols×cols fp64 row-major (symmetric). The column updates run in
