@@ -103,7 +103,7 @@ int main(int argc, char** argv) {
         const GptqStageTimes& st = gpu.stages;
         char row[512];
         std::snprintf(row, sizeof row,
-                      "| %lld×%lld%s | %.3f | %.3f | %.3f | %.3f | %.4f | %.4f | %.1f | %.3f | %.3f |\n",
+                      "| %lld×%lld%s | %.3f | %.3f | %.3f | %.4f | %.4f | %.1f | %.4f | %.3f |\n",
                       static_cast<long long>(s.rows), static_cast<long long>(cols), act ? " act-order" : "",
                       st.prepare, st.setup, st.factor, st.block_loop, st.lazy_gemm, st.gemm_flops / st.lazy_gemm / 1e12,
                       st.download, gpu.seconds);
