@@ -51,6 +51,10 @@ class DeviceBuffer {
   ~DeviceBuffer() {
     if (p_) cudaFree(p_);
   }
+  void reset() {
+    if (p_) cudaFree(p_);
+    p_ = nullptr;
+  }
   void alloc(size_t bytes, const char* what) {
     check_cuda(cudaMalloc(&p_, std::max<size_t>(bytes, 1)), what);
   }
@@ -174,14 +178,13 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
   const auto t0 = clock::now();
   cuda_require();
   CALQ_CHECK(rows <= INT32_MAX && cols <= INT32_MAX, "{}: {}×{} is too large for cuBLAS", what, rows, cols);
-  // Host preparation: exactly the CPU's (quant::detail::gptq_prepare).
-  auto prep = detail::gptq_prepare(w_in, rows, cols, h_in, f, o, what);
+  // Host preparation: the CPU's (quant::detail::gptq_prepare), except the permuted fp64 copies of
+  // W and H, which are built on the GPU from the uploaded inputs with the same functions.
+  auto prep = detail::gptq_prepare(w_in, rows, cols, h_in, f, o, what, /*permuted_copies=*/false);
   const auto t_prep = clock::now();
   const size_t R = static_cast<size_t>(rows), C = static_cast<size_t>(cols);
   GptqResult& res = prep.res;
   QuantizedWeight& q = res.q;
-  const std::vector<double>& Wp = prep.Wp;
-  const std::vector<double>& Hp = prep.Hp;
   const double mean_diag = prep.mean_diag;
   const int64_t G = prep.groups, gs = prep.group_len;
   const size_t NG = static_cast<size_t>(G);
@@ -193,7 +196,7 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
   const int64_t B = o.block_size;
   int64_t lwork_potrf = 0;
   size_t trtri_dev = 0, trtri_host = 0;
-  DeviceBuffer d_h, d_u, d_w, d_e, d_work, d_info, d_codes_k, d_codes, d_params, d_loss, d_perm, d_stage;
+  DeviceBuffer d_h, d_u, d_w, d_e, d_work, d_info, d_codes_k, d_codes, d_params, d_loss, d_perm, d_stage, d_wf, d_dead;
   {
     const int n32 = static_cast<int>(cols);
     int lw = 0;
@@ -209,8 +212,9 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
   const int64_t width_max = std::min<int64_t>(cols, B + (prep.static_params ? 0 : gs));
   const bool staged_global = cuda::gptq_block_shared_bytes(width_max) > cuda::gptq_block_shared_limit();
   const size_t work_bytes = std::max(static_cast<size_t>(lwork_potrf) * sizeof(double), trtri_dev);
-  const size_t need = 2 * C * C * sizeof(double) + R * C * sizeof(double) + R * static_cast<size_t>(B) * sizeof(double) +
-                      2 * R * C + R * NG * sizeof(GroupParams) + R * sizeof(double) + C * sizeof(int32_t) +
+  const size_t need = 2 * C * C * sizeof(double) + R * C * (sizeof(double) + sizeof(float)) +
+                      R * static_cast<size_t>(B) * sizeof(double) + 2 * R * C + R * NG * sizeof(GroupParams) +
+                      R * sizeof(double) + C * (sizeof(int32_t) + 1) +
                       (staged_global ? R * static_cast<size_t>(width_max) * sizeof(double) : 0) + work_bytes +
                       sizeof(int);
   require_memory(need, what);
@@ -227,15 +231,27 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
   d_perm.alloc(C * sizeof(int32_t), "cudaMalloc(permutation)");
   if (staged_global) d_stage.alloc(R * static_cast<size_t>(width_max) * sizeof(double), "cudaMalloc(block stage)");
   std::vector<unsigned char> trtri_host_buf(std::max<size_t>(trtri_host, 1));
-  check_cuda(cudaMemcpyAsync(d_h.as<double>(), Hp.data(), C * C * sizeof(double), cudaMemcpyHostToDevice, hd.stream),
+  d_wf.alloc(R * C * sizeof(float), "cudaMalloc(W input)");
+  d_dead.alloc(C, "cudaMalloc(dead inputs)");
+  // The inputs as given (W fp32, H fp64) and the permutation; the permuted fp64 copies Wp and Hp
+  // are made on the GPU (d_u holds the raw H until the factorization needs it).
+  check_cuda(cudaMemcpyAsync(d_u.as<double>(), h_in.data(), C * C * sizeof(double), cudaMemcpyHostToDevice,
+                             hd.stream),
              "cudaMemcpy(H)");
-  check_cuda(cudaMemcpyAsync(d_w.as<double>(), Wp.data(), R * C * sizeof(double), cudaMemcpyHostToDevice, hd.stream),
+  check_cuda(cudaMemcpyAsync(d_wf.as<float>(), w_in, R * C * sizeof(float), cudaMemcpyHostToDevice, hd.stream),
              "cudaMemcpy(W)");
+  check_cuda(cudaMemcpyAsync(d_dead.as<uint8_t>(), prep.dead.data(), C, cudaMemcpyHostToDevice, hd.stream),
+             "cudaMemcpy(dead inputs)");
   std::vector<int32_t> perm32(C);
   for (size_t k = 0; k < C; ++k) perm32[k] = static_cast<int32_t>(prep.perm[k]);
   check_cuda(cudaMemcpyAsync(d_perm.as<int32_t>(), perm32.data(), C * sizeof(int32_t), cudaMemcpyHostToDevice,
                              hd.stream),
              "cudaMemcpy(permutation)");
+  cuda::launch_permute_hessian(d_u.as<double>(), d_dead.as<uint8_t>(), d_perm.as<int32_t>(), d_h.as<double>(), cols,
+                               hd.stream);
+  cuda::launch_permute_weights(d_wf.as<float>(), d_dead.as<uint8_t>(), d_perm.as<int32_t>(), d_w.as<double>(), rows,
+                               cols, hd.stream);
+  check_cuda(cudaGetLastError(), "GPTQ permutation kernels");
   // Group parameters on the device are group-major (params[g·rows + r]: a warp's rows side by side).
   std::vector<GroupParams> params_t(R * NG);
   if (prep.static_params)
@@ -246,6 +262,7 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
              "cudaMemcpy(group parameters)");
   check_cuda(cudaMemsetAsync(d_loss.as<double>(), 0, R * sizeof(double), hd.stream), "cudaMemset(loss)");
   hd.sync("GPTQ uploads");
+  d_wf.reset();
   const auto t_setup = clock::now();
 
   // 2. + 4. on the GPU: U = P·L⁻¹·P, L the lower Cholesky factor of P·(H + λI)·P; the damping

@@ -15,6 +15,7 @@
 
 #include "calq/backend/cuda/gptq_kernel.h"
 #include "calq/quant/element.h"
+#include "calq/quant/gptq_permute.h"
 
 namespace calq::backend::cuda {
 
@@ -103,6 +104,21 @@ __global__ void __launch_bounds__(kGptqRowsPerCta) gptq_block_kernel(GptqBlockAr
   a.loss[r] += loss;
 }
 
+__global__ void permute_weights(const float* w, const uint8_t* dead, const int32_t* perm, double* wp, int64_t rows,
+                                int64_t cols) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= cols) return;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y)
+    wp[r * cols + k] = quant::detail::permuted_weight(w, dead, perm, cols, r, k);
+}
+
+__global__ void permute_hessian(const double* h, const uint8_t* dead, const int32_t* perm, double* hp, int64_t cols) {
+  const int64_t l = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (l >= cols) return;
+  for (int64_t k = blockIdx.y; k < cols; k += gridDim.y)
+    hp[k * cols + l] = quant::detail::permuted_hessian(h, dead, perm, cols, k, l);
+}
+
 __global__ void scatter_codes(const uint8_t* in, uint8_t* out, const int32_t* perm, int64_t rows, int64_t cols) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= rows) return;
@@ -129,6 +145,18 @@ void launch_gptq_block(const GptqBlockArgs& a, cudaStream_t stream) {
     gptq_block_kernel<true><<<grid, kGptqRowsPerCta, bytes, stream>>>(a);
   else
     gptq_block_kernel<false><<<grid, kGptqRowsPerCta, 0, stream>>>(a);
+}
+
+void launch_permute_weights(const float* w, const uint8_t* dead, const int32_t* perm, double* wp, int64_t rows,
+                            int64_t cols, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((cols + 255) / 256), static_cast<unsigned>(rows < 65535 ? rows : 65535));
+  permute_weights<<<grid, 256, 0, stream>>>(w, dead, perm, wp, rows, cols);
+}
+
+void launch_permute_hessian(const double* h, const uint8_t* dead, const int32_t* perm, double* hp, int64_t cols,
+                            cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((cols + 255) / 256), static_cast<unsigned>(cols < 65535 ? cols : 65535));
+  permute_hessian<<<grid, 256, 0, stream>>>(h, dead, perm, hp, cols);
 }
 
 void launch_scatter_codes(const uint8_t* in, uint8_t* out, const int32_t* perm, int64_t rows, int64_t cols,

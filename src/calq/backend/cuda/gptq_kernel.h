@@ -53,6 +53,14 @@ size_t gptq_block_shared_limit();
 // rows × (hi − i1) doubles).
 void launch_gptq_block(const GptqBlockArgs& args, cudaStream_t stream);
 
+// The permuted fp64 working copies of quant::detail::gptq_prepare, on the GPU, with its functions
+// (calq/quant/gptq_permute.h): wp[r·cols + k] = W[r][perm[k]] (0 for dead columns), and
+// hp[k·cols + l] = H[perm[k]][perm[l]] (1 on the diagonal of dead columns).
+void launch_permute_weights(const float* w, const uint8_t* dead, const int32_t* perm, double* wp, int64_t rows,
+                            int64_t cols, cudaStream_t stream);
+void launch_permute_hessian(const double* h, const uint8_t* dead, const int32_t* perm, double* hp, int64_t cols,
+                            cudaStream_t stream);
+
 // out[r·cols + perm[k]] = in[k·rows + r]: the codes from processing order to the weight's layout.
 void launch_scatter_codes(const uint8_t* in, uint8_t* out, const int32_t* perm, int64_t rows, int64_t cols,
                           cudaStream_t stream);
