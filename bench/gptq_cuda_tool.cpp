@@ -59,6 +59,15 @@ int main(int argc, char** argv) {
     const double cpu_h = now() - t;
     // Warm-up (CUDA context, cuBLAS/cuSOLVER handles), not timed.
     backend::cuda_hessian_sum(X.data(), 512, cols, nullptr, 512, nullptr);
+    {
+      // ... and cuSOLVER's and the GPTQ kernels' first use: one small GPTQ call.
+      std::vector<float> w(64 * 256, 0.01f);
+      std::vector<double> h(256 * 256, 0.0);
+      for (int i = 0; i < 256; ++i) h[static_cast<size_t>(i) * 257] = 1.0;
+      GptqOptions o;
+      o.cuda = true;
+      gptq_quantize(w.data(), 64, 256, h, Format::parse("int4", 128), o);
+    }
     t = now();
     int64_t tk = 0;
     const auto Hg = backend::cuda_hessian_sum(X.data(), tokens, cols, nullptr, 512, &tk);

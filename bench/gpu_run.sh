@@ -30,7 +30,7 @@ echo "== compute-sanitizer memcheck (subset)"
 cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2> /dev/null | head -1)
 if [ -n "$cs" ]; then
   timeout "${T_SANITIZER:-150}" "$cs" --tool memcheck --error-exitcode 9 "$here/x/bin/cuda_backend_test" \
-    --gtest_filter='AllFormats/GpuGptq.SameCodesAsCpu/int4*:AllFormats/GpuGptq.SameCodesAsCpu/nvfp4_act*:Kernel/GpuGptqShapes.*:GpuHessian.*:GpuErrors.*' \
+    --gtest_filter='AllFormats/GpuGptq.SameCodesAsCpu/int4*:AllFormats/GpuGptq.SameCodesAsCpu/nvfp4_act*:Kernel/GpuGptqShapes.*:GpuHadamard.*:GpuHessian.*:GpuErrors.*' \
     > "$out/sanitizer.log" 2>&1
   echo "sanitizer rc=$?"; grep -E "ERROR SUMMARY|PASSED|FAILED" "$out/sanitizer.log" | tail -5
 else

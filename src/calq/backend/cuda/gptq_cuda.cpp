@@ -346,7 +346,10 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
     const int64_t i1 = b * B, i2 = std::min(i1 + B, cols), count = i2 - i1;
     a.i1 = i1;
     a.i2 = i2;
-    a.hi = prep.static_params ? i2 : std::min(cols, i2 + gs);
+    // The columns the kernel reads: the block, and the rest of the last group starting in it
+    // (whose parameters see its current values) when that group reaches past the block.
+    const int64_t last_start = (i2 - 1) / gs * gs;
+    a.hi = prep.static_params || last_start < i1 ? i2 : std::max(i2, std::min(cols, last_start + gs));
     check_cuda(cudaEventRecord(ev[3 * b], hd.stream), "cudaEventRecord");
     cuda::launch_gptq_block(a, hd.stream);
     check_cuda(cudaGetLastError(), "GPTQ in-block kernel");
