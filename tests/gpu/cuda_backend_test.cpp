@@ -4,7 +4,10 @@
 // groups; the Hessian against the CPU accumulator; the error paths.
 #include <gtest/gtest.h>
 
+#include <cctype>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <random>
 #include <string>
 
@@ -12,6 +15,7 @@
 #include "calq/backend/device.h"
 #include "calq/core/error.h"
 #include "calq/quant/gptq.h"
+#include "calq/quant/hadamard.h"
 #include "calq/quant/hessian.h"
 
 namespace {
@@ -107,6 +111,125 @@ INSTANTIATE_TEST_SUITE_P(AllFormats, GpuGptq, ::testing::ValuesIn(cases()), [](c
          (c.clip ? "_clip" : "");
 });
 
+// Shapes and options that stress the fused in-block kernel: rows not a multiple of its thread
+// block (32 rows), columns not a multiple of the GPTQ block, groups crossing blocks, one row,
+// per-channel, asymmetric dynamic act-order, the clip search of every scale type (fp16, E4M3 with
+// the nvfp4 global scale, E8M0) including a norm that needs pow(), and a block too wide for shared
+// memory (the kernel's global-memory staging).
+struct ShapeCase {
+  std::string name;
+  int rows, cols, block;
+  std::string format;
+  int group;  // 0: the format's default
+  bool act_order, static_groups, clip, symmetric;
+  float clip_norm;
+};
+
+class GpuGptqShapes : public ::testing::TestWithParam<ShapeCase> {};
+
+// H of n random tokens with every 13th channel ×4 and one dead input; W random.
+struct Problem {
+  std::vector<float> W;
+  std::vector<double> H;
+};
+Problem problem(int rows, int cols, int tokens, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d(0, 1);
+  std::vector<float> X(static_cast<size_t>(tokens) * cols);
+  for (int t = 0; t < tokens; ++t)
+    for (int j = 0; j < cols; ++j) X[static_cast<size_t>(t) * cols + j] = d(rng) * (j % 13 == 0 ? 4.f : 1.f);
+  HessianAccumulator acc(cols);
+  acc.add(X.data(), tokens);
+  Problem p{weights(rows, cols, seed + 1), acc.hessian()};
+  const int dead = cols / 3;
+  for (int j = 0; j < cols; ++j)
+    p.H[static_cast<size_t>(j) * cols + dead] = p.H[static_cast<size_t>(dead) * cols + j] = 0;
+  return p;
+}
+
+void compare_gpu_cpu(const std::string& name, const std::vector<float>& W, int rows, int cols,
+                     const std::vector<double>& H, const Format& f, GptqOptions o) {
+  o.cuda = false;
+  const auto cpu = gptq_quantize(W.data(), rows, cols, H, f, o, "cpu");
+  o.cuda = true;
+  const auto gpu = gptq_quantize(W.data(), rows, cols, H, f, o, "gpu");
+  ASSERT_EQ(cpu.q.codes.size(), gpu.q.codes.size());
+  ASSERT_EQ(cpu.q.params.size(), gpu.q.params.size());
+  size_t same = 0;
+  for (size_t i = 0; i < cpu.q.codes.size(); ++i) same += cpu.q.codes[i] == gpu.q.codes[i];
+  size_t same_params = 0;
+  for (size_t i = 0; i < cpu.q.params.size(); ++i)
+    same_params += cpu.q.params[i].scale == gpu.q.params[i].scale && cpu.q.params[i].zero == gpu.q.params[i].zero;
+  const double frac = static_cast<double>(same) / static_cast<double>(cpu.q.codes.size());
+  const double pfrac = static_cast<double>(same_params) / static_cast<double>(cpu.q.params.size());
+  EXPECT_GE(frac, 0.999) << name;
+  EXPECT_GE(pfrac, 0.999) << name;
+  EXPECT_NEAR(gpu.proxy_loss, cpu.proxy_loss, 0.01 * cpu.proxy_loss) << name;
+  EXPECT_EQ(gpu.q.g_idx, cpu.q.g_idx) << name;
+  EXPECT_EQ(gpu.q.global_scale, cpu.q.global_scale) << name;
+  EXPECT_EQ(gpu.dead_inputs, cpu.dead_inputs) << name;
+  // Every code must be a valid code of the format, and the dequantized weights finite.
+  for (uint8_t c : gpu.q.codes) ASSERT_LT(c, 1 << f.bits) << name;
+  std::printf("%-28s %5d×%-5d %-14s act=%d static=%d clip=%d: identical codes %.5f%%, params %.5f%%, proxy loss "
+              "cpu %.8g gpu %.8g; cpu %.3f s, gpu %.3f s (kernel %.4f s, gemm %.4f s)\n",
+              name.c_str(), rows, cols, f.describe().c_str(), o.act_order, o.static_groups, o.clip_search, 100 * frac,
+              100 * pfrac, cpu.proxy_loss, gpu.proxy_loss, cpu.seconds, gpu.seconds, gpu.stages.block_loop,
+              gpu.stages.lazy_gemm);
+}
+
+TEST_P(GpuGptqShapes, SameCodesAsCpu) {
+  REQUIRE_GPU();
+  const ShapeCase c = GetParam();
+  const auto p = problem(c.rows, c.cols, 2 * c.cols, static_cast<unsigned>(c.rows * 31 + c.cols));
+  const Format f = c.group ? Format::parse(c.format, c.group, c.symmetric) : Format::parse(c.format, std::nullopt, c.symmetric);
+  GptqOptions o;
+  o.block_size = c.block;
+  o.act_order = c.act_order;
+  o.static_groups = c.static_groups;
+  o.clip_search = c.clip;
+  o.clip_norm = c.clip_norm;
+  compare_gpu_cpu(c.name, p.W, c.rows, c.cols, p.H, f, o);
+}
+
+std::vector<ShapeCase> shape_cases() {
+  return {
+      {"rows77_cols320_block96", 77, 320, 96, "int4", 64, false, true, false, true, 2.f},
+      {"rows77_act_static", 77, 320, 96, "int3", 32, true, true, false, true, 2.f},
+      {"one_row_clip", 1, 256, 128, "int4", 128, false, true, true, true, 2.f},
+      {"one_row_act_dynamic", 1, 256, 48, "nf4", 64, true, false, false, true, 2.f},
+      {"asym_dynamic_act", 100, 384, 64, "int4", 32, true, false, false, false, 2.f},
+      {"asym_clip", 45, 256, 100, "int2", 16, false, true, true, false, 2.f},
+      {"per_channel_int8", 70, 200, 64, "int8", -1, false, true, false, true, 2.f},
+      {"per_channel_fp8_act", 33, 192, 50, "fp8", 0, true, true, false, true, 2.f},
+      {"nvfp4_clip_dynamic", 64, 512, 128, "nvfp4", 0, false, true, true, true, 2.f},
+      {"mxfp4_clip_act_dynamic", 65, 512, 80, "mxfp4", 0, true, false, true, true, 2.f},
+      {"nf4_clip_norm2.4", 40, 256, 96, "nf4", 128, false, true, true, true, 2.4f},
+      {"fp4_clip_norm1", 40, 256, 96, "fp4", 256, false, true, true, true, 1.f},
+      {"wide_block_global_stage", 50, 1280, 1024, "int4", 128, false, true, false, true, 2.f},
+      {"wide_block_act_dynamic", 33, 1280, 1000, "int4", 256, true, false, true, true, 2.f},
+      {"block1", 35, 128, 1, "int4", 32, false, true, false, true, 2.f},
+  };
+}
+
+INSTANTIATE_TEST_SUITE_P(Kernel, GpuGptqShapes, ::testing::ValuesIn(shape_cases()), [](const auto& info) {
+  std::string n = info.param.name;
+  for (char& ch : n)
+    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+  return n;
+});
+
+// A large module (q/o_proj of an 8B model) through the whole path.
+TEST(GpuGptqLarge, Int4_4096x4096) {
+  REQUIRE_GPU();
+  const int rows = 4096, cols = 4096;
+  const auto p = problem(rows, cols, 4096, 42);
+  for (bool act : {false, true}) {
+    GptqOptions o;
+    o.act_order = act;
+    compare_gpu_cpu(act ? "large_int4_act" : "large_int4", p.W, rows, cols, p.H, Format::parse("int4", 128), o);
+  }
+}
+
 TEST(GpuGptq, AsymmetricInt4) {
   REQUIRE_GPU();
   const int rows = 64, cols = 256;
@@ -154,6 +277,38 @@ TEST(GpuGptq, IndefiniteHessianRetriesDampingLikeCpu) {
   }
   EXPECT_EQ(cpu_damp, gpu_damp);
   EXPECT_EQ(cpu_err.empty(), gpu_err.empty()) << cpu_err << " / " << gpu_err;
+}
+
+// The block Hadamard rotation of MR-GPTQ on the GPU against quant::Rotation on the CPU: the same
+// fp32 bits, forward and inverse, every block size 16..256 and a full-width power-of-two transform.
+TEST(GpuHadamard, SameBitsAsCpu) {
+  REQUIRE_GPU();
+  const int rows = 37;
+  struct Shape {
+    int64_t dim, block;
+  };
+  for (const Shape sh : {Shape{256, 16}, Shape{512, 32}, Shape{1024, 64}, Shape{2048, 128}, Shape{4096, 256},
+                         Shape{1024, 0}, Shape{64, 2}}) {
+    const auto rot = Rotation::make(sh.dim, sh.block, 1234 + static_cast<uint64_t>(sh.dim));
+    const auto x = weights(rows, static_cast<int>(sh.dim), 17);
+    for (bool inverse : {false, true}) {
+      auto cpu = x, gpu = x;
+      if (inverse)
+        rot.apply_rows_inverse(cpu.data(), rows);
+      else
+        rot.apply_rows(cpu.data(), rows);
+      backend::cuda_hadamard_rows(rot, gpu.data(), rows, inverse);
+      size_t same = 0;
+      for (size_t i = 0; i < cpu.size(); ++i) same += std::memcmp(&cpu[i], &gpu[i], sizeof(float)) == 0;
+      EXPECT_EQ(same, cpu.size()) << rot.describe() << (inverse ? " inverse" : "");
+      std::printf("%s%s: %zu of %zu values bit-identical\n", rot.describe().c_str(), inverse ? " inverse" : "", same,
+                  cpu.size());
+    }
+  }
+  // A full-width order that is not a power of two stays on the CPU, with a clear error.
+  const auto full = Rotation::make(768, 0, 1);
+  std::vector<float> y(768, 1.f);
+  EXPECT_THROW(backend::cuda_hadamard_rows(full, y.data(), 1, false), Error);
 }
 
 TEST(GpuHessian, MatchesCpuAccumulator) {

@@ -40,6 +40,7 @@ TEST(Device, CudaWithoutCudaBuildIsAClearError) {
   }
   EXPECT_THROW(backend::cuda_require(), Error);
   EXPECT_THROW(backend::cuda_hessian_sum(nullptr, 0, 4, nullptr, 512, nullptr), Error);
+  EXPECT_THROW(backend::cuda_hadamard_rows(quant::Rotation::make(32, 16, 1), W.data(), 1, false), Error);
 }
 
 }  // namespace

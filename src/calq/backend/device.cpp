@@ -33,6 +33,8 @@ quant::GptqResult cuda_gptq_quantize(const float*, int64_t, int64_t, const std::
                                      const quant::GptqOptions&, const std::string&) {
   no_cuda("--device cuda");
 }
+
+void cuda_hadamard_rows(const quant::Rotation&, float*, int64_t, bool) { no_cuda("--device cuda"); }
 #endif
 
 }  // namespace calq::backend

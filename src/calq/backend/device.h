@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "calq/quant/gptq.h"
+#include "calq/quant/hadamard.h"
 
 namespace calq::backend {
 
@@ -37,5 +38,12 @@ std::vector<double> cuda_hessian_sum(const float* x, int64_t rows, int64_t featu
 // same group-parameter and element code (the CPU format functions). See docs/cuda.md.
 quant::GptqResult cuda_gptq_quantize(const float* w, int64_t rows, int64_t cols, const std::vector<double>& h,
                                      const quant::Format& f, const quant::GptqOptions& opt, const std::string& what);
+
+// quant::Rotation::apply_rows (inverse: apply_rows_inverse) of x (rows × r.dim fp32, host memory,
+// in place) on the GPU: signs, then a fast Walsh–Hadamard transform of each block in shared
+// memory with the CPU's butterflies and scaling, so the result is bit-identical to the CPU's.
+// Power-of-two blocks of 2..8192 (block Hadamard 16..256, or a full-width power-of-two dim);
+// a full-width matrix of another order (r.full) throws.
+void cuda_hadamard_rows(const quant::Rotation& r, float* x, int64_t rows, bool inverse);
 
 }  // namespace calq::backend

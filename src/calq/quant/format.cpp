@@ -23,37 +23,8 @@ namespace calq::quant {
 
 namespace {
 
-// QLoRA NormalFloat-4 (the fp32 values bitsandbytes uses), code = index.
-// clang-format off
-constexpr std::array<float, 16> kNF4 = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
-// clang-format on
-
-constexpr std::array<float, 16> kE2M1 = {0.f,  0.5f,  1.f,  1.5f,  2.f,  3.f,  4.f,  6.f,
-                                         -0.f, -0.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
-
-// E2M1 rounding thresholds on |x/s| (compressed-tensors' cast_to_fp4): ties go to the even
-// mantissa, so at 0.75, 1.75, 3.5 the upper neighbour wins (>=) and at 0.25, 1.25, 2.5, 5 the
-// lower one (>).
-constexpr std::array<double, 7> kE2M1Cut = {0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0};
-constexpr std::array<bool, 7> kE2M1CutInclusive = {false, true, false, true, false, true, false};
-
-constexpr float kF16Max = 65504.f;
-// Quotients at or above these round to Inf (fp16) / beyond 448 (E4M3): a real overflow, as
-// opposed to a value a hair above the maximum that rounds down to it anyway.
-constexpr float kF16Overflow = 65520.f;
-constexpr float kE4M3Overflow = 464.f;
-
-// Round half to even of a double with |y| < 2^51 (callers clamp first): adding and subtracting
-// 1.5*2^52 leaves the nearest integer, ties to even, in the default rounding mode.
-inline double rne(double y) {
-  constexpr double kMagic = 6755399441055744.0;
-  return (y + kMagic) - kMagic;
-}
-
+// The element rules themselves (thresholds, scale rounding, codes, values) are calq/quant/
+// element.h, shared with the CUDA kernels; this file adds the 4-lane bulk paths and pack/unpack.
 // ---- 4-lane vectors (GCC vector extensions). 16 bytes is native at the x86-64 baseline (SSE2)
 // and on NEON, so GCC never splits them; -O2 builds do not auto-vectorise these loops. ----
 using vf = float __attribute__((vector_size(16)));
@@ -98,35 +69,11 @@ inline void run_codes(const float* x, int64_t n, uint8_t* out, Vec&& vec, Scalar
   for (; i < n; ++i) out[i] = scalar(x[i]);
 }
 
-// The next fp32 value towards -Inf of a finite float (std::nextafter is a library call, and it
-// runs for every threshold of every group).
-inline float next_down(float h) {
-  const uint32_t b = std::bit_cast<uint32_t>(h);
-  if (h > 0) return std::bit_cast<float>(b - 1);
-  if (h == 0) return -std::numeric_limits<float>::denorm_min();
-  return std::bit_cast<float>(b + 1);
-}
-
-// A threshold test "y > T" (or "y >= T") on the exact quotient y = x/s, turned into a test on x
-// alone: x > H with H the fp32 value for which that is equivalent. T = cut * s is computed in
-// double, where it is exact for the cuts used here (at most 25 significant bits times a 24-bit
-// scale). Then for fp32 x: x > T iff x > floor_f32(T); x >= T iff x > pred_f32(T) when T is an
-// fp32 value and x > floor_f32(T) otherwise. So codes need no division and compare exactly.
-float threshold_for_x(double t, bool inclusive) {
-  const float h = static_cast<float>(t);
-  if (static_cast<double>(h) > t) return next_down(h);  // floor_f32(T)
-  if (static_cast<double>(h) == t && inclusive) return next_down(h);
-  return h;
-}
-
 // ---- int: u = clamp(RNE(x/s + z), 0, 2^b - 1) ----
 
 // Exact scalar path (any scale): the double quotient decides every tie (docs/format.md rule 2).
 void codes_int_exact(const float* x, int64_t n, float s, float z, int hi, uint8_t* out) {
-  for (int64_t i = 0; i < n; ++i) {
-    double y = std::clamp(static_cast<double>(x[i]) / s + z, -1.0, hi + 1.0);
-    out[i] = static_cast<uint8_t>(std::clamp(static_cast<int>(rne(y)), 0, hi));
-  }
+  for (int64_t i = 0; i < n; ++i) out[i] = elem::code_int(x[i], s, z, hi);
 }
 
 // Fast path for fp16 scales: y ~ x * (1/s) picks a candidate k within one of the answer; the
@@ -180,8 +127,8 @@ void codes_int(const float* x, int64_t n, float s, float z, int bits, uint8_t* o
 
 // ---- E2M1 (fp4, nvfp4, mxfp4): magnitude = number of thresholds |x| exceeds ----
 void codes_e2m1(const float* x, int64_t n, float e, uint8_t* out) {
-  std::array<float, 7> h;
-  for (int j = 0; j < 7; ++j) h[j] = threshold_for_x(kE2M1Cut[j] * e, kE2M1CutInclusive[j]);
+  float h[7];
+  elem::e2m1_thresholds(e, h);
   std::array<vf, 7> vh;
   for (int j = 0; j < 7; ++j) vh[j] = splat(h[j]);
   const vi absmask = splati(0x7FFFFFFF), eight = splati(8), zero = splati(0);
@@ -192,23 +139,15 @@ void codes_e2m1(const float* x, int64_t n, float e, uint8_t* out) {
     const vi neg = (xv < splat(0.f)) & (m != zero);  // -0 is not < 0: zero is always 0x0
     return m | (neg & eight);
   };
-  auto scalar = [&](float v) {
-    const float a = std::fabs(v);
-    int m = 0;
-    for (int j = 0; j < 7; ++j) m += a > h[j];
-    return static_cast<uint8_t>(m | (v < 0 && m ? 8 : 0));
-  };
+  auto scalar = [&](float v) { return elem::code_e2m1(v, h); };
   run_codes(x, n, out, vec, scalar);
 }
 
 // ---- NF4: index = number of midpoints x/s lies above; an exact tie goes to the entry of smaller
 // magnitude: at negative midpoints the upper neighbour (>=), at positive ones the lower (>). ----
 void codes_nf4(const float* x, int64_t n, float s, uint8_t* out) {
-  std::array<float, 15> h;
-  for (int j = 0; j < 15; ++j) {
-    const double mid = (static_cast<double>(kNF4[j]) + kNF4[j + 1]) / 2;  // exact
-    h[j] = threshold_for_x(mid * s, mid < 0);
-  }
+  float h[15];
+  elem::nf4_thresholds(s, h);
   std::array<vf, 15> vh;
   for (int j = 0; j < 15; ++j) vh[j] = splat(h[j]);
   auto vec = [&](vf xv) {
@@ -216,76 +155,28 @@ void codes_nf4(const float* x, int64_t n, float s, uint8_t* out) {
     for (int j = 0; j < 15; ++j) m -= (xv > vh[j]);
     return m;
   };
-  auto scalar = [&](float v) {
-    int m = 0;
-    for (int j = 0; j < 15; ++j) m += v > h[j];
-    return static_cast<uint8_t>(m);
-  };
+  auto scalar = [&](float v) { return elem::code_nf4(v, h); };
   run_codes(x, n, out, vec, scalar);
 }
 
-// ---- E4M3 (fp8): nearest, ties to even, saturating at ±448, zero as 0x00 ----
-inline uint8_t e4m3_code(double y) {
-  const double a = std::fabs(y);
-  uint32_t mag;
-  if (a > 448.0) {
-    mag = 0x7E;
-  } else if (a < 0.015625) {  // below 2^-6: subnormal quantum 2^-9; 8 carries into e=1, m=0
-    mag = static_cast<uint32_t>(rne(a * 512.0));
-  } else {
-    // Round the 52-bit mantissa to 3 bits, ties to even, letting the carry run into the exponent;
-    // then rebias the exponent from 1023 to 7.
-    const uint64_t b = std::bit_cast<uint64_t>(a);
-    const uint64_t r = (b + ((uint64_t{1} << 48) - 1) + ((b >> 49) & 1)) >> 49;
-    mag = static_cast<uint32_t>(r - ((1023 - 7) << 3));
-  }
-  return static_cast<uint8_t>(mag | ((y < 0 && mag != 0) ? 0x80 : 0));
-}
-
+// ---- E4M3 (fp8): elem::e4m3_code of x/s: nearest, ties to even, saturating at ±448 ----
 void codes_fp8(const float* x, int64_t n, float s, uint8_t* out) {
-  const double sd = s;
-  for (int64_t i = 0; i < n; ++i) out[i] = e4m3_code(static_cast<double>(x[i]) / sd);
+  for (int64_t i = 0; i < n; ++i) out[i] = elem::code_fp8(x[i], s);
 }
 
-// nvfp4's effective scale fp32(s / G), as compressed-tensors divides before quantizing.
-inline float nvfp4_effective(float s, float g) {
-  return s / g;
-}
+using elem::nvfp4_effective;
 
-// The code every element of a zero-scale group gets (docs/format.md rule 4).
-uint8_t zero_scale_code(const Format& f) {
-  if (f.family == Family::Int) return static_cast<uint8_t>(f.symmetric ? (1 << (f.bits - 1)) : 0);
-  return f.family == Family::NF4 ? 7 : 0;
-}
+uint8_t zero_scale_code(const Format& f) { return elem::zero_scale_code(f.spec()); }
 
 // The value of a code (docs/format.md: an fp32 product).
 inline float value_of(const Format& f, uint8_t u, const GroupParams& p, float g) {
-  switch (f.family) {
-    case Family::Int:
-      return (static_cast<float>(u) - p.zero) * p.scale;
-    case Family::FP4:
-    case Family::MXFP4:
-      return kE2M1[u & 15] * p.scale;
-    case Family::NVFP4:
-      return kE2M1[u & 15] * nvfp4_effective(p.scale, g);
-    case Family::NF4:
-      return kNF4[u & 15] * p.scale;
-    case Family::FP8:
-      return e4m3_to_f32(u) * p.scale;
-  }
-  return 0.f;
+  return elem::value(f.spec(), u, p, g);
 }
 
 // The values of all 2^bits codes of a group, so that loops over elements are table look-ups.
 void value_table(const Format& f, const GroupParams& p, float g, float* tab) {
   const int ncodes = 1 << f.bits;
   for (int c = 0; c < ncodes; ++c) tab[c] = value_of(f, static_cast<uint8_t>(c), p, g);
-}
-
-// fp16 storage of a non-negative fp32 quotient q, clamped so that it never becomes Inf.
-float fp16_scale(float q, bool* saturated) {
-  if (saturated && q >= kF16Overflow) *saturated = true;
-  return f16_to_f32(f32_to_f16(std::min(q, kF16Max)));
 }
 
 bool valid_group(int g) {
@@ -431,7 +322,7 @@ int64_t packed_int32_words(int bits, int64_t n) {
 }
 
 float nf4_value(uint8_t code) {
-  return kNF4[code & 15];
+  return elem::nf4_table(code);
 }
 
 float nvfp4_global_scale(float amax) {
@@ -443,71 +334,18 @@ float nvfp4_global_scale(float amax) {
 
 GroupParams group_params_from_range(const Format& f, float mn, float mx, float shrink,
                                     float global_scale, bool* saturated) {
-  GroupParams p;
-  if (f.family == Family::Int && !f.symmetric) {
-    const float lo = std::min(mn, 0.f) * shrink, hi = std::max(mx, 0.f) * shrink;
-    const int top = (1 << f.bits) - 1;
-    p.scale = fp16_scale((hi - lo) / static_cast<float>(top), saturated);
-    p.zero = 0.f;
-    if (p.scale > 0) {
-      double z = std::clamp(-static_cast<double>(lo) / p.scale, 0.0, static_cast<double>(top));
-      p.zero = static_cast<float>(rne(z));
-    }
-    return p;
-  }
-  const float a = std::max(std::fabs(mn), std::fabs(mx)) * shrink;
-  switch (f.family) {
-    case Family::Int: {
-      const float d = static_cast<float>((1 << f.bits) - 1) / 2;  // 1.5, 3.5, 7.5, 127.5: exact
-      p.scale = fp16_scale(a / d, saturated);
-      p.zero = static_cast<float>(1 << (f.bits - 1));
-      break;
-    }
-    case Family::FP4:
-      p.scale = fp16_scale(a / 6.f, saturated);
-      break;
-    case Family::NF4:
-      p.scale = fp16_scale(a, saturated);
-      break;
-    case Family::NVFP4: {
-      const float t = (a / 6.f) * global_scale;
-      if (saturated && !(t < kE4M3Overflow)) *saturated = true;
-      p.scale = e4m3_to_f32(e4m3_code(std::min(t, 448.f)));  // RNE, exact; t >= 0
-      break;
-    }
-    case Family::MXFP4: {
-      int e = -127;
-      if (a > 0) {
-        // compressed-tensors: round amax to a power of two, up when its significand is >= 1.75,
-        // then subtract floor(log2 6) = 2.
-        const int k = std::ilogb(a);
-        e = k - 2 + (static_cast<double>(a) >= std::ldexp(1.75, k) ? 1 : 0);
-        e = std::clamp(e, -127, 127);
-      }
-      p.scale = std::ldexp(1.f, e);  // 2^-127 is an fp32 subnormal: exact
-      break;
-    }
-    case Family::FP8:
-      p.scale = a / 448.f;
-      break;
-  }
-  return p;
+  return elem::params_from_range(f.spec(), mn, mx, shrink, global_scale, saturated);
 }
 
 GroupParams group_params(const Format& f, const float* x, int64_t n, float shrink,
                          float global_scale) {
   float mn = 0.f, mx = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
-    mn = std::min(mn, x[i]);
-    mx = std::max(mx, x[i]);
-  }
+  elem::min_max(x, n, 1, &mn, &mx);
   return group_params_from_range(f, mn, mx, shrink, global_scale);
 }
 
 uint8_t quantize_element(const Format& f, float x, const GroupParams& p, float global_scale) {
-  uint8_t c = 0;
-  quantize_group(f, &x, 1, p, global_scale, &c);
-  return c;
+  return elem::Coder(f.spec(), p, global_scale).code(x);
 }
 
 float dequantize_element(const Format& f, uint8_t code, const GroupParams& p, float global_scale) {
@@ -548,17 +386,16 @@ double group_error(const Format& f, const float* x, int64_t n, const GroupParams
   for (int64_t i0 = 0; i0 < n; i0 += 256) {
     const int64_t m = std::min<int64_t>(256, n - i0);
     quantize_group(f, x + i0, m, p, global_scale, codes);
+    // elem::error_term with the norm's branch taken once per chunk (the same expression).
     if (norm == 2.f) {
-      for (int64_t i = 0; i < m; ++i) {
-        const double d = static_cast<double>(x[i0 + i]) - tab[codes[i]];
-        err += d * d;
-      }
+      for (int64_t i = 0; i < m; ++i)
+        err += elem::error_term(static_cast<double>(x[i0 + i]) - tab[codes[i]], 2.f);
     } else if (norm == 1.f) {
       for (int64_t i = 0; i < m; ++i)
-        err += std::fabs(static_cast<double>(x[i0 + i]) - tab[codes[i]]);
+        err += elem::error_term(static_cast<double>(x[i0 + i]) - tab[codes[i]], 1.f);
     } else {
       for (int64_t i = 0; i < m; ++i)
-        err += std::pow(std::fabs(static_cast<double>(x[i0 + i]) - tab[codes[i]]), norm);
+        err += elem::error_term(static_cast<double>(x[i0 + i]) - tab[codes[i]], norm);
     }
   }
   return err;

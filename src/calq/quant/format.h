@@ -17,10 +17,11 @@
 #include <vector>
 
 #include "calq/core/tensor.h"
+#include "calq/quant/element.h"
 
 namespace calq::quant {
 
-enum class Family { Int, FP4, NVFP4, MXFP4, NF4, FP8 };
+// Family and GroupParams: calq/quant/element.h (shared with the CUDA kernels).
 
 struct Format {
   Family family = Family::Int;
@@ -45,15 +46,8 @@ struct Format {
   void check_shape(int64_t rows, int64_t cols, const std::string& what) const;
   int64_t groups_per_row(int64_t cols) const { return group_size < 0 ? 1 : cols / group_size; }
   int64_t group_len(int64_t cols) const { return group_size < 0 ? cols : group_size; }
-};
-
-// Parameters of one (row, group): `scale` is the exact value of the stored scale (representable in
-// scale_dtype(); for nvfp4 the stored E4M3 block scale, before division by the global scale).
-// `zero` is the int zero point in unsigned code units: asymmetric, the stored zero point (an
-// integer in [0, 2^bits-1]); symmetric, the fixed offset 2^(bits-1); 0 for other families.
-struct GroupParams {
-  float scale = 0.f;
-  float zero = 0.f;
+  // What the element code needs (calq/quant/element.h).
+  elem::Spec spec() const { return {family, bits, symmetric}; }
 };
 
 // Computes a group's parameters from its values, shrinking the range by `shrink` (1 = absmax or

@@ -19,29 +19,12 @@ namespace detail {
 GroupParams gptq_choose_params(const Format& f, const float* x, int64_t n, int64_t stride, const GptqOptions& o,
                           float global, std::vector<float>& scratch) {
   scratch.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) scratch[static_cast<size_t>(i)] = x[i * stride];
   float mn = 0.f, mx = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i * stride];
-    scratch[static_cast<size_t>(i)] = v;
-    mn = std::min(mn, v);
-    mx = std::max(mx, v);
-  }
-  GroupParams best = group_params_from_range(f, mn, mx, 1.f, global);
-  if (!o.clip_search || o.clip_grid <= 1) return best;
-  double best_err = group_error(f, scratch.data(), n, best, global, o.clip_norm);
-  GroupParams prev = best;
-  for (int i = 1; i < o.clip_grid; ++i) {
-    const float s = static_cast<float>(1.0 - i * (1.0 - static_cast<double>(o.clip_min)) / (o.clip_grid - 1));
-    GroupParams c = group_params_from_range(f, mn, mx, s, global);
-    if (c.scale == prev.scale && c.zero == prev.zero) continue;
-    prev = c;
-    const double e = group_error(f, scratch.data(), n, c, global, o.clip_norm);
-    if (e < best_err) {
-      best_err = e;
-      best = c;
-    }
-  }
-  return best;
+  elem::min_max(scratch.data(), n, 1, &mn, &mx);
+  // The clip search of element.h (shared with the CUDA kernel), with the bulk group_error.
+  return elem::choose_params(f.spec(), mn, mx, o.clip_search, o.clip_grid, o.clip_min, global,
+                             [&](const GroupParams& p) { return group_error(f, scratch.data(), n, p, global, o.clip_norm); });
 }
 
 }  // namespace detail
@@ -54,18 +37,25 @@ using detail::gptq_choose_params;
 namespace detail {
 
 GptqPrepared gptq_prepare(const float* w_in, int64_t rows, int64_t cols, const std::vector<double>& h_in,
-                          const Format& f, const GptqOptions& o, const std::string& what) {
+                          const Format& f, const GptqOptions& o, const std::string& what, bool permuted_copies) {
   f.check_shape(rows, cols, what);
   CALQ_CHECK(static_cast<int64_t>(h_in.size()) == cols * cols, "{}: Hessian has {} values, expected {}×{}", what,
              h_in.size(), cols, cols);
   CALQ_CHECK(o.damp >= 0 && std::isfinite(o.damp), "--damp must be >= 0, got {}", o.damp);
   CALQ_CHECK(o.block_size >= 1, "GPTQ block size must be >= 1, got {}", o.block_size);
   const size_t R = static_cast<size_t>(rows), C = static_cast<size_t>(cols);
-  std::vector<float> W(w_in, w_in + R * C);
-  for (size_t i = 0; i < W.size(); ++i)
-    if (!std::isfinite(W[i])) fail("{}: weight {} at row {}, column {} is not finite", what, W[i], i / C, i % C);
-  std::vector<double> H = h_in;
-  for (double v : H) CALQ_CHECK(std::isfinite(v), "{}: the Hessian has a non-finite value", what);
+  const bool big = rows * cols >= 65536;
+  // The first non-finite weight (in memory order) names itself in the error.
+  int64_t bad = rows * cols;
+#pragma omp parallel for schedule(static) reduction(min : bad) if (big)
+  for (int64_t i = 0; i < rows * cols; ++i)
+    if (!std::isfinite(w_in[i])) bad = std::min(bad, i);
+  if (bad < rows * cols)
+    fail("{}: weight {} at row {}, column {} is not finite", what, w_in[bad], bad / cols, bad % cols);
+  bool h_finite = true;
+#pragma omp parallel for schedule(static) reduction(&& : h_finite) if (cols * cols >= 65536)
+  for (int64_t i = 0; i < cols * cols; ++i) h_finite = h_finite && std::isfinite(h_in[static_cast<size_t>(i)]);
+  CALQ_CHECK(h_finite, "{}: the Hessian has a non-finite value", what);
 
   GptqPrepared p;
   QuantizedWeight& q = p.res.q;
@@ -76,21 +66,29 @@ GptqPrepared gptq_prepare(const float* w_in, int64_t rows, int64_t cols, const s
   const int64_t G = p.groups = f.groups_per_row(cols), gs = p.group_len = f.group_len(cols);
   q.params.assign(R * static_cast<size_t>(G), GroupParams{});
 
-  // 1. Dead inputs.
+  // 1. Dead inputs (H_jj = 0): the column's weights count as 0 and H_jj as 1 from here on (the
+  // inputs are not copied: every reader below applies `dead`).
+  p.dead.assign(C, 0);
+  std::vector<double> diag(C);
   for (int64_t j = 0; j < cols; ++j) {
-    if (H[j * cols + j] == 0.0) {
-      H[j * cols + j] = 1.0;
-      for (int64_t r = 0; r < rows; ++r) W[r * cols + j] = 0.f;
+    diag[j] = h_in[j * cols + j];
+    if (diag[j] == 0.0) {
+      diag[j] = 1.0;
+      p.dead[j] = 1;
       ++p.res.dead_inputs;
     }
   }
+  const uint8_t* dead = p.dead.data();
   // nvfp4 global scale: from the (dead-zeroed) tensor unless shared.
   if (f.family == Family::NVFP4) {
     if (o.global_scale) {
       p.global = *o.global_scale;
     } else {
       float amax = 0.f;
-      for (float v : W) amax = std::max(amax, std::fabs(v));
+#pragma omp parallel for schedule(static) reduction(max : amax) if (big)
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < cols; ++j)
+          if (!dead[j]) amax = std::max(amax, std::fabs(w_in[r * cols + j]));
       p.global = nvfp4_global_scale(amax);
     }
     q.global_scale = p.global;
@@ -99,11 +97,13 @@ GptqPrepared gptq_prepare(const float* w_in, int64_t rows, int64_t cols, const s
   p.per_channel = f.group_size < 0;
   p.static_params = p.per_channel || (o.act_order && o.static_groups);
   if (p.static_params) {
-#pragma omp parallel for schedule(static) if (rows * cols >= 65536)
+#pragma omp parallel for schedule(static) if (big)
     for (int64_t r = 0; r < rows; ++r) {
-      std::vector<float> scratch;
-      for (int64_t g = 0; g < G; ++g)
-        q.params[r * G + g] = gptq_choose_params(f, W.data() + r * cols + g * gs, gs, 1, o, p.global, scratch);
+      std::vector<float> grp(static_cast<size_t>(gs)), scratch;
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t l = 0; l < gs; ++l) grp[l] = dead[g * gs + l] ? 0.f : w_in[r * cols + g * gs + l];
+        q.params[r * G + g] = gptq_choose_params(f, grp.data(), gs, 1, o, p.global, scratch);
+      }
     }
   }
   p.dynamic_act = o.act_order && !o.static_groups && !p.per_channel;
@@ -113,19 +113,20 @@ GptqPrepared gptq_prepare(const float* w_in, int64_t rows, int64_t cols, const s
   p.perm.resize(C);
   std::iota(p.perm.begin(), p.perm.end(), 0);
   if (o.act_order)
-    std::stable_sort(p.perm.begin(), p.perm.end(),
-                     [&](int64_t a, int64_t b) { return H[a * cols + a] > H[b * cols + b]; });
-  p.Wp.resize(R * C);
-  p.Hp.resize(C * C);
+    std::stable_sort(p.perm.begin(), p.perm.end(), [&](int64_t a, int64_t b) { return diag[a] > diag[b]; });
   const auto& perm = p.perm;
-#pragma omp parallel for schedule(static) if (rows * cols >= 65536)
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t k = 0; k < cols; ++k) p.Wp[r * cols + k] = W[r * cols + perm[k]];
-#pragma omp parallel for schedule(static) if (cols * cols >= 65536)
-  for (int64_t k = 0; k < cols; ++k)
-    for (int64_t l = 0; l < cols; ++l) p.Hp[k * cols + l] = H[perm[k] * cols + perm[l]];
-  for (int64_t k = 0; k < cols; ++k) p.mean_diag += p.Hp[k * cols + k];
+  for (int64_t k = 0; k < cols; ++k) p.mean_diag += diag[perm[k]];
   p.mean_diag /= static_cast<double>(cols);
+  if (permuted_copies) {
+    p.Wp.resize(R * C);
+    p.Hp.resize(C * C);
+#pragma omp parallel for schedule(static) if (big)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < cols; ++k) p.Wp[r * cols + k] = permuted_weight(w_in, dead, perm.data(), cols, r, k);
+#pragma omp parallel for schedule(static) if (cols * cols >= 65536)
+    for (int64_t k = 0; k < cols; ++k)
+      for (int64_t l = 0; l < cols; ++l) p.Hp[k * cols + l] = permuted_hessian(h_in.data(), dead, perm.data(), cols, k, l);
+  }
   // g_idx when groups follow the processing order.
   if (p.dynamic_act) {
     q.g_idx.assign(C, 0);

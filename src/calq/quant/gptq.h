@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "calq/quant/format.h"
+#include "calq/quant/gptq_permute.h"
 
 namespace calq::quant {
 
@@ -44,6 +45,19 @@ struct GptqOptions {
   bool cuda = false;
 };
 
+// Where the time of one CUDA GPTQ call went (seconds; all zero on the CPU path). GPU stages are
+// timed with CUDA events (`block_loop`, `lazy_gemm`: summed over the blocks), host stages with a
+// steady clock; `gemm_flops` counts the lazy-update GEMMs (2·rows·(cols − i2)·count per block).
+struct GptqStageTimes {
+  double prepare = 0;     // host: gptq_prepare (checks, dead inputs, static params, permuted fp64 copies)
+  double setup = 0;       // handles, allocation, uploads of W, H and the small arrays
+  double factor = 0;      // damping, Cholesky, inverse (with the retries)
+  double block_loop = 0;  // the fused in-block kernel, all blocks
+  double lazy_gemm = 0;   // the lazy-update GEMMs, all blocks
+  double download = 0;    // codes to the weight's layout, codes/params/loss to the host
+  double gemm_flops = 0;
+};
+
 struct GptqResult {
   QuantizedWeight q;
   double proxy_loss = 0;
@@ -51,6 +65,7 @@ struct GptqResult {
   double damp_value = 0;  // λ actually added
   double damp_used = 0;   // the damp factor that gave a positive definite H (after retries)
   double seconds = 0;
+  GptqStageTimes stages;  // CUDA path only
 };
 
 // w: rows×cols fp32 row-major; h: cols×cols fp64 row-major (symmetric). The column updates run in
@@ -66,10 +81,12 @@ GroupParams gptq_choose_params(const Format& f, const float* x, int64_t n, int64
                                float global, std::vector<float>& scratch);
 
 // Everything CPU and CUDA GPTQ do before damping and the column loop, so that both start from
-// identical values: the input checks, dead inputs (H_jj = 0: the column's weights are zeroed and
-// H_jj set to 1), the nvfp4 tensor scale, static group parameters (per-channel, or act-order with
-// static groups), the act-order permutation (stable: ties keep the original order), and the
-// permuted fp64 working copies Wp[r][k] = W[r][perm[k]], Hp[k][l] = H[perm[k]][perm[l]].
+// identical values: the input checks, dead inputs (H_jj = 0: the column's weights count as zero
+// and H_jj as 1), the nvfp4 tensor scale, static group parameters (per-channel, or act-order with
+// static groups), the act-order permutation (stable: ties keep the original order), and, with
+// `permuted_copies`, the permuted fp64 working copies Wp[r][k] = W[r][perm[k]],
+// Hp[k][l] = H[perm[k]][perm[l]] (permuted_weight / permuted_hessian below, which the CUDA path
+// evaluates on the GPU instead).
 struct GptqPrepared {
   GptqResult res;  // q sized (codes, params; static params set), global scale, dead_inputs
   float global = 1.f;
@@ -77,13 +94,14 @@ struct GptqPrepared {
   bool dynamic_act = false;            // act-order with groups in processing order (q.g_idx set)
   int64_t groups = 0, group_len = 0;  // groups per row, columns per group
   std::vector<int64_t> perm;
-  std::vector<double> Wp, Hp;
-  double mean_diag = 0;  // of Hp (undamped)
+  std::vector<uint8_t> dead;  // per input column: H_jj was 0
+  std::vector<double> Wp, Hp;  // empty unless permuted_copies
+  double mean_diag = 0;  // of Hp (undamped), summed in processing order
   // The group of processing position k.
   int64_t group_at(int64_t k) const { return per_channel ? 0 : dynamic_act ? k / group_len : perm[k] / group_len; }
 };
 GptqPrepared gptq_prepare(const float* w, int64_t rows, int64_t cols, const std::vector<double>& h, const Format& f,
-                          const GptqOptions& o, const std::string& what);
+                          const GptqOptions& o, const std::string& what, bool permuted_copies = true);
 
 // The column loop of one block [i1, i2) for every row, shared by CPU and CUDA GPTQ: quantize
 // column k (choosing a group's parameters when it starts, unless static), err = (w − q)/U_kk into

@@ -2,16 +2,16 @@
 //
 // What runs where, for gptq_quantize(opt.cuda):
 //   host:  input checks, dead inputs, the nvfp4 global scale, static group parameters, the
-//          act-order permutation (all O(rows·cols) or O(cols²), the CPU code's exact steps);
+//          act-order permutation (quant::detail::gptq_prepare, the CPU code's exact steps);
 //   GPU:   damping, P·H·P, Cholesky (cusolverDnDpotrf) and triangular inverse (cusolverDnXtrtri)
-//          in fp64 → U; the lazy update of all later columns after each block (cublasDgemm, fp64);
-//   host:  the column loop inside each block (quantize a column with the CPU format code, scale
-//          its error by 1/U_kk, propagate it to the rest of the block), rows in parallel, on the
-//          block's columns downloaded from the GPU, so group parameters and codes come from the
-//          very same functions as on the CPU.
-// The arithmetic is the CPU's (fp64 weights, fp64 U, fp64 updates); only the summation order of
-// the factorization and of the GEMM differ, so codes agree except for values within an ulp of a
-// rounding boundary (tests/gpu/cuda_backend_test.cpp).
+//          in fp64 → U; per block, the column loop (gptq_kernel.cu: quantize a column with the
+//          element code of calq/quant/element.h, the CPU's own functions, scale its error by
+//          1/U_kk, propagate it inside the block; choose a group's parameters when it starts) and
+//          the lazy update of all later columns (cublasDgemm, fp64). W, the errors, the codes and
+//          the group parameters stay on the GPU until the end.
+// The arithmetic is the CPU's (fp64 weights, fp64 U, fp64 updates, same order inside a row); only
+// the summation order of the factorization and of the GEMM differ, so codes agree except for
+// values within an ulp of a rounding boundary (tests/gpu/cuda_backend_test.cpp).
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <cusolverDn.h>
@@ -22,6 +22,7 @@
 #include <cstring>
 #include <numeric>
 
+#include "calq/backend/cuda/gptq_kernel.h"
 #include "calq/backend/cuda/kernels.h"
 #include "calq/backend/device.h"
 #include "calq/core/error.h"
@@ -49,6 +50,10 @@ class DeviceBuffer {
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   ~DeviceBuffer() {
     if (p_) cudaFree(p_);
+  }
+  void reset() {
+    if (p_) cudaFree(p_);
+    p_ = nullptr;
   }
   void alloc(size_t bytes, const char* what) {
     check_cuda(cudaMalloc(&p_, std::max<size_t>(bytes, 1)), what);
@@ -168,23 +173,30 @@ std::vector<double> cuda_hessian_sum(const float* x, int64_t rows, int64_t n, co
 quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t cols, const std::vector<double>& h_in,
                                      const quant::Format& f, const quant::GptqOptions& o, const std::string& what) {
   using namespace quant;
-  const auto t0 = std::chrono::steady_clock::now();
+  using clock = std::chrono::steady_clock;
+  auto secs = [](clock::time_point a, clock::time_point b) { return std::chrono::duration<double>(b - a).count(); };
+  const auto t0 = clock::now();
   cuda_require();
   CALQ_CHECK(rows <= INT32_MAX && cols <= INT32_MAX, "{}: {}×{} is too large for cuBLAS", what, rows, cols);
-  // Host preparation: exactly the CPU's (quant::detail::gptq_prepare).
-  auto prep = detail::gptq_prepare(w_in, rows, cols, h_in, f, o, what);
+  // Host preparation: the CPU's (quant::detail::gptq_prepare), except the permuted fp64 copies of
+  // W and H, which are built on the GPU from the uploaded inputs with the same functions.
+  auto prep = detail::gptq_prepare(w_in, rows, cols, h_in, f, o, what, /*permuted_copies=*/false);
+  const auto t_prep = clock::now();
   const size_t R = static_cast<size_t>(rows), C = static_cast<size_t>(cols);
   GptqResult& res = prep.res;
-  const std::vector<double>& Wp = prep.Wp;
-  const std::vector<double>& Hp = prep.Hp;
+  QuantizedWeight& q = res.q;
   const double mean_diag = prep.mean_diag;
+  const int64_t G = prep.groups, gs = prep.group_len;
+  const size_t NG = static_cast<size_t>(G);
+  CALQ_CHECK(prep.static_params || gs <= 256, "internal: GPTQ group of {} columns chosen inside the loop", gs);
 
-  // GPU memory: H (kept undamped), the factor, Wp, the error block, the solver workspace.
+  // GPU memory: H (kept undamped, then U), the factor's workspace, Wp, the error block, codes (in
+  // processing order and in the weight's layout), group parameters, per-row loss, the permutation.
   Handles hd;
   const int64_t B = o.block_size;
   int64_t lwork_potrf = 0;
   size_t trtri_dev = 0, trtri_host = 0;
-  DeviceBuffer d_h, d_u, d_w, d_e, d_work, d_info;
+  DeviceBuffer d_h, d_u, d_w, d_e, d_work, d_info, d_codes_k, d_codes, d_params, d_loss, d_perm, d_stage, d_wf, d_dead;
   {
     const int n32 = static_cast<int>(cols);
     int lw = 0;
@@ -195,9 +207,16 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
                                                CUDA_R_64F, nullptr, cols, &trtri_dev, &trtri_host),
                    "cusolverDnXtrtri_bufferSize");
   }
+  // The in-block kernel stages a row's columns [i1, i2 + group_len) in shared memory; when that
+  // does not fit (very large --block-size), in a global scratch of rows × width doubles.
+  const int64_t width_max = std::min<int64_t>(cols, B + (prep.static_params ? 0 : gs));
+  const bool staged_global = cuda::gptq_block_shared_bytes(width_max) > cuda::gptq_block_shared_limit();
   const size_t work_bytes = std::max(static_cast<size_t>(lwork_potrf) * sizeof(double), trtri_dev);
-  const size_t need = 2 * C * C * sizeof(double) + R * C * sizeof(double) + R * static_cast<size_t>(B) * sizeof(double) +
-                      work_bytes + sizeof(int);
+  const size_t need = 2 * C * C * sizeof(double) + R * C * (sizeof(double) + sizeof(float)) +
+                      R * static_cast<size_t>(B) * sizeof(double) + 2 * R * C + R * NG * sizeof(GroupParams) +
+                      R * sizeof(double) + C * (sizeof(int32_t) + 1) +
+                      (staged_global ? R * static_cast<size_t>(width_max) * sizeof(double) : 0) + work_bytes +
+                      sizeof(int);
   require_memory(need, what);
   d_h.alloc(C * C * sizeof(double), "cudaMalloc(H)");
   d_u.alloc(C * C * sizeof(double), "cudaMalloc(U)");
@@ -205,11 +224,46 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
   d_e.alloc(R * static_cast<size_t>(B) * sizeof(double), "cudaMalloc(errors)");
   d_work.alloc(work_bytes, "cudaMalloc(cuSOLVER workspace)");
   d_info.alloc(sizeof(int), "cudaMalloc(info)");
+  d_codes_k.alloc(R * C, "cudaMalloc(codes)");
+  d_codes.alloc(R * C, "cudaMalloc(codes)");
+  d_params.alloc(R * NG * sizeof(GroupParams), "cudaMalloc(group parameters)");
+  d_loss.alloc(R * sizeof(double), "cudaMalloc(loss)");
+  d_perm.alloc(C * sizeof(int32_t), "cudaMalloc(permutation)");
+  if (staged_global) d_stage.alloc(R * static_cast<size_t>(width_max) * sizeof(double), "cudaMalloc(block stage)");
   std::vector<unsigned char> trtri_host_buf(std::max<size_t>(trtri_host, 1));
-  check_cuda(cudaMemcpyAsync(d_h.as<double>(), Hp.data(), C * C * sizeof(double), cudaMemcpyHostToDevice, hd.stream),
+  d_wf.alloc(R * C * sizeof(float), "cudaMalloc(W input)");
+  d_dead.alloc(C, "cudaMalloc(dead inputs)");
+  // The inputs as given (W fp32, H fp64) and the permutation; the permuted fp64 copies Wp and Hp
+  // are made on the GPU (d_u holds the raw H until the factorization needs it).
+  check_cuda(cudaMemcpyAsync(d_u.as<double>(), h_in.data(), C * C * sizeof(double), cudaMemcpyHostToDevice,
+                             hd.stream),
              "cudaMemcpy(H)");
-  check_cuda(cudaMemcpyAsync(d_w.as<double>(), Wp.data(), R * C * sizeof(double), cudaMemcpyHostToDevice, hd.stream),
+  check_cuda(cudaMemcpyAsync(d_wf.as<float>(), w_in, R * C * sizeof(float), cudaMemcpyHostToDevice, hd.stream),
              "cudaMemcpy(W)");
+  check_cuda(cudaMemcpyAsync(d_dead.as<uint8_t>(), prep.dead.data(), C, cudaMemcpyHostToDevice, hd.stream),
+             "cudaMemcpy(dead inputs)");
+  std::vector<int32_t> perm32(C);
+  for (size_t k = 0; k < C; ++k) perm32[k] = static_cast<int32_t>(prep.perm[k]);
+  check_cuda(cudaMemcpyAsync(d_perm.as<int32_t>(), perm32.data(), C * sizeof(int32_t), cudaMemcpyHostToDevice,
+                             hd.stream),
+             "cudaMemcpy(permutation)");
+  cuda::launch_permute_hessian(d_u.as<double>(), d_dead.as<uint8_t>(), d_perm.as<int32_t>(), d_h.as<double>(), cols,
+                               hd.stream);
+  cuda::launch_permute_weights(d_wf.as<float>(), d_dead.as<uint8_t>(), d_perm.as<int32_t>(), d_w.as<double>(), rows,
+                               cols, hd.stream);
+  check_cuda(cudaGetLastError(), "GPTQ permutation kernels");
+  // Group parameters on the device are group-major (params[g·rows + r]: a warp's rows side by side).
+  std::vector<GroupParams> params_t(R * NG);
+  if (prep.static_params)
+    for (size_t r = 0; r < R; ++r)
+      for (size_t g = 0; g < NG; ++g) params_t[g * R + r] = q.params[r * NG + g];
+  check_cuda(cudaMemcpyAsync(d_params.as<GroupParams>(), params_t.data(), R * NG * sizeof(GroupParams),
+                             cudaMemcpyHostToDevice, hd.stream),
+             "cudaMemcpy(group parameters)");
+  check_cuda(cudaMemsetAsync(d_loss.as<double>(), 0, R * sizeof(double), hd.stream), "cudaMemset(loss)");
+  hd.sync("GPTQ uploads");
+  d_wf.reset();
+  const auto t_setup = clock::now();
 
   // 2. + 4. on the GPU: U = P·L⁻¹·P, L the lower Cholesky factor of P·(H + λI)·P; the damping
   // retries of the CPU code (×10, at most 3 times) when the factorization fails.
@@ -247,52 +301,110 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
     damp = next;
   }
   res.damp_used = damp;
-  // d_h is free now: it receives U (row-major upper); U also comes to the host for the in-block
-  // loop (its rows i1..i2 of each block).
+  // d_h is free now: it receives U (row-major upper).
   cuda::launch_reversed_lower_to_upper(d_u.as<double>(), d_h.as<double>(), cols, hd.stream);
   check_cuda(cudaGetLastError(), "GPTQ factor kernel");
-  std::vector<double> U(C * C);
-  check_cuda(cudaMemcpyAsync(U.data(), d_h.as<double>(), C * C * sizeof(double), cudaMemcpyDeviceToHost, hd.stream),
-             "cudaMemcpy(U)");
   hd.sync("GPTQ factorization");
+  const auto t_factor = clock::now();
   const double* d_U = d_h.as<double>();
 
-  // 5. Blocks: download the block's current columns (and, when group parameters are chosen during
-  // the loop, the columns of groups that start in the block and reach past it), run the CPU
-  // column loop on them, upload the block's errors, lazy-update the later columns with one GEMM.
-  std::vector<double> err(R * static_cast<size_t>(B));
-  std::vector<double> blk;
-  double loss = 0;
-  for (int64_t i1 = 0; i1 < cols; i1 += B) {
-    const int64_t i2 = std::min(i1 + B, cols), count = i2 - i1;
-    const int64_t hi = prep.static_params ? i2 : std::min(cols, i2 + prep.group_len);
-    const int64_t width = hi - i1;
-    blk.resize(R * static_cast<size_t>(width));
-    check_cuda(cudaMemcpy2DAsync(blk.data(), static_cast<size_t>(width) * sizeof(double), d_w.as<double>() + i1,
-                                 C * sizeof(double), static_cast<size_t>(width) * sizeof(double), R,
-                                 cudaMemcpyDeviceToHost, hd.stream),
-               "cudaMemcpy(block)");
-    hd.sync("GPTQ block download");
-    loss += detail::gptq_block(prep, U, i1, i2, blk.data(), width, i1, err, B, f, o);
+  // 5. Blocks, all on the GPU: the fused in-block kernel (codes, group parameters, errors), then
+  // the lazy update of the later columns with one GEMM. Nothing returns to the host until the end.
+  cuda::GptqBlockArgs a;
+  a.w = d_w.as<double>();
+  a.u = d_U;
+  a.err = d_e.as<double>();
+  a.codes = d_codes_k.as<uint8_t>();
+  a.params = d_params.as<GroupParams>();
+  a.perm = d_perm.as<int32_t>();
+  a.loss = d_loss.as<double>();
+  a.stage = staged_global ? d_stage.as<double>() : nullptr;
+  a.rows = rows;
+  a.cols = cols;
+  a.group_len = gs;
+  a.spec = f.spec();
+  a.global = prep.global;
+  a.static_params = prep.static_params;
+  a.per_channel = prep.per_channel;
+  a.dynamic_act = prep.dynamic_act;
+  a.clip = o.clip_search;
+  a.clip_grid = o.clip_grid;
+  a.clip_min = o.clip_min;
+  a.clip_norm = o.clip_norm;
+  const int64_t nblocks = (cols + B - 1) / B;
+  std::vector<cudaEvent_t> ev(static_cast<size_t>(3 * nblocks), nullptr);
+  struct EventGuard {
+    std::vector<cudaEvent_t>& v;
+    ~EventGuard() {
+      for (auto e : v)
+        if (e) cudaEventDestroy(e);
+    }
+  } ev_guard{ev};
+  for (auto& e : ev) check_cuda(cudaEventCreate(&e), "cudaEventCreate");
+  double gemm_flops = 0;
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t i1 = b * B, i2 = std::min(i1 + B, cols), count = i2 - i1;
+    a.i1 = i1;
+    a.i2 = i2;
+    // The columns the kernel reads: the block, and the rest of the last group starting in it
+    // (whose parameters see its current values) when that group reaches past the block.
+    const int64_t last_start = (i2 - 1) / gs * gs;
+    a.hi = prep.static_params || last_start < i1 ? i2 : std::max(i2, std::min(cols, last_start + gs));
+    check_cuda(cudaEventRecord(ev[3 * b], hd.stream), "cudaEventRecord");
+    cuda::launch_gptq_block(a, hd.stream);
+    check_cuda(cudaGetLastError(), "GPTQ in-block kernel");
+    check_cuda(cudaEventRecord(ev[3 * b + 1], hd.stream), "cudaEventRecord");
     if (i2 < cols) {
-      check_cuda(cudaMemcpyAsync(d_e.as<double>(), err.data(), R * static_cast<size_t>(B) * sizeof(double),
-                                 cudaMemcpyHostToDevice, hd.stream),
-                 "cudaMemcpy(errors)");
       // Row-major Wp[:, i2:] -= E[:, :count] · U[i1:i2, i2:]; in cuBLAS's column-major view
-      // (Wp[:, i2:])ᵀ -= (U[i1:i2, i2:])ᵀ · Eᵀ.
+      // (Wp[:, i2:])ᵀ -= (U[i1:i2, i2:])ᵀ · Eᵀ, with E stored count × rows (column-major rows × count).
       const double minus_one = -1.0, one = 1.0;
-      check_cublas(cublasDgemm(hd.blas, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(cols - i2), static_cast<int>(rows),
+      check_cublas(cublasDgemm(hd.blas, CUBLAS_OP_N, CUBLAS_OP_T, static_cast<int>(cols - i2), static_cast<int>(rows),
                                static_cast<int>(count), &minus_one, d_U + i1 * cols + i2, static_cast<int>(cols),
-                               d_e.as<double>(), static_cast<int>(B), &one, d_w.as<double>() + i2,
+                               d_e.as<double>(), static_cast<int>(rows), &one, d_w.as<double>() + i2,
                                static_cast<int>(cols)),
                    "cublasDgemm(lazy update)");
-      // err is rewritten by the next block: its upload must be complete (the download below
-      // synchronizes the stream before the host touches err again).
+      gemm_flops += 2.0 * static_cast<double>(rows) * static_cast<double>(cols - i2) * static_cast<double>(count);
     }
+    check_cuda(cudaEventRecord(ev[3 * b + 2], hd.stream), "cudaEventRecord");
   }
-  hd.sync("GPTQ");
+  cuda::launch_scatter_codes(d_codes_k.as<uint8_t>(), d_codes.as<uint8_t>(), d_perm.as<int32_t>(), rows, cols,
+                             hd.stream);
+  check_cuda(cudaGetLastError(), "GPTQ codes kernel");
+  hd.sync("GPTQ blocks");
+  const auto t_loop = clock::now();
+  for (int64_t b = 0; b < nblocks; ++b) {
+    float ms_kernel = 0, ms_gemm = 0;
+    check_cuda(cudaEventElapsedTime(&ms_kernel, ev[3 * b], ev[3 * b + 1]), "cudaEventElapsedTime");
+    check_cuda(cudaEventElapsedTime(&ms_gemm, ev[3 * b + 1], ev[3 * b + 2]), "cudaEventElapsedTime");
+    res.stages.block_loop += 1e-3 * ms_kernel;
+    res.stages.lazy_gemm += 1e-3 * ms_gemm;
+  }
+  res.stages.gemm_flops = gemm_flops;
+
+  // Codes, group parameters and the per-row losses to the host, once.
+  check_cuda(cudaMemcpyAsync(q.codes.data(), d_codes.as<uint8_t>(), R * C, cudaMemcpyDeviceToHost, hd.stream),
+             "cudaMemcpy(codes)");
+  std::vector<double> loss_rows(R);
+  check_cuda(cudaMemcpyAsync(loss_rows.data(), d_loss.as<double>(), R * sizeof(double), cudaMemcpyDeviceToHost,
+                             hd.stream),
+             "cudaMemcpy(loss)");
+  if (!prep.static_params)
+    check_cuda(cudaMemcpyAsync(params_t.data(), d_params.as<GroupParams>(), R * NG * sizeof(GroupParams),
+                               cudaMemcpyDeviceToHost, hd.stream),
+               "cudaMemcpy(group parameters)");
+  hd.sync("GPTQ download");
+  if (!prep.static_params)
+    for (size_t r = 0; r < R; ++r)
+      for (size_t g = 0; g < NG; ++g) q.params[r * NG + g] = params_t[g * R + r];
+  double loss = 0;
+  for (double l : loss_rows) loss += l;
   res.proxy_loss = loss;
-  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const auto t_end = clock::now();
+  res.stages.prepare = secs(t0, t_prep);
+  res.stages.setup = secs(t_prep, t_setup);
+  res.stages.factor = secs(t_setup, t_factor);
+  res.stages.download = secs(t_loop, t_end);
+  res.seconds = secs(t0, t_end);
   return std::move(res);
 }
 
