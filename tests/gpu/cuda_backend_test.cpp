@@ -54,6 +54,10 @@ struct Case {
   bool static_groups;
   bool clip;
 };
+// gtest prints a parameter in the test's ctest name; without this it would dump its bytes.
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << c.format << (c.act_order ? " act-order" : "") << (c.static_groups ? " static" : "") << (c.clip ? " clip" : "");
+}
 
 class GpuGptq : public ::testing::TestWithParam<Case> {};
 
@@ -124,6 +128,7 @@ struct ShapeCase {
   bool act_order, static_groups, clip, symmetric;
   float clip_norm;
 };
+void PrintTo(const ShapeCase& c, std::ostream* os) { *os << c.name; }
 
 class GpuGptqShapes : public ::testing::TestWithParam<ShapeCase> {};
 
