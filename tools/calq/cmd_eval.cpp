@@ -113,11 +113,12 @@ int run_eval(const EvalArgs& a) {
   j["model"] = a.model;
 
   // Device errors (bad value, no CUDA build, no GPU) before any work.
-  if (backend::parse_device(a.device) == backend::Device::Cuda) backend::cuda_require("--device cuda");
+  const bool on_cuda = backend::parse_device(a.device) == backend::Device::Cuda;
   if (!a.gpu_precision.empty()) {
     engine::parse_precision(a.gpu_precision);
-    CALQ_CHECK(a.device == "cuda", "--gpu-precision {} applies to --device cuda only", a.gpu_precision);
+    CALQ_CHECK(on_cuda, "--gpu-precision {} applies to --device cuda only", a.gpu_precision);
   }
+  if (on_cuda) backend::cuda_require("--device cuda");
   if (a.metric == "layer-error") {
     CALQ_CHECK(a.device == "cpu", "--device {}: --metric layer-error runs on the CPU only; drop --device",
                a.device);
@@ -270,8 +271,8 @@ Command add_eval(CLI::App& app) {
                 "mistral, qwen2, qwen3; docs/cuda.md)")
       ->capture_default_str();
   c->add_option("--gpu-precision", a->gpu_precision,
-                "With --device cuda: fp32 (fp32 weights and products, default) or bf16 (bf16 weights, products "
-                "of bf16-rounded inputs accumulated in fp32; half the GPU memory)");
+                "With --device cuda: fp32 (fp32 weights and products, default) or bf16 (bf16 weights, half the "
+                "GPU memory; products on the tensor cores with fp32 accumulation)");
   c->add_flag("--allow-long-context", a->allow_long, "Allow --ctx beyond max_position_embeddings");
   c->add_flag("--offline", a->offline, "Never download datasets (also CALQ_OFFLINE=1)");
   return {c, [a]() { return run_eval(*a); }};

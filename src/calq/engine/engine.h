@@ -89,8 +89,9 @@ class Observer {
 using InputTransform = std::function<void(float* x, int64_t rows, int64_t cols)>;
 
 // Arithmetic of the GPU forward pass (Options::device = Cuda): F32 = fp32 weights and
-// activations, fp32 GEMMs (no TF32); BF16 = linear weights stored as bf16, their inputs rounded to
-// bf16 and products accumulated in fp32 (cublasGemmEx); norms, RoPE, attention and the residual
+// activations, fp32 GEMMs (no TF32); BF16 = linear weights stored as bf16 (half the memory), each
+// product's fp32 input split into two bf16 terms (hi + lo, 16 significant bits) and multiplied on
+// the tensor cores with fp32 accumulation (cublasGemmEx); norms, RoPE, attention and the residual
 // stream stay fp32. docs/cuda.md, "Forward pass".
 enum class Precision { F32, BF16 };
 // "fp32" | "bf16"; anything else throws calq::Error naming `option`.

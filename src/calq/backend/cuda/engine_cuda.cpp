@@ -5,9 +5,9 @@
 // Per layer, as the CPU engine (engine.cpp, run_llama_layer): RMSNorm → q/k/v projections (+bias)
 // → qk-norm → RoPE → causal GQA attention (sliding window where the CPU applies one) → o_proj →
 // residual add → RMSNorm → gate/up → SiLU·up → down → residual add. Products are cuBLAS: fp32
-// (cublasSgemm, CUBLAS_DEFAULT_MATH: no TF32) or bf16 weights × bf16-rounded inputs with fp32
-// accumulation (cublasGemmEx, CUBLAS_COMPUTE_32F). An observer gets a host copy of each linear
-// group's input (the fp32 input, before any bf16 rounding); an input transform runs on a host
+// (cublasSgemm, CUBLAS_DEFAULT_MATH: no TF32) or bf16 weights × the input split into two bf16
+// terms (hi + lo), fp32 accumulation (cublasGemmEx, CUBLAS_COMPUTE_32F). An observer gets a host copy of each linear
+// group's input (the fp32 input, before the bf16 split); an input transform runs on a host
 // copy, which is then uploaded and multiplied.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -343,13 +343,21 @@ class CudaForward final : public Forward {
                                Y, out),
                    "cublasSgemm");
     } else {
-      xb_.ensure(static_cast<size_t>(rows * L.in) * sizeof(uint16_t), "bf16 inputs of a product", kActHint);
-      k::launch_to_bf16(X, xb_.as<uint16_t>(), rows * L.in, stream_);
-      check_launch("to_bf16");
-      check_cublas(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &one, L.w.as<void>(), CUDA_R_16BF, in,
-                                xb_.as<void>(), CUDA_R_16BF, in, &zero, Y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F,
-                                CUBLAS_GEMM_DEFAULT),
-                   "cublasGemmEx (bf16)");
+      // The fp32 input as two bf16 terms, x ≈ hi + lo (16 significant bits): Y = W·hi + W·lo, both
+      // on the tensor cores with fp32 accumulation. One bf16 term alone (8 bits) costs ~1e-2
+      // relative in the logits of the test fixtures; two keep them within ~3e-5 of the CPU.
+      const size_t n_in = static_cast<size_t>(rows * L.in);
+      xb_.ensure(2 * n_in * sizeof(uint16_t), "bf16 inputs of a product", kActHint);
+      uint16_t* hi = xb_.as<uint16_t>();
+      uint16_t* lo = hi + n_in;
+      k::launch_split_bf16(X, hi, lo, static_cast<int64_t>(n_in), stream_);
+      check_launch("split_bf16");
+      check_cublas(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &one, L.w.as<void>(), CUDA_R_16BF, in, hi,
+                                CUDA_R_16BF, in, &zero, Y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                   "cublasGemmEx (bf16, hi)");
+      check_cublas(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &one, L.w.as<void>(), CUDA_R_16BF, in, lo,
+                                CUDA_R_16BF, in, &one, Y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                   "cublasGemmEx (bf16, lo)");
     }
     if (L.has_bias) {
       k::launch_add_bias(Y, L.bias.as<float>(), rows, L.out, stream_);

@@ -96,6 +96,15 @@ __global__ void to_bf16_kernel(const float* x, uint16_t* y, int64_t n) {
     y[i] = __bfloat16_as_ushort(__float2bfloat16_rn(x[i]));
 }
 
+__global__ void split_bf16_kernel(const float* x, uint16_t* hi, uint16_t* lo, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const __nv_bfloat16 h = __float2bfloat16_rn(x[i]);
+    hi[i] = __bfloat16_as_ushort(h);
+    lo[i] = __bfloat16_as_ushort(__float2bfloat16_rn(x[i] - __bfloat162float(h)));
+  }
+}
+
 __global__ void bf16_to_f32_kernel(const uint16_t* x, float* y, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -266,6 +275,11 @@ void launch_silu_mul(float* g, const float* u, int64_t n, cudaStream_t s) {
 void launch_to_bf16(const float* x, uint16_t* y, int64_t n, cudaStream_t s) {
   if (n == 0) return;
   to_bf16_kernel<<<blocks_for(n, 256), 256, 0, s>>>(x, y, n);
+}
+
+void launch_split_bf16(const float* x, uint16_t* hi, uint16_t* lo, int64_t n, cudaStream_t s) {
+  if (n == 0) return;
+  split_bf16_kernel<<<blocks_for(n, 256), 256, 0, s>>>(x, hi, lo, n);
 }
 
 void launch_bf16_to_f32(const uint16_t* x, float* y, int64_t n, cudaStream_t s) {

@@ -25,6 +25,9 @@ void launch_add(float* h, const float* o, int64_t n, cudaStream_t s);
 void launch_silu_mul(float* g, const float* u, int64_t n, cudaStream_t s);
 // y[i] = bf16(x[i]) (round to nearest even), y as uint16 bits.
 void launch_to_bf16(const float* x, uint16_t* y, int64_t n, cudaStream_t s);
+// x split into two bf16 terms: hi[i] = bf16(x[i]), lo[i] = bf16(x[i] - hi[i]) (round to nearest
+// even; hi + lo carries 16 significant bits of x).
+void launch_split_bf16(const float* x, uint16_t* hi, uint16_t* lo, int64_t n, cudaStream_t s);
 // y[i] = bits of bf16 -> fp32.
 void launch_bf16_to_f32(const uint16_t* x, float* y, int64_t n, cudaStream_t s);
 // *count += number of non-finite x[i] (count must be zeroed by the caller).
