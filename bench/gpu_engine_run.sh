@@ -45,10 +45,22 @@ ppl() {  # MODEL CHUNKS EXTRA...
   local t0=$(date +%s.%N)
   timeout 120 "$calq" eval --model "$m" --dataset "$here/data/wiki.test.raw" --ctx 512 --chunks "$n" --offline "$@" 2>&1 |
     grep -E "PPL|rror|device" | tail -3
-  echo "   ($(basename "$m") chunks=$n $*: wall $(echo "$(date +%s.%N) - $t0" | bc) s)"
+  echo "   ($(basename "$m") chunks=$n $*: wall $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b - a}') s, model load included)"
+}
+kld() {  # MODEL CHUNKS: KL divergence of the GPU's log-probabilities (fp32, bf16) against the CPU's
+  local m=$1 n=$2 base=$here/w/base.logits
+  "$calq" -q eval --model "$m" --dataset "$here/data/wiki.test.raw" --ctx 512 --chunks "$n" --offline \
+    --metric kl-divergence --save-logits "$base" --device cpu > /dev/null 2>&1 || echo "save-logits failed"
+  for p in fp32 bf16; do
+    echo "   KLD(cuda $p || cpu), $(basename "$m"), $n chunks:"
+    timeout 120 "$calq" -q eval --model "$m" --dataset "$here/data/wiki.test.raw" --ctx 512 --chunks "$n" --offline \
+      --metric kl-divergence --reference-logits "$base" --device cuda --gpu-precision $p 2>&1 |
+      grep -E "Mean PPL\(Q\)  |Mean PPL\(base\)|Mean    KLD|Maximum KLD|Same top|rror"
+  done
+  rm -f "$base"
 }
 for shape in ${SHAPES:-28m 1.7b}; do
-  if [ "$shape" = 28m ]; then cfg=$here/data; n_gpu=64; n_cpu=64; else cfg=$here/data/qwen3-1.7b; n_gpu=64; n_cpu=4; fi
+  if [ "$shape" = 28m ]; then cfg=$here/data; n_gpu=64; n_cpu=64; else cfg=$here/data/qwen3-1.7b; n_gpu=32; n_cpu=4; fi
   m=$here/w/random-$shape
   [ -d "$cfg" ] || continue
   t0=$(date +%s)
@@ -60,5 +72,6 @@ for shape in ${SHAPES:-28m 1.7b}; do
   [ "$n_gpu" != "$n_cpu" ] && ppl "$m" "$n_gpu" --device cuda
   ppl "$m" "$n_cpu" --device cuda --gpu-precision bf16
   [ "$n_gpu" != "$n_cpu" ] && ppl "$m" "$n_gpu" --device cuda --gpu-precision bf16
+  kld "$m" "${KLD_CHUNKS:-4}"
   rm -rf "$m"
 done
