@@ -32,7 +32,7 @@ echo "== compute-sanitizer memcheck (subset)"
 cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2> /dev/null | head -1)
 if [ -n "$cs" ]; then
   timeout "${SAN_TIMEOUT:-60}" "$cs" --tool memcheck --error-exitcode 9 "$here/x/bin/engine_cuda_test" \
-    --gtest_filter='Dense/GpuEngine.LogitsMatchCpu/qwen3_qknorm_*:Dense/GpuEngine.LogitsMatchCpu/mistral_swa_bf16:GpuEngineWeights.*:GpuEngineErrors.*' \
+    --gtest_filter='Dense/GpuEngine.LogitsMatchCpu/qwen3_qknorm_*:Dense/GpuEngine.LogitsMatchCpu/gpt2_*:Dense/GpuEngine.LogitsMatchCpu/mistral_swa_bf16:GpuEngineWeights.*:GpuEngineErrors.*' \
     > "$out/sanitizer.log" 2>&1
   echo "sanitizer rc=$?"; grep -E "ERROR SUMMARY|PASSED|FAILED" "$out/sanitizer.log" | tail -5
 else

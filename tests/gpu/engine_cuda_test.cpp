@@ -51,8 +51,9 @@ bool gpu_usable(std::string* why) {
 
 path fixture(const std::string& name) { return calq_test::source_dir() / "tests/data/engine" / name; }
 
+// Every fixture of an architecture the GPU path runs (the MoE ones are refused, tested below).
 const std::vector<std::string> kDense = {"llama_gqa",  "llama_mha_bias_tied", "llama3_rope", "llama_linear_rope",
-                                         "mistral_swa", "qwen2_bias",         "qwen3_qknorm", "qwen3_mha"};
+                                         "mistral_swa", "qwen2_bias",         "qwen3_qknorm", "qwen3_mha", "gpt2"};
 
 engine::Options options(backend::Device d, engine::Precision p = engine::Precision::F32) {
   engine::Options o;
@@ -149,7 +150,8 @@ class GpuEngine : public ::testing::TestWithParam<Case> {};
 
 // Random batches: 3 sequences of 20 with right padding (lengths 20, 13, 1) and 2 of 200 (lengths
 // 200, 77), longer than the attention tiles (32 queries × 32 keys) and than the fixtures'
-// max_position_embeddings; mistral_swa's window (5) is then far shorter than the sequence.
+// max_position_embeddings; mistral_swa's window (5) is then far shorter than the sequence. GPT-2's
+// positions are learned (64 in the fixture): 2 of 60 (lengths 60, 37) instead.
 TEST_P(GpuEngine, LogitsMatchCpu) {
   REQUIRE_GPU();
   const Case c = GetParam();
@@ -159,7 +161,9 @@ TEST_P(GpuEngine, LogitsMatchCpu) {
   auto gpu = engine::Model::load(dir, options(backend::Device::Cuda, c.precision));
   const int64_t V = cpu.config().vocab_size;
   const std::vector<engine::Batch> batches{random_batch(3, 20, V, {20, 13, 1}, 1),
-                                           random_batch(2, 200, V, {200, 77}, 2), random_batch(1, 7, V, {}, 3)};
+                                           c.fixture == "gpt2" ? random_batch(2, 60, V, {60, 37}, 2)
+                                                               : random_batch(2, 200, V, {200, 77}, 2),
+                                           random_batch(1, 7, V, {}, 3)};
   for (const auto& b : batches) {
     const auto ref = cpu.forward(b);
     const auto got = gpu.forward(b);
@@ -277,9 +281,21 @@ TEST(GpuEngineObserver, SameInputsAsCpu) {
 // set_weight changes the GPU logits exactly as the CPU's; clear_weight restores them.
 TEST(GpuEngineWeights, SetWeightAndClear) {
   REQUIRE_GPU();
-  for (const auto& fx : {"llama_mha_bias_tied", "qwen3_qknorm"}) {
-    for (auto prec : {engine::Precision::F32, engine::Precision::BF16}) {
-      // Both fixtures are bf16 checkpoints; the weights set below are rounded to bf16 for the bf16 case.
+  struct W {
+    std::string fx;
+    std::vector<std::string> modules;
+    std::vector<engine::Precision> precisions;
+  };
+  const std::vector<std::string> llama{"model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj",
+                                       "model.layers.0.self_attn.q_proj"};
+  // The llama fixtures are bf16 checkpoints (the weights set below are rounded to bf16 for the bf16
+  // case); gpt2 is fp32, its Conv1D weights exchanged as [out, in].
+  for (const W& c : std::vector<W>{
+           {"llama_mha_bias_tied", llama, {engine::Precision::F32, engine::Precision::BF16}},
+           {"qwen3_qknorm", llama, {engine::Precision::F32, engine::Precision::BF16}},
+           {"gpt2", {"transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"}, {engine::Precision::F32}}}) {
+    const char* fx = c.fx.c_str();
+    for (auto prec : c.precisions) {
       auto cpu = engine::Model::load(fixture(fx), options(backend::Device::Cpu));
       auto gpu = engine::Model::load(fixture(fx), options(backend::Device::Cuda, prec));
       const int64_t V = cpu.config().vocab_size;
@@ -287,8 +303,7 @@ TEST(GpuEngineWeights, SetWeightAndClear) {
       const auto before = gpu.forward(b);
       std::mt19937 rng(3);
       std::normal_distribution<float> nd(0.f, 0.05f);
-      for (const std::string m : {"model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj",
-                                  "model.layers.0.self_attn.q_proj"}) {
+      for (const std::string& m : c.modules) {
         auto w = cpu.weight(m);
         for (auto& x : w) {
           x = 1.5f * x + nd(rng);
@@ -303,9 +318,7 @@ TEST(GpuEngineWeights, SetWeightAndClear) {
                   moved);
       EXPECT_LE(e, tolerance(prec)) << fx;
       EXPECT_GE(moved, 100 * tolerance(prec)) << "set_weight did not change the GPU logits";
-      for (const std::string m : {"model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj",
-                                  "model.layers.0.self_attn.q_proj"})
-        gpu.clear_weight(m);
+      for (const std::string& m : c.modules) gpu.clear_weight(m);
       EXPECT_LE(rel_err(before, gpu.forward(b), b, V), 1e-6) << "clear_weight";
     }
   }
@@ -339,11 +352,11 @@ TEST(GpuEngineWeights, InputTransform) {
   for (size_t i = 0; i < rc.seen.size(); ++i) EXPECT_EQ(rc.seen[i].modules, rg.seen[i].modules);
 }
 
-// Architectures the GPU path does not implement are an error naming them and --device cpu.
+// Architectures the GPU path does not implement (MoE) are an error naming them and --device cpu.
 TEST(GpuEngineErrors, UnsupportedArchitecture) {
   REQUIRE_GPU();
   for (const auto& [fx, arch] : std::vector<std::pair<std::string, std::string>>{
-           {"gpt2", "gpt2"}, {"qwen3_moe_norm", "qwen3_moe"}, {"mixtral", "mixtral"}}) {
+           {"qwen3_moe_norm", "qwen3_moe"}, {"mixtral", "mixtral"}}) {
     try {
       engine::Model::load(fixture(fx), options(backend::Device::Cuda));
       ADD_FAILURE() << fx << " loaded on the GPU";

@@ -99,7 +99,7 @@ Precision parse_precision(std::string_view name, std::string_view option = "--gp
 
 struct Options {
   // Cpu: this file's fp32 engine. Cuda: the dense decoder layers and the head run on GPU 0
-  // (llama, mistral, qwen2, qwen3; other architectures are an error at load); embed() stays on
+  // (llama, mistral, qwen2, qwen3, gpt2; MoE architectures are an error at load); embed() stays on
   // the host, run_layer() uploads / downloads the activations, forward() and logits_from() keep
   // them on the GPU. Observers, set_weight and input transforms work as on the CPU.
   backend::Device device = backend::Device::Cpu;

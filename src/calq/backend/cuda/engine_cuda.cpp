@@ -1,5 +1,5 @@
 // The GPU forward pass of engine::Model (Options::device = Cuda): dense decoder layers of llama,
-// mistral, qwen2 and qwen3 on GPU 0, the residual stream resident on the device. Interface in
+// mistral, qwen2, qwen3 and gpt2 on GPU 0, the residual stream resident on the device. Interface in
 // src/calq/engine/gpu.h, kernels in engine_kernels.cu, docs/cuda.md "Forward pass".
 //
 // Per layer, as the CPU engine (engine.cpp, run_llama_layer): RMSNorm → q/k/v projections (+bias)
@@ -97,13 +97,15 @@ constexpr const char* kActHint = "evaluate fewer tokens at once (a smaller --bat
 constexpr const char* kWeightHint =
     "use --gpu-precision bf16 (2 bytes per weight instead of 4), a GPU with more memory, or --device cpu";
 
-std::string layer_prefix(int64_t l) { return "model.layers." + std::to_string(l) + "."; }
+std::string layer_prefix(const io::ModelConfig& c, int64_t l) {
+  return (c.arch == io::Arch::Gpt2 ? "transformer.h." : "model.layers.") + std::to_string(l) + ".";
+}
 
 class CudaForward final : public Forward {
  public:
   CudaForward(const io::ModelConfig& cfg, Precision prec, const Source& src, const std::vector<uint8_t>& sliding,
               bool check_nan)
-      : cfg_(cfg), prec_(prec), src_(src), sliding_(sliding), check_nan_(check_nan) {
+      : cfg_(cfg), prec_(prec), src_(src), sliding_(sliding), check_nan_(check_nan), gpt2_(cfg.arch == io::Arch::Gpt2) {
     check_cuda(cudaSetDevice(0), "cudaSetDevice");
     check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     check_cublas(cublasCreate(&blas_), "cublasCreate");
@@ -157,9 +159,10 @@ class CudaForward final : public Forward {
 
   void run_layer(int64_t l, Observer* obs, const std::map<std::string, InputTransform>& transforms) override {
     CALQ_CHECK(B_ > 0, "engine (cuda): run_layer before any activations were uploaded");
+    if (gpt2_) return run_gpt2_layer(l, obs, transforms);
     const int64_t N = B_ * T_, H = cfg_.hidden_size, D = cfg_.head_dim, I = cfg_.intermediate_size;
     const int64_t NQ = cfg_.num_attention_heads, NKV = cfg_.num_key_value_heads;
-    const std::string p = layer_prefix(l), a = p + "self_attn.", m = p + "mlp.";
+    const std::string p = layer_prefix(cfg_, l), a = p + "self_attn.", m = p + "mlp.";
     const double eps = cfg_.rms_norm_eps;
     const auto sz = [](int64_t n) { return static_cast<size_t>(n) * sizeof(float); };
     xn_.ensure(sz(N * H), "normalized activations", kActHint);
@@ -207,6 +210,54 @@ class CudaForward final : public Forward {
     check_cuda(cudaStreamSynchronize(stream_), "decoder layer");
   }
 
+  // GPT-2 (the CPU's run_gpt2_layer): LayerNorm → c_attn (q|k|v in one [N, 3H] product, + bias)
+  // → causal MHA (no RoPE; positions were added by embed) → c_proj → residual → LayerNorm → c_fc
+  // → gelu_new → mlp.c_proj → residual.
+  void run_gpt2_layer(int64_t l, Observer* obs, const std::map<std::string, InputTransform>& transforms) {
+    const int64_t N = B_ * T_, H = cfg_.hidden_size, NH = cfg_.num_attention_heads, D = H / NH;
+    const int64_t I = cfg_.intermediate_size;
+    const std::string p = layer_prefix(cfg_, l);
+    const double eps = cfg_.rms_norm_eps;
+    const auto sz = [](int64_t n) { return static_cast<size_t>(n) * sizeof(float); };
+    xn_.ensure(sz(N * H), "normalized activations", kActHint);
+    q_.ensure(sz(N * 3 * H), "q|k|v", kActHint);
+    att_.ensure(sz(N * H), "attention output", kActHint);
+    o_.ensure(sz(N * H), "projection output", kActHint);
+    g_.ensure(sz(N * I), "MLP activations", kActHint);
+    real_ = real_mask();
+    float* h = resid_.as<float>();
+    float* qkv = q_.as<float>();
+    k::launch_layer_norm(h, xn_.as<float>(), N, H, vec(p + "ln_1.weight"), vec(p + "ln_1.bias"), eps, stream_);
+    check_launch("layer_norm");
+    linears(l, {p + "attn.c_attn"}, xn_.as<float>(), N, H, obs, transforms, {qkv});
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+    k::launch_attention(qkv, 3 * H, qkv + H, 3 * H, qkv + 2 * H, 3 * H, att_.as<float>(), H, B_, T_, NH, NH, D,
+                        d_lengths_.as<int64_t>(), 0, scale, stream_);
+    check_launch("attention");
+    linears(l, {p + "attn.c_proj"}, att_.as<float>(), N, H, obs, transforms, {o_.as<float>()});
+    k::launch_add(h, o_.as<float>(), N * H, stream_);
+    k::launch_layer_norm(h, xn_.as<float>(), N, H, vec(p + "ln_2.weight"), vec(p + "ln_2.bias"), eps, stream_);
+    check_launch("residual / layer_norm");
+    linears(l, {p + "mlp.c_fc"}, xn_.as<float>(), N, H, obs, transforms, {g_.as<float>()});
+    k::launch_gelu_tanh(g_.as<float>(), N * I, stream_);
+    check_launch("gelu");
+    linears(l, {p + "mlp.c_proj"}, g_.as<float>(), N, I, obs, transforms, {o_.as<float>()});
+    k::launch_add(h, o_.as<float>(), N * H, stream_);
+    check_launch("residual");
+    if (check_nan_ && nonfinite(h, N * H))
+      fail("engine: non-finite activation after decoder layer {} (the first layer producing one)", l);
+    check_cuda(cudaStreamSynchronize(stream_), "decoder layer");
+  }
+
+  // The final norm of rows [0, M) of x into y.
+  void final_norm(const float* x, float* y, int64_t M) {
+    if (gpt2_)
+      k::launch_layer_norm(x, y, M, cfg_.hidden_size, vec("transformer.ln_f.weight"), vec("transformer.ln_f.bias"),
+                           cfg_.rms_norm_eps, stream_);
+    else
+      k::launch_rms_norm(x, y, M, cfg_.hidden_size, vec("model.norm.weight"), cfg_.rms_norm_eps, stream_);
+  }
+
   std::vector<float> head(const std::vector<int64_t>& rows, Observer* obs) override {
     CALQ_CHECK(B_ > 0, "engine (cuda): head before any activations were uploaded");
     const int64_t N = B_ * T_, H = cfg_.hidden_size, V = cfg_.vocab_size;
@@ -215,8 +266,7 @@ class CudaForward final : public Forward {
     std::vector<uint8_t> real(static_cast<size_t>(M));
     xn_.ensure(static_cast<size_t>(M * H) * sizeof(float), "the head's input", kActHint);
     if (rows.empty()) {
-      k::launch_rms_norm(resid_.as<float>(), xn_.as<float>(), N, H, vec("model.norm.weight"), cfg_.rms_norm_eps,
-                         stream_);
+      final_norm(resid_.as<float>(), xn_.as<float>(), N);
       real = all_real;
     } else {
       for (size_t i = 0; i < rows.size(); ++i) {
@@ -229,7 +279,7 @@ class CudaForward final : public Forward {
                                  cudaMemcpyHostToDevice, stream_),
                  "cudaMemcpy(rows)");
       k::launch_gather_rows(resid_.as<float>(), d_rows_.as<int64_t>(), M, H, o_.as<float>(), stream_);
-      k::launch_rms_norm(o_.as<float>(), xn_.as<float>(), M, H, vec("model.norm.weight"), cfg_.rms_norm_eps, stream_);
+      final_norm(o_.as<float>(), xn_.as<float>(), M);
       check_cuda(cudaStreamSynchronize(stream_), "head rows");  // rows (host memory) may go away
     }
     check_launch("final norm");
@@ -434,7 +484,7 @@ class CudaForward final : public Forward {
       h2d(L.w.as<void>(), w.data(), w.size() * sizeof(float), "cudaMemcpy(weights)");
     }
     const std::string bias = module + ".bias";
-    L.has_bias = module != "model.embed_tokens" && src_.contains(bias);
+    L.has_bias = src_.contains(bias);
     if (L.has_bias) {
       const std::vector<float> b = src_.load(bias, false);
       CALQ_CHECK(static_cast<int64_t>(b.size()) == L.out, "engine (cuda): {} has {} values, expected {}", bias,
@@ -448,16 +498,30 @@ class CudaForward final : public Forward {
     const int64_t H = cfg_.hidden_size, D = cfg_.head_dim, I = cfg_.intermediate_size, V = cfg_.vocab_size;
     const int64_t NQ = cfg_.num_attention_heads, NKV = cfg_.num_key_value_heads;
     head_name_ = "lm_head.weight";
-    if (cfg_.tie_word_embeddings || !src_.contains(head_name_)) head_name_ = "model.embed_tokens.weight";
+    if (cfg_.tie_word_embeddings || !src_.contains(head_name_))
+      head_name_ = gpt2_ ? "transformer.wte.weight" : "model.embed_tokens.weight";
     // Everything that goes to the GPU, to check the total against the free memory first.
     struct Item {
       std::string module;
       int64_t out, in;
     };
     std::vector<Item> lin;
-    std::vector<std::string> vecs{"model.norm.weight"};
-    for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
-      const std::string p = layer_prefix(l), a = p + "self_attn.", m = p + "mlp.";
+    std::vector<std::string> vecs;
+    if (gpt2_) {
+      vecs = {"transformer.ln_f.weight", "transformer.ln_f.bias"};
+      for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
+        const std::string p = layer_prefix(cfg_, l);
+        lin.push_back({p + "attn.c_attn", 3 * H, H});
+        lin.push_back({p + "attn.c_proj", H, H});
+        lin.push_back({p + "mlp.c_fc", I, H});
+        lin.push_back({p + "mlp.c_proj", H, I});
+        for (const char* t : {"ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias"}) vecs.push_back(p + t);
+      }
+    } else {
+      vecs = {"model.norm.weight"};
+    }
+    for (int64_t l = 0; l < (gpt2_ ? 0 : cfg_.num_hidden_layers); ++l) {
+      const std::string p = layer_prefix(cfg_, l), a = p + "self_attn.", m = p + "mlp.";
       lin.push_back({a + "q_proj", NQ * D, H});
       lin.push_back({a + "k_proj", NKV * D, H});
       lin.push_back({a + "v_proj", NKV * D, H});
@@ -497,7 +561,7 @@ class CudaForward final : public Forward {
     if (head_name_ == "lm_head.weight")
       upload_linear(head_, head_name_, "lm_head", true);
     else
-      upload_linear(head_, head_name_, "model.embed_tokens", false);
+      upload_linear(head_, head_name_, head_name_.substr(0, head_name_.size() - 7), false);
   }
 
   io::ModelConfig cfg_;
@@ -505,6 +569,7 @@ class CudaForward final : public Forward {
   Source src_;
   std::vector<uint8_t> sliding_;
   bool check_nan_;
+  bool gpt2_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   std::map<std::string, Linear> linears_;
@@ -526,13 +591,14 @@ class CudaForward final : public Forward {
 std::unique_ptr<Forward> create(const io::ModelConfig& cfg, Precision precision, const Source& src,
                                 const std::vector<uint8_t>& sliding, bool check_nan) {
   backend::cuda_require("--device cuda");
-  if (cfg.arch == io::Arch::Gpt2 || cfg.is_moe())
-    fail("--device cuda: the GPU forward pass does not support {} models yet (llama, mistral, qwen2 and qwen3 run on "
-         "the GPU); use --device cpu",
+  if (cfg.is_moe())
+    fail("--device cuda: the GPU forward pass does not support {} models yet (llama, mistral, qwen2, qwen3 and gpt2 "
+         "run on the GPU); use --device cpu",
          io::arch_name(cfg.arch));
-  CALQ_CHECK(cfg.head_dim >= 2 && cfg.head_dim % 2 == 0 && cfg.head_dim <= 256,
-             "--device cuda: head_dim {} is not supported by the GPU attention kernel (even, at most 256); use "
-             "--device cpu",
+  // RoPE rotates pairs (even head_dim); GPT-2 has none.
+  CALQ_CHECK(cfg.head_dim >= 1 && cfg.head_dim <= 256 && (cfg.arch == io::Arch::Gpt2 || cfg.head_dim % 2 == 0),
+             "--device cuda: head_dim {} is not supported by the GPU attention kernel (at most 256, even with RoPE); "
+             "use --device cpu",
              cfg.head_dim);
   CALQ_CHECK(cfg.num_key_value_heads > 0 && cfg.num_attention_heads % cfg.num_key_value_heads == 0,
              "--device cuda: {} attention heads are not a multiple of {} key/value heads", cfg.num_attention_heads,

@@ -56,6 +56,47 @@ __global__ void rms_norm_kernel(const float* x, float* y, int64_t H, const float
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) yr[i] = w[i] * (xr[i] * inv);
 }
 
+// Sum of v over the block (fp64), returned to every thread; red holds 32 doubles.
+__device__ double block_sum(double v, double* red) {
+  v = warp_sum(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = (blockDim.x + 31) / 32;
+  __syncthreads();  // red may still be read from a previous call
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    double t = lane < nw ? red[lane] : 0.0;
+    t = warp_sum(t);
+    if (lane == 0) red[0] = t;
+  }
+  __syncthreads();
+  return red[0];
+}
+
+// One block per row.
+__global__ void layer_norm_kernel(const float* x, float* y, int64_t H, const float* w, const float* b, double eps) {
+  __shared__ double red[32];
+  const int64_t r = blockIdx.x;
+  const float* xr = x + r * H;
+  float* yr = y + r * H;
+  double s = 0;
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) s += xr[i];
+  const double mean = block_sum(s, red) / static_cast<double>(H);
+  double v = 0;
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) v += (xr[i] - mean) * (xr[i] - mean);
+  const double var = block_sum(v, red) / static_cast<double>(H);
+  const double inv = 1.0 / sqrt(var + eps);
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) yr[i] = static_cast<float>((xr[i] - mean) * inv) * w[i] + b[i];
+}
+
+__global__ void gelu_tanh_kernel(float* x, int64_t n) {
+  const double c = sqrt(2.0 / 3.14159265358979323846);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const double xd = x[i];
+    x[i] = static_cast<float>(0.5 * xd * (1.0 + tanh(c * (xd + 0.044715 * xd * xd * xd))));
+  }
+}
+
 __global__ void rope_kernel(float* x, int64_t rows, int64_t ld, int64_t heads, int64_t half, int64_t T,
                             const float* cs, const float* sn) {
   const int64_t n = rows * heads * half;
@@ -248,6 +289,18 @@ void launch_rms_norm(const float* x, float* y, int64_t N, int64_t H, const float
   if (N == 0) return;
   const int threads = H >= 2048 ? 256 : H >= 256 ? 128 : 32;
   rms_norm_kernel<<<static_cast<unsigned>(N), threads, 0, s>>>(x, y, H, w, eps);
+}
+
+void launch_layer_norm(const float* x, float* y, int64_t N, int64_t H, const float* w, const float* b, double eps,
+                       cudaStream_t s) {
+  if (N == 0) return;
+  const int threads = H >= 2048 ? 256 : H >= 256 ? 128 : 32;
+  layer_norm_kernel<<<static_cast<unsigned>(N), threads, 0, s>>>(x, y, H, w, b, eps);
+}
+
+void launch_gelu_tanh(float* x, int64_t n, cudaStream_t s) {
+  if (n == 0) return;
+  gelu_tanh_kernel<<<blocks_for(n, 256), 256, 0, s>>>(x, n);
 }
 
 void launch_rope(float* x, int64_t rows, int64_t ld, int64_t heads, int64_t half, int64_t T, const float* cos,

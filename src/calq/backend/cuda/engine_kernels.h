@@ -13,6 +13,12 @@ namespace calq::backend::cuda {
 
 // y[r] = w * (x[r] * rsqrt(mean(x[r]^2) + eps)) for N rows of H (fp64 sum; y may be x).
 void launch_rms_norm(const float* x, float* y, int64_t N, int64_t H, const float* w, double eps, cudaStream_t s);
+// GPT-2 LayerNorm: y[r] = float((x[r] - mean) / sqrt(var + eps)) * w + b (mean and variance in
+// fp64) for N rows of H.
+void launch_layer_norm(const float* x, float* y, int64_t N, int64_t H, const float* w, const float* b, double eps,
+                       cudaStream_t s);
+// x[i] = gelu_new(x[i]) = 0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³))), in fp64 as the CPU.
+void launch_gelu_tanh(float* x, int64_t n, cudaStream_t s);
 // rotate_half RoPE in place: row r (position r % T) has `heads` heads of 2·half values at stride
 // ld; cos/sin are [T, half].
 void launch_rope(float* x, int64_t rows, int64_t ld, int64_t heads, int64_t half, int64_t T, const float* cos,
