@@ -2,13 +2,14 @@
 # Packs the CUDA build's GPU test and bench binaries with the shared libraries they need that a
 # CUDA machine may lack (everything ldd resolves outside glibc, libstdc++/libgcc and CUDA's own
 # cuBLAS/cuSOLVER, which the CUDA machine has) into DEST/bundle.tar.xz, plus bench/gpu_run.sh as
-# DEST/go.sh. Usage: scripts/gpu_bundle.sh BUILD_DIR DEST
+# DEST/go.sh (or RUN_SCRIPT, e.g. bench/gpu_engine_run.sh). Usage: scripts/gpu_bundle.sh BUILD_DIR DEST [RUN_SCRIPT]
 set -euo pipefail
 build=$1 dest=$2
 src=$(cd "$(dirname "$0")/.." && pwd)
 tmp=$(mktemp -d)
 mkdir -p "$tmp/bin" "$tmp/lib" "$dest"
 bins=("$build/tests/cuda_backend_test" "$build/bench/gptq_cuda_tool" "$build/calq")
+[ -f "$build/tests/engine_cuda_test" ] && bins+=("$build/tests/engine_cuda_test")
 cp "${bins[@]}" "$tmp/bin/"
 for b in "${bins[@]}"; do
   ldd "$b" | awk '/=> \//{print $3}'
@@ -20,6 +21,6 @@ done | sort -u | while read -r lib; do
   esac
 done
 tar -C "$tmp" -cJf "$dest/bundle.tar.xz" bin lib
-cp "$src/bench/gpu_run.sh" "$dest/go.sh"
+cp "$src/${3:-bench/gpu_run.sh}" "$dest/go.sh"
 rm -rf "$tmp"
 du -sh "$dest"/*

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "calq/backend/device.h"
+#include "calq/core/error.h"
 #include "support.h"
 
 using namespace calq_test;
@@ -187,6 +188,35 @@ TEST_F(CliErrors, BadOptions) {
   if (!calq::backend::cuda_built())
     expect_failure(quantize(model(), out, "--method gptq --device cuda"),
                    {"--device cuda: this calq was built without CUDA", "--device cpu"}, out);
+}
+
+}  // namespace
+
+namespace {
+
+// calq eval --device: bad values, and where this calq cannot run on a GPU (no CUDA build, or no GPU
+// visible, as on CI) the clear error before any work.
+TEST_F(CliErrors, EvalDevice) {
+  const fs::path none = tmp_ / "none";
+  auto eval = [&](const std::string& extra) {
+    return run(calq_bin() + " eval -q --offline --model " + model().string() + " --dataset /nonexistent " + extra);
+  };
+  expect_failure(eval("--device gpu"), {"--device must be cpu or cuda, got 'gpu'"}, none);
+  expect_failure(eval("--device cuda --gpu-precision fp16"), {"--gpu-precision must be fp32 or bf16, got 'fp16'"},
+                 none);
+  expect_failure(eval("--gpu-precision bf16"), {"--gpu-precision bf16 applies to --device cuda only"}, none);
+  std::string why;
+  try {
+    calq::backend::cuda_require();
+  } catch (const calq::Error& e) {
+    why = e.what();
+  }
+  if (why.empty()) GTEST_SKIP() << "a GPU is visible: tests/gpu cover --device cuda";
+  if (!calq::backend::cuda_built())
+    expect_failure(eval("--device cuda"), {"--device cuda: this calq was built without CUDA", "--device cpu"}, none);
+  else
+    expect_failure(eval("--device cuda --gpu-precision bf16"), {"--device cuda: no CUDA GPU is visible", "--device cpu"},
+                   none);
 }
 
 }  // namespace

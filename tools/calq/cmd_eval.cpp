@@ -1,5 +1,6 @@
 // calq eval: perplexity, KL divergence against a reference model (or its saved log-probabilities)
-// and per-module layer error, on the CPU engine.
+// and per-module layer error, on the CPU engine or (perplexity, KL divergence) the GPU forward
+// pass (--device cuda, docs/cuda.md).
 #include <fmt/format.h>
 #include <omp.h>
 
@@ -9,6 +10,7 @@
 #include <fstream>
 #include <iostream>
 
+#include "calq/backend/device.h"
 #include "calq/core/error.h"
 #include "calq/core/log.h"
 #include "calq/data/dataset.h"
@@ -27,7 +29,8 @@ namespace {
 
 struct EvalArgs {
   std::string model, reference, metric = "perplexity", dataset = "wikitext2", method = "llama", save_logits,
-              reference_logits, json_out, calibration = "bartowski-v3", field = "text";
+              reference_logits, json_out, calibration = "bartowski-v3", field = "text",
+              device = "cpu", gpu_precision;
   int64_t ctx = 512, chunks = -1, stride = 0, samples = 16, seq_len = 512, batch = 0;
   bool allow_long = false, offline = false;
 };
@@ -39,15 +42,7 @@ eval::ForwardFn engine_forward(engine::Model& m) {
     b.batch = 1;
     b.seq = static_cast<int64_t>(input.size());
     b.tokens = input;
-    engine::Activations h = m.embed(b);
-    for (int64_t l = 0; l < m.num_layers(); ++l) m.run_layer(l, h);
-    engine::Activations tail;
-    tail.batch = 1;
-    tail.seq = b.seq - first;
-    tail.hidden = h.hidden;
-    tail.lengths = {tail.seq};
-    tail.data.assign(h.data.begin() + first * h.hidden, h.data.end());
-    logits = m.head(tail);
+    logits = m.logits_from(b, first);
   };
 }
 
@@ -58,18 +53,7 @@ eval::BatchForwardFn engine_batch_forward(engine::Model& m) {
     b.batch = static_cast<int64_t>(inputs.size());
     b.seq = static_cast<int64_t>(inputs.front()->size());
     for (auto* in : inputs) b.tokens.insert(b.tokens.end(), in->begin(), in->end());
-    engine::Activations h = m.embed(b);
-    for (int64_t l = 0; l < m.num_layers(); ++l) m.run_layer(l, h);
-    engine::Activations tail;
-    tail.batch = 1;
-    tail.seq = b.batch * (b.seq - first);
-    tail.hidden = h.hidden;
-    tail.lengths = {tail.seq};
-    tail.data.reserve(static_cast<size_t>(tail.seq * h.hidden));
-    for (int64_t s = 0; s < b.batch; ++s)
-      tail.data.insert(tail.data.end(), h.data.begin() + (s * b.seq + first) * h.hidden,
-                       h.data.begin() + (s + 1) * b.seq * h.hidden);
-    logits = m.head(tail);
+    logits = m.logits_from(b, first);
   };
 }
 
@@ -86,8 +70,14 @@ std::vector<eval::Window> make_windows(const EvalArgs& a, const text::Tokenizer&
 engine::Model load_engine(const std::string& dir, const EvalArgs& a) {
   engine::Options o;
   o.allow_long_context = a.allow_long;
-  // Every chunk reuses every weight: keep the fp32 copies when they fit in half the free memory.
-  {
+  o.device = backend::parse_device(a.device);
+  if (o.device == backend::Device::Cuda) {
+    log_info("--device cuda: {}", backend::cuda_require("--device cuda"));
+    o.gpu_precision = engine::parse_precision(a.gpu_precision.empty() ? "fp32" : a.gpu_precision);
+  }
+  // Every chunk reuses every weight: keep the fp32 copies when they fit in half the free memory
+  // (on the GPU the weights live in GPU memory instead).
+  if (o.device == backend::Device::Cpu) {
     auto probe = native::Model::open(dir);
     uint64_t params = 0;
     for (const auto& e : probe.entries()) params += static_cast<uint64_t>(shape_numel(e.shape));
@@ -122,7 +112,16 @@ int run_eval(const EvalArgs& a) {
   j["metric"] = a.metric;
   j["model"] = a.model;
 
+  // Device errors (bad value, no CUDA build, no GPU) before any work.
+  const bool on_cuda = backend::parse_device(a.device) == backend::Device::Cuda;
+  if (!a.gpu_precision.empty()) {
+    engine::parse_precision(a.gpu_precision);
+    CALQ_CHECK(on_cuda, "--gpu-precision {} applies to --device cuda only", a.gpu_precision);
+  }
+  if (on_cuda) backend::cuda_require("--device cuda");
   if (a.metric == "layer-error") {
+    CALQ_CHECK(a.device == "cpu", "--device {}: --metric layer-error runs on the CPU only; drop --device",
+               a.device);
     CALQ_CHECK(!a.reference.empty(), "--metric layer-error needs --reference BASE (the unquantized model)");
     pipeline::CalibrationSpec spec;
     spec.source = a.calibration;
@@ -155,11 +154,15 @@ int run_eval(const EvalArgs& a) {
   CALQ_CHECK(a.batch >= 0, "--batch must be at least 1 (or 0: automatic), got {}", a.batch);
   // Automatic: one chunk per thread (at least 4, at most 16), so the engine's sequence-parallel
   // layers keep every thread busy; batching never changes the results.
-  ro.batch = a.batch > 0 ? a.batch : std::clamp<int64_t>(omp_get_max_threads(), 4, 16);
+  // On the GPU, 16 chunks per pass.
+  ro.batch = a.batch > 0 ? a.batch
+             : a.device == "cuda" ? 16
+                                  : std::clamp<int64_t>(omp_get_max_threads(), 4, 16);
   ro.batch_fn = engine_batch_forward(m);
   eval::RunStats st;
-  log_info("{}: {} chunks of {} tokens ({} method), {} threads", a.model, windows.size(), a.ctx, a.method,
-           omp_get_max_threads());
+  log_info("{}: {} chunks of {} tokens ({} method), {}", a.model, windows.size(), a.ctx, a.method,
+           a.device == "cuda" ? fmt::format("GPU forward pass ({}), batch {}", a.gpu_precision.empty() ? "fp32" : a.gpu_precision, ro.batch)
+                              : fmt::format("{} threads", omp_get_max_threads()));
 
   if (a.metric == "perplexity") {
     ro.label = "perplexity";
@@ -263,6 +266,13 @@ Command add_eval(CLI::App& app) {
   c->add_option("--batch", a->batch,
                 "Chunks per forward pass (weights are read once per batch); 0: one per thread, 4 to 16")
       ->capture_default_str();
+  c->add_option("--device", a->device,
+                "cpu (the reference) or cuda: the forward passes of perplexity and kl-divergence on GPU 0 (llama, "
+                "mistral, qwen2, qwen3, gpt2; not MoE; docs/cuda.md)")
+      ->capture_default_str();
+  c->add_option("--gpu-precision", a->gpu_precision,
+                "With --device cuda: fp32 (fp32 weights and products, default) or bf16 (bf16 weights, half the "
+                "GPU memory; products on the tensor cores with fp32 accumulation)");
   c->add_flag("--allow-long-context", a->allow_long, "Allow --ctx beyond max_position_embeddings");
   c->add_flag("--offline", a->offline, "Never download datasets (also CALQ_OFFLINE=1)");
   return {c, [a]() { return run_eval(*a); }};

@@ -11,6 +11,7 @@
 #include "calq/core/dtype.h"
 #include "calq/core/error.h"
 #include "calq/engine/gemm.h"
+#include "calq/engine/gpu.h"
 #include "calq/model/layout.h"
 
 namespace calq::engine {
@@ -232,6 +233,7 @@ struct Model::Impl {
   std::map<std::string, std::vector<float>> cache;      // tensor name -> fp32 (weights [out, in])
   std::map<std::string, InputTransform> transforms;
   std::vector<uint8_t> sliding;  // per layer
+  std::unique_ptr<gpu::Forward> gpu;  // Options::device == Cuda
 
   // Per-layer scratch of loaded tensors (dropped after the layer unless caching).
   std::map<std::string, std::vector<float>> scratch;
@@ -710,7 +712,7 @@ Model& Model::operator=(Model&&) noexcept = default;
 Model::~Model() = default;
 
 Model Model::load(const std::filesystem::path& dir, const Options& opts) {
-  auto impl = std::make_unique<Impl>(Impl{native::Model::open(dir), {}, opts, {}, {}, {}, {}, {}, {}, {}});
+  auto impl = std::make_unique<Impl>(Impl{native::Model::open(dir), {}, opts, {}, {}, {}, {}, {}, {}, {}, {}});
   impl->cfg = impl->src.config();
   const io::ModelConfig& c = impl->cfg;
   if (c.arch == Arch::Gpt2) {
@@ -750,6 +752,22 @@ Model Model::load(const std::filesystem::path& dir, const Options& opts) {
         s = (*lt)[static_cast<size_t>(l)] == "sliding_attention";
       impl->sliding[static_cast<size_t>(l)] = s ? 1 : 0;
     }
+  }
+  if (opts.device == backend::Device::Cuda) {
+    Impl* ip = impl.get();
+    gpu::Source s;
+    s.contains = [ip](const std::string& n) { return ip->src.contains(n); };
+    s.numel = [ip](const std::string& n) { return shape_numel(ip->src.entry(n).shape); };
+    s.load = [ip](const std::string& n, bool linear) {
+      const int64_t count = shape_numel(ip->src.entry(n).shape);
+      const float* p = ip->tensor(n, linear);
+      std::vector<float> v(p, p + count);
+      ip->release_scratch();
+      return v;
+    };
+    impl->gpu = with_context(dir.string(), [&] {
+      return gpu::create(c, opts.gpu_precision, s, impl->sliding, opts.check_nan);
+    });
   }
   return Model(std::move(impl));
 }
@@ -815,6 +833,12 @@ void Model::run_layer(int64_t layer, Activations& h, Observer* observer) {
   CALQ_CHECK(h.hidden == c.hidden_size && static_cast<int64_t>(h.data.size()) == h.rows() * h.hidden,
              "engine: activations of shape [{}, {}] do not match hidden size {}", h.rows(), h.hidden,
              c.hidden_size);
+  if (impl_->gpu) {
+    impl_->gpu->upload(h);
+    impl_->gpu->run_layer(layer, observer, impl_->transforms);
+    impl_->gpu->download(h);
+    return;
+  }
   try {
     if (c.arch == Arch::Gpt2)
       impl_->run_gpt2_layer(layer, h, observer);
@@ -831,6 +855,12 @@ void Model::run_layer(int64_t layer, Activations& h, Observer* observer) {
 
 std::vector<float> Model::head(const Activations& h, Observer* observer) {
   const io::ModelConfig& c = impl_->cfg;
+  if (impl_->gpu) {
+    CALQ_CHECK(h.hidden == c.hidden_size && static_cast<int64_t>(h.data.size()) == h.rows() * h.hidden,
+               "engine: activations of shape [{}, {}] do not match hidden size {}", h.rows(), h.hidden, c.hidden_size);
+    impl_->gpu->upload(h);
+    return impl_->gpu->head({}, observer);
+  }
   const int64_t N = h.rows(), H = c.hidden_size, V = c.vocab_size;
   std::vector<float> xn(static_cast<size_t>(N * H));
   const bool gpt2 = c.arch == Arch::Gpt2;
@@ -865,8 +895,44 @@ std::vector<float> Model::head(const Activations& h, Observer* observer) {
 
 std::vector<float> Model::forward(const Batch& batch, Observer* observer) {
   Activations h = embed(batch);
+  if (impl_->gpu) {  // the residual stream stays on the GPU
+    impl_->gpu->upload(h);
+    for (int64_t l = 0; l < num_layers(); ++l) impl_->gpu->run_layer(l, observer, impl_->transforms);
+    return impl_->gpu->head({}, observer);
+  }
   for (int64_t l = 0; l < num_layers(); ++l) run_layer(l, h, observer);
   return head(h, observer);
+}
+
+std::vector<float> Model::logits_from(const Batch& batch, int64_t first) {
+  CALQ_CHECK(first >= 0 && first < batch.seq, "engine: logits from position {} of sequences of {}", first, batch.seq);
+  Activations h = embed(batch);
+  if (impl_->gpu) {
+    impl_->gpu->upload(h);
+    for (int64_t l = 0; l < num_layers(); ++l) impl_->gpu->run_layer(l, nullptr, impl_->transforms);
+    std::vector<int64_t> rows;
+    rows.reserve(static_cast<size_t>(h.batch * (h.seq - first)));
+    for (int64_t s = 0; s < h.batch; ++s)
+      for (int64_t t = first; t < h.seq; ++t) rows.push_back(s * h.seq + t);
+    return impl_->gpu->head(rows, nullptr);
+  }
+  for (int64_t l = 0; l < num_layers(); ++l) run_layer(l, h);
+  Activations tail;
+  tail.batch = 1;
+  tail.seq = h.batch * (h.seq - first);
+  tail.hidden = h.hidden;
+  tail.lengths = {tail.seq};
+  tail.data.reserve(static_cast<size_t>(tail.seq * h.hidden));
+  for (int64_t s = 0; s < h.batch; ++s)
+    tail.data.insert(tail.data.end(), h.data.begin() + (s * h.seq + first) * h.hidden,
+                     h.data.begin() + (s + 1) * h.seq * h.hidden);
+  return head(tail);
+}
+
+Precision parse_precision(std::string_view name, std::string_view option) {
+  if (name == "fp32") return Precision::F32;
+  if (name == "bf16") return Precision::BF16;
+  fail("{} must be fp32 or bf16, got '{}'", option, name);
 }
 
 std::vector<std::string> Model::linear_modules() const {
@@ -908,9 +974,13 @@ void Model::set_weight(const std::string& module, std::vector<float> w) {
   CALQ_CHECK(static_cast<int64_t>(w.size()) == in * out,
              "engine: set_weight {}: {} values, expected [{}, {}] = {}", module, w.size(), out, in, in * out);
   impl_->overrides[module] = std::move(w);
+  if (impl_->gpu) impl_->gpu->reload(module);
 }
 
-void Model::clear_weight(const std::string& module) { impl_->overrides.erase(module); }
+void Model::clear_weight(const std::string& module) {
+  impl_->overrides.erase(module);
+  if (impl_->gpu && impl_->src.contains(module + ".weight")) impl_->gpu->reload(module);
+}
 
 void Model::set_input_transform(const std::string& module, InputTransform t) {
   CALQ_CHECK(impl_->src.contains(module + ".weight"), "engine: set_input_transform: no linear module {}", module);

@@ -13,8 +13,10 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
+#include "calq/backend/device.h"
 #include "calq/export/native.h"
 #include "calq/io/config.h"
 
@@ -86,7 +88,22 @@ class Observer {
 // transformed basis (set_weight); modules sharing an input are then fed separately.
 using InputTransform = std::function<void(float* x, int64_t rows, int64_t cols)>;
 
+// Arithmetic of the GPU forward pass (Options::device = Cuda): F32 = fp32 weights and
+// activations, fp32 GEMMs (no TF32); BF16 = linear weights stored as bf16 (half the memory), each
+// product's fp32 input split into two bf16 terms (hi + lo, 16 significant bits) and multiplied on
+// the tensor cores with fp32 accumulation (cublasGemmEx); norms, RoPE, attention and the residual
+// stream stay fp32. docs/cuda.md, "Forward pass".
+enum class Precision { F32, BF16 };
+// "fp32" | "bf16"; anything else throws calq::Error naming `option`.
+Precision parse_precision(std::string_view name, std::string_view option = "--gpu-precision");
+
 struct Options {
+  // Cpu: this file's fp32 engine. Cuda: the dense decoder layers and the head run on GPU 0
+  // (llama, mistral, qwen2, qwen3, gpt2; MoE architectures are an error at load); embed() stays on
+  // the host, run_layer() uploads / downloads the activations, forward() and logits_from() keep
+  // them on the GPU. Observers, set_weight and input transforms work as on the CPU.
+  backend::Device device = backend::Device::Cpu;
+  Precision gpu_precision = Precision::F32;
   bool cache_weights = false;      // keep weights packed (fp32) for the gemm after first use (4 bytes/param)
   bool check_nan = true;           // after each layer and the head: fail naming the first bad layer
   bool allow_long_context = false; // allow seq > max_position_embeddings (rope models only)
@@ -109,6 +126,9 @@ class Model {
   // (also when the head is tied to the embedding).
   std::vector<float> head(const Activations& h, Observer* observer = nullptr);
   std::vector<float> forward(const Batch& batch, Observer* observer = nullptr);
+  // The logits of positions first..seq-1 of every sequence, [batch * (seq - first), vocab],
+  // sequence after sequence (what evaluation scores): embed, every layer, head on those rows.
+  std::vector<float> logits_from(const Batch& batch, int64_t first);
 
   // Linear modules of the model (HF paths; router gates of MoE layers included, lm_head excluded).
   std::vector<std::string> linear_modules() const;

@@ -1,0 +1,609 @@
+// The GPU forward pass of engine::Model (Options::device = Cuda): dense decoder layers of llama,
+// mistral, qwen2, qwen3 and gpt2 on GPU 0, the residual stream resident on the device. Interface in
+// src/calq/engine/gpu.h, kernels in engine_kernels.cu, docs/cuda.md "Forward pass".
+//
+// Per layer, as the CPU engine (engine.cpp, run_llama_layer): RMSNorm → q/k/v projections (+bias)
+// → qk-norm → RoPE → causal GQA attention (sliding window where the CPU applies one) → o_proj →
+// residual add → RMSNorm → gate/up → SiLU·up → down → residual add. Products are cuBLAS: fp32
+// (cublasSgemm, CUBLAS_DEFAULT_MATH: no TF32) or bf16 weights × the input split into two bf16
+// terms (hi + lo), fp32 accumulation (cublasGemmEx, CUBLAS_COMPUTE_32F). An observer gets a host copy of each linear
+// group's input (the fp32 input, before the bf16 split); an input transform runs on a host
+// copy, which is then uploaded and multiplied.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+
+#include "calq/backend/cuda/engine_kernels.h"
+#include "calq/backend/device.h"
+#include "calq/core/dtype.h"
+#include "calq/core/error.h"
+#include "calq/engine/gpu.h"
+
+namespace calq::engine::gpu {
+
+namespace {
+
+namespace k = calq::backend::cuda;
+
+void check_cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) fail("CUDA error in {}: {} ({})", what, cudaGetErrorString(e), cudaGetErrorName(e));
+}
+void check_cublas(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS) fail("cuBLAS error in {}: status {}", what, static_cast<int>(s));
+}
+void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
+
+// Free device memory, capped by CALQ_CUDA_MEMORY_LIMIT (bytes; for tests of the out-of-memory
+// error).
+size_t free_bytes(size_t* total = nullptr) {
+  size_t f = 0, t = 0;
+  check_cuda(cudaMemGetInfo(&f, &t), "cudaMemGetInfo");
+  if (const char* lim = std::getenv("CALQ_CUDA_MEMORY_LIMIT"); lim && *lim) {
+    const size_t cap = static_cast<size_t>(std::strtoull(lim, nullptr, 10));
+    f = std::min(f, cap);
+  }
+  if (total) *total = t;
+  return f;
+}
+
+class DevMem {
+ public:
+  DevMem() = default;
+  DevMem(const DevMem&) = delete;
+  DevMem& operator=(const DevMem&) = delete;
+  DevMem(DevMem&& o) noexcept : p_(o.p_), bytes_(o.bytes_) { o.p_ = nullptr, o.bytes_ = 0; }
+  DevMem& operator=(DevMem&& o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(bytes_, o.bytes_);
+    return *this;
+  }
+  ~DevMem() { reset(); }
+  void reset() {
+    if (p_) cudaFree(p_);
+    p_ = nullptr;
+    bytes_ = 0;
+  }
+  // At least `bytes` (contents not kept when it grows). `what` and `hint` go into the
+  // out-of-memory error.
+  void ensure(size_t bytes, const char* what, const char* hint) {
+    if (bytes <= bytes_ && p_) return;
+    reset();
+    const size_t f = free_bytes();
+    if (bytes > f || cudaMalloc(&p_, std::max<size_t>(bytes, 1)) != cudaSuccess) {
+      cudaGetLastError();
+      p_ = nullptr;
+      fail("--device cuda: out of GPU memory: {} needs {} bytes, {} bytes are free on GPU 0; {}", what, bytes,
+           free_bytes(), hint);
+    }
+    bytes_ = bytes;
+  }
+  size_t bytes() const { return bytes_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(p_);
+  }
+
+ private:
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+constexpr const char* kActHint = "evaluate fewer tokens at once (a smaller --batch or --ctx) or use --device cpu";
+constexpr const char* kWeightHint =
+    "use --gpu-precision bf16 (2 bytes per weight instead of 4), a GPU with more memory, or --device cpu";
+
+std::string layer_prefix(const io::ModelConfig& c, int64_t l) {
+  return (c.arch == io::Arch::Gpt2 ? "transformer.h." : "model.layers.") + std::to_string(l) + ".";
+}
+
+class CudaForward final : public Forward {
+ public:
+  CudaForward(const io::ModelConfig& cfg, Precision prec, const Source& src, const std::vector<uint8_t>& sliding,
+              bool check_nan)
+      : cfg_(cfg), prec_(prec), src_(src), sliding_(sliding), check_nan_(check_nan), gpt2_(cfg.arch == io::Arch::Gpt2) {
+    check_cuda(cudaSetDevice(0), "cudaSetDevice");
+    check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    check_cublas(cublasCreate(&blas_), "cublasCreate");
+    check_cublas(cublasSetStream(blas_, stream_), "cublasSetStream");
+    check_cublas(cublasSetAtomicsMode(blas_, CUBLAS_ATOMICS_NOT_ALLOWED), "cublasSetAtomicsMode");
+    // Default math: cublasSgemm in true fp32 (no TF32); GemmEx follows its compute type.
+    check_cublas(cublasSetMathMode(blas_, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+    try {
+      upload_weights();
+    } catch (...) {  // the destructor does not run for a constructor that throws
+      cublasDestroy(blas_);
+      cudaStreamDestroy(stream_);
+      throw;
+    }
+  }
+  ~CudaForward() override {
+    if (blas_) cublasDestroy(blas_);
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+
+  void upload(const Activations& h) override {
+    CALQ_CHECK(h.hidden == cfg_.hidden_size && static_cast<int64_t>(h.data.size()) == h.rows() * h.hidden &&
+                   static_cast<int64_t>(h.lengths.size()) == h.batch,
+               "engine (cuda): activations of shape [{}, {}] do not match hidden size {}", h.rows(), h.hidden,
+               cfg_.hidden_size);
+    B_ = h.batch;
+    T_ = h.seq;
+    lengths_ = h.lengths;
+    const size_t n = static_cast<size_t>(h.rows() * h.hidden);
+    resid_.ensure(n * sizeof(float), "the residual stream", kActHint);
+    check_cuda(cudaMemcpyAsync(resid_.as<float>(), h.data.data(), n * sizeof(float), cudaMemcpyHostToDevice, stream_),
+               "cudaMemcpy(activations to the GPU)");
+    d_lengths_.ensure(lengths_.size() * sizeof(int64_t), "sequence lengths", kActHint);
+    check_cuda(cudaMemcpyAsync(d_lengths_.as<int64_t>(), lengths_.data(), lengths_.size() * sizeof(int64_t),
+                               cudaMemcpyHostToDevice, stream_),
+               "cudaMemcpy(lengths)");
+    check_cuda(cudaStreamSynchronize(stream_), "upload");
+  }
+
+  void download(Activations& h) override {
+    h.batch = B_;
+    h.seq = T_;
+    h.hidden = cfg_.hidden_size;
+    h.lengths = lengths_;
+    h.data.resize(static_cast<size_t>(B_ * T_ * cfg_.hidden_size));
+    check_cuda(cudaMemcpyAsync(h.data.data(), resid_.as<float>(), h.data.size() * sizeof(float),
+                               cudaMemcpyDeviceToHost, stream_),
+               "cudaMemcpy(activations from the GPU)");
+    check_cuda(cudaStreamSynchronize(stream_), "download");
+  }
+
+  void run_layer(int64_t l, Observer* obs, const std::map<std::string, InputTransform>& transforms) override {
+    CALQ_CHECK(B_ > 0, "engine (cuda): run_layer before any activations were uploaded");
+    if (gpt2_) return run_gpt2_layer(l, obs, transforms);
+    const int64_t N = B_ * T_, H = cfg_.hidden_size, D = cfg_.head_dim, I = cfg_.intermediate_size;
+    const int64_t NQ = cfg_.num_attention_heads, NKV = cfg_.num_key_value_heads;
+    const std::string p = layer_prefix(cfg_, l), a = p + "self_attn.", m = p + "mlp.";
+    const double eps = cfg_.rms_norm_eps;
+    const auto sz = [](int64_t n) { return static_cast<size_t>(n) * sizeof(float); };
+    xn_.ensure(sz(N * H), "normalized activations", kActHint);
+    q_.ensure(sz(N * NQ * D), "queries", kActHint);
+    k_.ensure(sz(N * NKV * D), "keys", kActHint);
+    v_.ensure(sz(N * NKV * D), "values", kActHint);
+    att_.ensure(sz(N * NQ * D), "attention output", kActHint);
+    o_.ensure(sz(N * H), "projection output", kActHint);
+    g_.ensure(sz(N * I), "MLP gate", kActHint);
+    u_.ensure(sz(N * I), "MLP up", kActHint);
+    rope_table(T_);
+    real_ = real_mask();
+    float* h = resid_.as<float>();
+
+    k::launch_rms_norm(h, xn_.as<float>(), N, H, vec(p + "input_layernorm.weight"), eps, stream_);
+    check_launch("rms_norm");
+    linears(l, {a + "q_proj", a + "k_proj", a + "v_proj"}, xn_.as<float>(), N, H, obs, transforms,
+            {q_.as<float>(), k_.as<float>(), v_.as<float>()});
+    if (cfg_.qk_norm) {
+      k::launch_rms_norm(q_.as<float>(), q_.as<float>(), N * NQ, D, vec(a + "q_norm.weight"), eps, stream_);
+      k::launch_rms_norm(k_.as<float>(), k_.as<float>(), N * NKV, D, vec(a + "k_norm.weight"), eps, stream_);
+      check_launch("qk-norm");
+    }
+    k::launch_rope(q_.as<float>(), N, NQ * D, NQ, D / 2, T_, rope_cos_.as<float>(), rope_sin_.as<float>(), stream_);
+    k::launch_rope(k_.as<float>(), N, NKV * D, NKV, D / 2, T_, rope_cos_.as<float>(), rope_sin_.as<float>(), stream_);
+    check_launch("rope");
+    const int64_t window = sliding_[static_cast<size_t>(l)] ? cfg_.sliding_window.value_or(0) : 0;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+    k::launch_attention(q_.as<float>(), NQ * D, k_.as<float>(), NKV * D, v_.as<float>(), NKV * D, att_.as<float>(),
+                        NQ * D, B_, T_, NQ, NKV, D, d_lengths_.as<int64_t>(), window, scale, stream_);
+    check_launch("attention");
+    linears(l, {a + "o_proj"}, att_.as<float>(), N, NQ * D, obs, transforms, {o_.as<float>()});
+    k::launch_add(h, o_.as<float>(), N * H, stream_);
+    k::launch_rms_norm(h, xn_.as<float>(), N, H, vec(p + "post_attention_layernorm.weight"), eps, stream_);
+    check_launch("residual / rms_norm");
+    linears(l, {m + "gate_proj", m + "up_proj"}, xn_.as<float>(), N, H, obs, transforms,
+            {g_.as<float>(), u_.as<float>()});
+    k::launch_silu_mul(g_.as<float>(), u_.as<float>(), N * I, stream_);
+    check_launch("silu_mul");
+    linears(l, {m + "down_proj"}, g_.as<float>(), N, I, obs, transforms, {o_.as<float>()});
+    k::launch_add(h, o_.as<float>(), N * H, stream_);
+    check_launch("residual");
+    if (check_nan_ && nonfinite(h, N * H))
+      fail("engine: non-finite activation after decoder layer {} (the first layer producing one)", l);
+    check_cuda(cudaStreamSynchronize(stream_), "decoder layer");
+  }
+
+  // GPT-2 (the CPU's run_gpt2_layer): LayerNorm → c_attn (q|k|v in one [N, 3H] product, + bias)
+  // → causal MHA (no RoPE; positions were added by embed) → c_proj → residual → LayerNorm → c_fc
+  // → gelu_new → mlp.c_proj → residual.
+  void run_gpt2_layer(int64_t l, Observer* obs, const std::map<std::string, InputTransform>& transforms) {
+    const int64_t N = B_ * T_, H = cfg_.hidden_size, NH = cfg_.num_attention_heads, D = H / NH;
+    const int64_t I = cfg_.intermediate_size;
+    const std::string p = layer_prefix(cfg_, l);
+    const double eps = cfg_.rms_norm_eps;
+    const auto sz = [](int64_t n) { return static_cast<size_t>(n) * sizeof(float); };
+    xn_.ensure(sz(N * H), "normalized activations", kActHint);
+    q_.ensure(sz(N * 3 * H), "q|k|v", kActHint);
+    att_.ensure(sz(N * H), "attention output", kActHint);
+    o_.ensure(sz(N * H), "projection output", kActHint);
+    g_.ensure(sz(N * I), "MLP activations", kActHint);
+    real_ = real_mask();
+    float* h = resid_.as<float>();
+    float* qkv = q_.as<float>();
+    k::launch_layer_norm(h, xn_.as<float>(), N, H, vec(p + "ln_1.weight"), vec(p + "ln_1.bias"), eps, stream_);
+    check_launch("layer_norm");
+    linears(l, {p + "attn.c_attn"}, xn_.as<float>(), N, H, obs, transforms, {qkv});
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+    k::launch_attention(qkv, 3 * H, qkv + H, 3 * H, qkv + 2 * H, 3 * H, att_.as<float>(), H, B_, T_, NH, NH, D,
+                        d_lengths_.as<int64_t>(), 0, scale, stream_);
+    check_launch("attention");
+    linears(l, {p + "attn.c_proj"}, att_.as<float>(), N, H, obs, transforms, {o_.as<float>()});
+    k::launch_add(h, o_.as<float>(), N * H, stream_);
+    k::launch_layer_norm(h, xn_.as<float>(), N, H, vec(p + "ln_2.weight"), vec(p + "ln_2.bias"), eps, stream_);
+    check_launch("residual / layer_norm");
+    linears(l, {p + "mlp.c_fc"}, xn_.as<float>(), N, H, obs, transforms, {g_.as<float>()});
+    k::launch_gelu_tanh(g_.as<float>(), N * I, stream_);
+    check_launch("gelu");
+    linears(l, {p + "mlp.c_proj"}, g_.as<float>(), N, I, obs, transforms, {o_.as<float>()});
+    k::launch_add(h, o_.as<float>(), N * H, stream_);
+    check_launch("residual");
+    if (check_nan_ && nonfinite(h, N * H))
+      fail("engine: non-finite activation after decoder layer {} (the first layer producing one)", l);
+    check_cuda(cudaStreamSynchronize(stream_), "decoder layer");
+  }
+
+  // The final norm of rows [0, M) of x into y.
+  void final_norm(const float* x, float* y, int64_t M) {
+    if (gpt2_)
+      k::launch_layer_norm(x, y, M, cfg_.hidden_size, vec("transformer.ln_f.weight"), vec("transformer.ln_f.bias"),
+                           cfg_.rms_norm_eps, stream_);
+    else
+      k::launch_rms_norm(x, y, M, cfg_.hidden_size, vec("model.norm.weight"), cfg_.rms_norm_eps, stream_);
+  }
+
+  std::vector<float> head(const std::vector<int64_t>& rows, Observer* obs) override {
+    CALQ_CHECK(B_ > 0, "engine (cuda): head before any activations were uploaded");
+    const int64_t N = B_ * T_, H = cfg_.hidden_size, V = cfg_.vocab_size;
+    const int64_t M = rows.empty() ? N : static_cast<int64_t>(rows.size());
+    const auto all_real = real_mask();
+    std::vector<uint8_t> real(static_cast<size_t>(M));
+    xn_.ensure(static_cast<size_t>(M * H) * sizeof(float), "the head's input", kActHint);
+    if (rows.empty()) {
+      final_norm(resid_.as<float>(), xn_.as<float>(), N);
+      real = all_real;
+    } else {
+      for (size_t i = 0; i < rows.size(); ++i) {
+        CALQ_CHECK(rows[i] >= 0 && rows[i] < N, "engine (cuda): head row {} outside 0..{}", rows[i], N - 1);
+        real[i] = all_real[static_cast<size_t>(rows[i])];
+      }
+      d_rows_.ensure(rows.size() * sizeof(int64_t), "head rows", kActHint);
+      o_.ensure(static_cast<size_t>(M * H) * sizeof(float), "the head's rows", kActHint);
+      check_cuda(cudaMemcpyAsync(d_rows_.as<int64_t>(), rows.data(), rows.size() * sizeof(int64_t),
+                                 cudaMemcpyHostToDevice, stream_),
+                 "cudaMemcpy(rows)");
+      k::launch_gather_rows(resid_.as<float>(), d_rows_.as<int64_t>(), M, H, o_.as<float>(), stream_);
+      final_norm(o_.as<float>(), xn_.as<float>(), M);
+      check_cuda(cudaStreamSynchronize(stream_), "head rows");  // rows (host memory) may go away
+    }
+    check_launch("final norm");
+    if (obs) {
+      const auto x = to_host(xn_.as<float>(), M * H);
+      LinearInput in;
+      in.modules = {"lm_head"};
+      in.layer = cfg_.num_hidden_layers;
+      in.x = x.data();
+      in.rows = M;
+      in.cols = H;
+      in.real = real.data();
+      obs->on_linear_input(in);
+    }
+    logits_.ensure(static_cast<size_t>(M * V) * sizeof(float), "the logits", kActHint);
+    gemm(head_, xn_.as<float>(), M, logits_.as<float>());
+    if (check_nan_ && nonfinite(logits_.as<float>(), M * V)) fail("engine: non-finite logits (final norm / lm head)");
+    return to_host(logits_.as<float>(), M * V);
+  }
+
+  void reload(const std::string& module) override {
+    if (module == "lm_head" && head_name_ == "lm_head.weight") {
+      upload_linear(head_, "lm_head.weight", "lm_head", true);
+      return;
+    }
+    auto it = linears_.find(module);
+    if (it != linears_.end()) upload_linear(it->second, module + ".weight", module, true);
+  }
+
+  int64_t device_bytes() const override {
+    size_t n = 0;
+    for (const auto& [name, lin] : linears_) n += lin.w.bytes() + lin.bias.bytes();
+    for (const auto& [name, v] : vectors_) n += v.bytes();
+    n += head_.w.bytes();
+    for (const DevMem* m : {&resid_, &xn_, &q_, &k_, &v_, &att_, &o_, &g_, &u_, &xb_, &xt_, &logits_})
+      n += m->bytes();
+    return static_cast<int64_t>(n);
+  }
+
+ private:
+  struct Linear {
+    DevMem w, bias;
+    int64_t out = 0, in = 0;
+    bool bf16 = false, has_bias = false;
+  };
+
+  const float* vec(const std::string& name) const {
+    auto it = vectors_.find(name);
+    CALQ_CHECK(it != vectors_.end(), "engine (cuda): tensor {} was not uploaded", name);
+    return it->second.as<float>();
+  }
+
+  std::vector<float> to_host(const float* d, int64_t n) {
+    std::vector<float> h(static_cast<size_t>(n));
+    check_cuda(cudaMemcpyAsync(h.data(), d, h.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+               "cudaMemcpy(to host)");
+    check_cuda(cudaStreamSynchronize(stream_), "cudaMemcpy(to host)");
+    return h;
+  }
+
+  // Host → device on the stream, finished on return (the host buffer may go away).
+  void h2d(void* dst, const void* src, size_t bytes, const char* what) {
+    check_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), what);
+    check_cuda(cudaStreamSynchronize(stream_), what);
+  }
+
+  bool nonfinite(const float* x, int64_t n) {
+    nan_count_.ensure(sizeof(unsigned int), "a counter", kActHint);
+    check_cuda(cudaMemsetAsync(nan_count_.as<unsigned int>(), 0, sizeof(unsigned int), stream_), "cudaMemset");
+    k::launch_count_nonfinite(x, n, nan_count_.as<unsigned int>(), stream_);
+    check_launch("count_nonfinite");
+    unsigned int c = 0;
+    check_cuda(cudaMemcpyAsync(&c, nan_count_.as<unsigned int>(), sizeof c, cudaMemcpyDeviceToHost, stream_),
+               "cudaMemcpy(count)");
+    check_cuda(cudaStreamSynchronize(stream_), "count_nonfinite");
+    return c != 0;
+  }
+
+  std::vector<uint8_t> real_mask() const {
+    std::vector<uint8_t> m(static_cast<size_t>(B_ * T_));
+    for (int64_t r = 0; r < B_ * T_; ++r) m[static_cast<size_t>(r)] = r % T_ < lengths_[static_cast<size_t>(r / T_)];
+    return m;
+  }
+
+  // cos / sin of position t times each inverse frequency, [T, D/2] each (the CPU's table).
+  void rope_table(int64_t T) {
+    if (T == rope_T_) return;
+    const std::vector<float> inv = rope_inv_freq(cfg_, T);
+    const int64_t half = cfg_.head_dim / 2;
+    std::vector<float> c(static_cast<size_t>(T * half)), s(static_cast<size_t>(T * half));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < half; ++i) {
+        const float f = static_cast<float>(t) * inv[static_cast<size_t>(i)];
+        c[static_cast<size_t>(t * half + i)] = std::cos(f);
+        s[static_cast<size_t>(t * half + i)] = std::sin(f);
+      }
+    rope_cos_.ensure(c.size() * sizeof(float), "the RoPE table", kActHint);
+    rope_sin_.ensure(s.size() * sizeof(float), "the RoPE table", kActHint);
+    h2d(rope_cos_.as<float>(), c.data(), c.size() * sizeof(float), "cudaMemcpy(rope)");
+    h2d(rope_sin_.as<float>(), s.data(), s.size() * sizeof(float), "cudaMemcpy(rope)");
+    rope_T_ = T;
+  }
+
+  // Y[rows, out] = X[rows, in] · Wᵀ (+ bias), X and Y on the device.
+  void gemm(const Linear& L, const float* X, int64_t rows, float* Y) {
+    if (rows == 0) return;
+    const float one = 1.0f, zero = 0.0f;
+    const int out = static_cast<int>(L.out), in = static_cast<int>(L.in), n = static_cast<int>(rows);
+    if (!L.bf16) {
+      check_cublas(cublasSgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &one, L.w.as<float>(), in, X, in, &zero,
+                               Y, out),
+                   "cublasSgemm");
+    } else {
+      // The fp32 input as two bf16 terms, x ≈ hi + lo (16 significant bits): Y = W·hi + W·lo, both
+      // on the tensor cores with fp32 accumulation. One bf16 term alone (8 bits) costs ~1e-2
+      // relative in the logits of the test fixtures; two keep them within ~3e-5 of the CPU.
+      const size_t n_in = static_cast<size_t>(rows * L.in);
+      xb_.ensure(2 * n_in * sizeof(uint16_t), "bf16 inputs of a product", kActHint);
+      uint16_t* hi = xb_.as<uint16_t>();
+      uint16_t* lo = hi + n_in;
+      k::launch_split_bf16(X, hi, lo, static_cast<int64_t>(n_in), stream_);
+      check_launch("split_bf16");
+      check_cublas(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &one, L.w.as<void>(), CUDA_R_16BF, in, hi,
+                                CUDA_R_16BF, in, &zero, Y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                   "cublasGemmEx (bf16, hi)");
+      check_cublas(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &one, L.w.as<void>(), CUDA_R_16BF, in, lo,
+                                CUDA_R_16BF, in, &one, Y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                   "cublasGemmEx (bf16, lo)");
+    }
+    if (L.has_bias) {
+      k::launch_add_bias(Y, L.bias.as<float>(), rows, L.out, stream_);
+      check_launch("add_bias");
+    }
+  }
+
+  const Linear& linear(const std::string& module) const {
+    auto it = linears_.find(module);
+    CALQ_CHECK(it != linears_.end(), "engine (cuda): linear module {} was not uploaded", module);
+    return it->second;
+  }
+
+  // Observes the shared input of `modules` and multiplies it with each (the CPU engine's
+  // Impl::linears: modules with an input transform are observed and multiplied one by one).
+  void linears(int64_t layer, const std::vector<std::string>& modules, const float* x, int64_t rows, int64_t cols,
+               Observer* obs, const std::map<std::string, InputTransform>& transforms,
+               const std::vector<float*>& outs) {
+    bool any_transform = false;
+    for (const auto& m : modules) any_transform = any_transform || transforms.count(m);
+    auto notify = [&](std::vector<std::string> mods, const float* xx) {
+      if (!obs) return;
+      LinearInput in;
+      in.modules = std::move(mods);
+      in.layer = layer;
+      in.x = xx;
+      in.rows = rows;
+      in.cols = cols;
+      in.real = real_.data();
+      obs->on_linear_input(in);
+    };
+    if (!any_transform) {
+      if (obs) {
+        const auto host = to_host(x, rows * cols);
+        notify(modules, host.data());
+      }
+      for (size_t i = 0; i < modules.size(); ++i) gemm(linear(modules[i]), x, rows, outs[i]);
+      return;
+    }
+    const auto host = to_host(x, rows * cols);
+    xt_.ensure(host.size() * sizeof(float), "a transformed module input", kActHint);
+    for (size_t i = 0; i < modules.size(); ++i) {
+      std::vector<float> xt = host;
+      if (auto t = transforms.find(modules[i]); t != transforms.end()) t->second(xt.data(), rows, cols);
+      notify({modules[i]}, xt.data());
+      check_cuda(cudaMemcpyAsync(xt_.as<float>(), xt.data(), xt.size() * sizeof(float), cudaMemcpyHostToDevice,
+                                 stream_),
+                 "cudaMemcpy(transformed input)");
+      gemm(linear(modules[i]), xt_.as<float>(), rows, outs[i]);
+      check_cuda(cudaStreamSynchronize(stream_), "transformed input");  // xt (host) and xt_ are reused
+    }
+  }
+
+  void upload_vector(const std::string& name) {
+    const std::vector<float> v = src_.load(name, false);
+    DevMem& d = vectors_[name];
+    d.ensure(v.size() * sizeof(float), name.c_str(), kWeightHint);
+    h2d(d.as<float>(), v.data(), v.size() * sizeof(float), "cudaMemcpy(weights)");
+  }
+
+  // `tensor`: the weight's tensor name ([out, in]); `module`: its bias is module + ".bias".
+  void upload_linear(Linear& L, const std::string& tensor, const std::string& module, bool linear_weight) {
+    const std::vector<float> w = src_.load(tensor, linear_weight);
+    CALQ_CHECK(static_cast<int64_t>(w.size()) == L.out * L.in, "engine (cuda): {} has {} values, expected {} x {}",
+               tensor, w.size(), L.out, L.in);
+    L.bf16 = prec_ == Precision::BF16;
+    if (L.bf16) {
+      std::vector<uint16_t> b(w.size());
+      for (size_t i = 0; i < w.size(); ++i) b[i] = f32_to_bf16(w[i]);
+      L.w.ensure(b.size() * sizeof(uint16_t), tensor.c_str(), kWeightHint);
+      h2d(L.w.as<void>(), b.data(), b.size() * sizeof(uint16_t), "cudaMemcpy(weights)");
+    } else {
+      L.w.ensure(w.size() * sizeof(float), tensor.c_str(), kWeightHint);
+      h2d(L.w.as<void>(), w.data(), w.size() * sizeof(float), "cudaMemcpy(weights)");
+    }
+    const std::string bias = module + ".bias";
+    L.has_bias = src_.contains(bias);
+    if (L.has_bias) {
+      const std::vector<float> b = src_.load(bias, false);
+      CALQ_CHECK(static_cast<int64_t>(b.size()) == L.out, "engine (cuda): {} has {} values, expected {}", bias,
+                 b.size(), L.out);
+      L.bias.ensure(b.size() * sizeof(float), bias.c_str(), kWeightHint);
+      h2d(L.bias.as<float>(), b.data(), b.size() * sizeof(float), "cudaMemcpy(bias)");
+    }
+  }
+
+  void upload_weights() {
+    const int64_t H = cfg_.hidden_size, D = cfg_.head_dim, I = cfg_.intermediate_size, V = cfg_.vocab_size;
+    const int64_t NQ = cfg_.num_attention_heads, NKV = cfg_.num_key_value_heads;
+    head_name_ = "lm_head.weight";
+    if (cfg_.tie_word_embeddings || !src_.contains(head_name_))
+      head_name_ = gpt2_ ? "transformer.wte.weight" : "model.embed_tokens.weight";
+    // Everything that goes to the GPU, to check the total against the free memory first.
+    struct Item {
+      std::string module;
+      int64_t out, in;
+    };
+    std::vector<Item> lin;
+    std::vector<std::string> vecs;
+    if (gpt2_) {
+      vecs = {"transformer.ln_f.weight", "transformer.ln_f.bias"};
+      for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
+        const std::string p = layer_prefix(cfg_, l);
+        lin.push_back({p + "attn.c_attn", 3 * H, H});
+        lin.push_back({p + "attn.c_proj", H, H});
+        lin.push_back({p + "mlp.c_fc", I, H});
+        lin.push_back({p + "mlp.c_proj", H, I});
+        for (const char* t : {"ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias"}) vecs.push_back(p + t);
+      }
+    } else {
+      vecs = {"model.norm.weight"};
+    }
+    for (int64_t l = 0; l < (gpt2_ ? 0 : cfg_.num_hidden_layers); ++l) {
+      const std::string p = layer_prefix(cfg_, l), a = p + "self_attn.", m = p + "mlp.";
+      lin.push_back({a + "q_proj", NQ * D, H});
+      lin.push_back({a + "k_proj", NKV * D, H});
+      lin.push_back({a + "v_proj", NKV * D, H});
+      lin.push_back({a + "o_proj", H, NQ * D});
+      lin.push_back({m + "gate_proj", I, H});
+      lin.push_back({m + "up_proj", I, H});
+      lin.push_back({m + "down_proj", H, I});
+      vecs.push_back(p + "input_layernorm.weight");
+      vecs.push_back(p + "post_attention_layernorm.weight");
+      if (cfg_.qk_norm) {
+        vecs.push_back(a + "q_norm.weight");
+        vecs.push_back(a + "k_norm.weight");
+      }
+    }
+    const size_t wbytes = prec_ == Precision::BF16 ? 2 : 4;
+    size_t need = static_cast<size_t>(V * H) * wbytes;
+    for (const auto& it : lin) {
+      need += static_cast<size_t>(it.out * it.in) * wbytes;
+      if (src_.contains(it.module + ".bias")) need += static_cast<size_t>(it.out) * 4;
+    }
+    for (const auto& v : vecs) need += static_cast<size_t>(src_.numel(v)) * 4;
+    size_t total = 0;
+    const size_t avail = free_bytes(&total);
+    if (need > avail)
+      fail("--device cuda: out of GPU memory: the weights need {} bytes ({} precision), {} bytes are free on GPU 0 "
+           "(of {}); {}",
+           need, prec_ == Precision::BF16 ? "bf16" : "fp32", avail, total, kWeightHint);
+    for (const auto& it : lin) {
+      Linear& L = linears_[it.module];
+      L.out = it.out;
+      L.in = it.in;
+      upload_linear(L, it.module + ".weight", it.module, true);
+    }
+    for (const auto& v : vecs) upload_vector(v);
+    head_.out = V;
+    head_.in = H;
+    if (head_name_ == "lm_head.weight")
+      upload_linear(head_, head_name_, "lm_head", true);
+    else
+      upload_linear(head_, head_name_, head_name_.substr(0, head_name_.size() - 7), false);
+  }
+
+  io::ModelConfig cfg_;
+  Precision prec_;
+  Source src_;
+  std::vector<uint8_t> sliding_;
+  bool check_nan_;
+  bool gpt2_;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t blas_ = nullptr;
+  std::map<std::string, Linear> linears_;
+  std::map<std::string, DevMem> vectors_;
+  Linear head_;
+  std::string head_name_;
+  // The current batch.
+  int64_t B_ = 0, T_ = 0;
+  std::vector<int64_t> lengths_;
+  std::vector<uint8_t> real_;
+  DevMem resid_, d_lengths_, d_rows_, nan_count_;
+  DevMem xn_, q_, k_, v_, att_, o_, g_, u_, xb_, xt_, logits_;
+  int64_t rope_T_ = -1;
+  DevMem rope_cos_, rope_sin_;
+};
+
+}  // namespace
+
+std::unique_ptr<Forward> create(const io::ModelConfig& cfg, Precision precision, const Source& src,
+                                const std::vector<uint8_t>& sliding, bool check_nan) {
+  backend::cuda_require("--device cuda");
+  if (cfg.is_moe())
+    fail("--device cuda: the GPU forward pass does not support {} models yet (llama, mistral, qwen2, qwen3 and gpt2 "
+         "run on the GPU); use --device cpu",
+         io::arch_name(cfg.arch));
+  // RoPE rotates pairs (even head_dim); GPT-2 has none.
+  CALQ_CHECK(cfg.head_dim >= 1 && cfg.head_dim <= 256 && (cfg.arch == io::Arch::Gpt2 || cfg.head_dim % 2 == 0),
+             "--device cuda: head_dim {} is not supported by the GPU attention kernel (at most 256, even with RoPE); "
+             "use --device cpu",
+             cfg.head_dim);
+  CALQ_CHECK(cfg.num_key_value_heads > 0 && cfg.num_attention_heads % cfg.num_key_value_heads == 0,
+             "--device cuda: {} attention heads are not a multiple of {} key/value heads", cfg.num_attention_heads,
+             cfg.num_key_value_heads);
+  return std::make_unique<CudaForward>(cfg, precision, src, sliding, check_nan);
+}
+
+}  // namespace calq::engine::gpu

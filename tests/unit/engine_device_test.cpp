@@ -1,0 +1,55 @@
+// engine::Options::device on a machine where the GPU forward pass cannot run (CI: no CUDA build,
+// or a CUDA build without a GPU): Model::load fails with the clear error of backend::cuda_require,
+// never a crash or a silent CPU engine. parse_precision's values. (tests/gpu/engine_cuda_test.cpp
+// covers machines with a GPU.)
+#include <gtest/gtest.h>
+
+#include "calq/backend/device.h"
+#include "calq/core/error.h"
+#include "calq/engine/engine.h"
+#include "support.h"
+
+using namespace calq;
+
+namespace {
+
+TEST(EngineDevice, ParsePrecision) {
+  EXPECT_EQ(engine::parse_precision("fp32"), engine::Precision::F32);
+  EXPECT_EQ(engine::parse_precision("bf16"), engine::Precision::BF16);
+  try {
+    engine::parse_precision("fp16");
+    ADD_FAILURE() << "fp16 accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--gpu-precision must be fp32 or bf16, got 'fp16'"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(EngineDevice, CudaWithoutGpuIsAClearError) {
+  std::string why;
+  try {
+    backend::cuda_require();
+  } catch (const Error& e) {
+    why = e.what();
+  }
+  if (why.empty()) GTEST_SKIP() << "a usable GPU is visible (tests/gpu/engine_cuda_test.cpp)";
+  engine::Options o;
+  o.device = backend::Device::Cuda;
+  for (const char* fx : {"llama_gqa", "gpt2"}) {
+    try {
+      engine::Model::load(calq_test::source_dir() / "tests/data/engine" / fx, o);
+      ADD_FAILURE() << fx << " loaded with device cuda";
+    } catch (const Error& e) {
+      const std::string m = e.what();
+      EXPECT_NE(m.find(backend::cuda_built() ? "--device cuda: no CUDA GPU is visible"
+                                             : "--device cuda: this calq was built without CUDA"),
+                std::string::npos)
+          << m;
+      EXPECT_NE(m.find("--device cpu"), std::string::npos) << m;
+    }
+  }
+  // The default is the CPU engine.
+  EXPECT_NO_THROW(engine::Model::load(calq_test::source_dir() / "tests/data/engine/llama_gqa"));
+}
+
+}  // namespace
