@@ -84,8 +84,9 @@ Command add_quantize(CLI::App& app) {
       ->check(CLI::IsMember({"rtn", "gptq", "mr-gptq"}))
       ->capture_default_str();
   sub->add_option("--device", a->device,
-                  "Where GPTQ runs (gptq, mr-gptq): cpu (default, the reference) or cuda (GPU 0: factorization and "
-                  "block updates on the GPU; docs/cuda.md)")
+                  "Where GPTQ runs (gptq, mr-gptq): cpu (default, the reference) or cuda (GPU 0: factorization, "
+                  "column loop and block updates, and for dense models the calibration forward passes, on the "
+                  "GPU; docs/cuda.md)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   sub->add_option("-f,--format", a->format,
                   "Element format: int2, int3, int4, int8, fp4 (E2M1 + fp16 group scales), nvfp4 "

@@ -334,7 +334,16 @@ engine::Options engine_options(const RunStorage& st, const fs::path& model_dir) 
 CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPlan>& plan,
                            const GptqPipelineOptions& opt, const json& identity, json& report) {
   const double t0 = now_s();
-  auto m = engine::Model::load(model_dir, engine_options(opt.storage, model_dir));
+  engine::Options eo = engine_options(opt.storage, model_dir);
+  if (opt.gptq.cuda) {
+    // --device cuda: the calibration forward passes run on the GPU too (fp32, the CPU engine's
+    // arithmetic within 1e-5), except for MoE models, whose layers the GPU engine lacks.
+    if (io::load_config(model_dir).is_moe())
+      log_info("--device cuda: calibration forward passes on the CPU (MoE layers are not on the GPU yet); GPTQ on the GPU");
+    else
+      eo.device = backend::Device::Cuda;
+  }
+  auto m = engine::Model::load(model_dir, eo);
   std::map<std::string, const TensorPlan*> by_module;
   for (auto& p : plan)
     if (p.format) by_module[p.module] = &p;
