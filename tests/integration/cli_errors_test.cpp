@@ -188,6 +188,19 @@ TEST_F(CliErrors, BadOptions) {
   if (!calq::backend::cuda_built())
     expect_failure(quantize(model(), out, "--method gptq --device cuda"),
                    {"--device cuda: this calq was built without CUDA", "--device cpu"}, out);
+  // --forward-device: only cpu|cuda, only for GPTQ, and cuda needs a usable GPU like --device.
+  expect_failure(quantize(model(), out, "--forward-device gpu"), {"--forward-device", "gpu"}, out);
+  expect_failure(quantize(model(), out, "--method rtn --forward-device cpu"), {"--forward-device applies to --method gptq"},
+                 out);
+  bool gpu = true;
+  try {
+    calq::backend::cuda_require();
+  } catch (const calq::Error&) {
+    gpu = false;
+  }
+  if (!gpu)
+    expect_failure(quantize(model(), out, "--method gptq --forward-device cuda"), {"--forward-device cuda:", "--device cpu"},
+                   out);
 }
 
 }  // namespace

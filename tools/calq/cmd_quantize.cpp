@@ -45,7 +45,7 @@ Command add_quantize(CLI::App& app) {
   auto* sub = app.add_subcommand("quantize", "Quantize a model's linear weights and write a calq directory");
   struct Args {
     std::string input, output, method = "rtn", format = "int4", preset, on_indivisible = "error",
-                                   shard = "5GB", device = "cpu";
+                                   shard = "5GB", device = "cpu", forward_device;
     int group = 0;
     bool asym = false, sym = false, clip = false, validate = false, overwrite = false, dry = false;
     int clip_grid = 20;
@@ -87,6 +87,12 @@ Command add_quantize(CLI::App& app) {
                   "Where GPTQ runs (gptq, mr-gptq): cpu (default, the reference) or cuda (GPU 0: factorization, "
                   "column loop and block updates, and for dense models the calibration forward passes, on the "
                   "GPU; docs/cuda.md)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
+  sub->add_option("--forward-device", a->forward_device,
+                  "Where the calibration forward passes run (gptq, mr-gptq; default: --device): cpu, or cuda (the "
+                  "GPU engine in fp32, dense models only; MoE models stay on the CPU). GPTQ's codes depend on the "
+                  "last bits of the Hessians, so cpu with --device cuda reproduces a CPU run's output exactly, "
+                  "while cuda is faster and of equal quality but not bit-identical (docs/cuda.md)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   sub->add_option("-f,--format", a->format,
                   "Element format: int2, int3, int4, int8, fp4 (E2M1 + fp16 group scales), nvfp4 "
@@ -241,6 +247,11 @@ Command add_quantize(CLI::App& app) {
     CALQ_CHECK(!(on_cuda && a->method == "rtn"),
                "--device cuda applies to --method gptq and mr-gptq; --method rtn runs on the CPU (drop --device)");
     if (on_cuda) log_info("--device cuda: {}", backend::cuda_require("--device cuda"));
+    const bool forward_cuda =
+        a->forward_device.empty() ? on_cuda : backend::parse_device(a->forward_device, "--forward-device") == backend::Device::Cuda;
+    CALQ_CHECK(a->forward_device.empty() || a->method == "gptq" || a->method == "mr-gptq",
+               "--forward-device applies to --method gptq and mr-gptq");
+    if (forward_cuda && !on_cuda) log_info("--forward-device cuda: {}", backend::cuda_require("--forward-device cuda"));
     if (a->method == "rtn") {
       for (const char* opt : {"--damp", "--act-order", "--block-size", "--no-static-groups", "--no-true-sequential",
                               "--unquantized-inputs"})
@@ -354,6 +365,7 @@ Command add_quantize(CLI::App& app) {
         g.gptq.clip_min = a->clip_min;
         g.gptq.clip_norm = a->clip_norm;
         g.gptq.cuda = on_cuda;
+        g.forward_cuda = forward_cuda;
         g.true_sequential = !a->no_true_sequential;
         g.quantized_inputs = !a->unquantized_inputs;
         using Moe = pipeline::MoeCalibOptions;
@@ -389,7 +401,8 @@ Command add_quantize(CLI::App& app) {
                             {"act_order", g.gptq.act_order},
                             {"static_groups", g.gptq.static_groups},
                             {"true_sequential", g.true_sequential},
-                            {"quantized_inputs", g.quantized_inputs}};
+                            {"quantized_inputs", g.quantized_inputs},
+                            {"forward_device", forward_cuda ? "cuda" : "cpu"}};
         identity["moe"] = {{"calibration", a->moe_calibration},
                            {"hessian", a->moe_hessian},
                            {"token_weight", a->moe_token_weight},
