@@ -11,6 +11,7 @@
 #include <random>
 #include <string>
 
+#include "gpu_support.h"
 #include "support.h"
 #include "calq/backend/device.h"
 #include "calq/core/error.h"
@@ -22,26 +23,6 @@ namespace {
 
 using namespace calq;
 using namespace calq::quant;
-
-bool gpu_usable(std::string* why) {
-  if (!backend::cuda_built()) {
-    *why = "built without CUDA";
-    return false;
-  }
-  try {
-    backend::cuda_require();
-  } catch (const Error& e) {
-    *why = e.what();
-    return false;
-  }
-  return true;
-}
-
-#define REQUIRE_GPU()                  \
-  do {                                 \
-    std::string why;                   \
-    if (!gpu_usable(&why)) GTEST_SKIP() << why; \
-  } while (0)
 
 // x = z·M with correlated features and a few large ones; n tokens × cols.
 std::vector<float> inputs(int n, int cols, unsigned seed) { return calq_test::correlated_inputs(n, cols, seed, 0.2f, 11, 4.f); }

@@ -22,6 +22,7 @@
 #include "calq/core/error.h"
 #include "calq/engine/engine.h"
 #include "calq/io/safetensors.h"
+#include "gpu_support.h"
 #include "support.h"
 
 namespace {
@@ -29,25 +30,6 @@ namespace {
 using namespace calq;
 using calq_test::fs::path;
 
-bool gpu_usable(std::string* why) {
-  if (!backend::cuda_built()) {
-    *why = "built without CUDA";
-    return false;
-  }
-  try {
-    backend::cuda_require();
-  } catch (const Error& e) {
-    *why = e.what();
-    return false;
-  }
-  return true;
-}
-
-#define REQUIRE_GPU()                           \
-  do {                                          \
-    std::string why;                            \
-    if (!gpu_usable(&why)) GTEST_SKIP() << why; \
-  } while (0)
 
 path fixture(const std::string& name) { return calq_test::source_dir() / "tests/data/engine" / name; }
 
