@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -23,7 +24,12 @@ namespace calq_test {
 
 namespace fs = std::filesystem;
 
-inline fs::path shared_dir() { return fs::path(CALQ_SHARED_DIR); }
+// CALQ_TEST_SHARED_DIR overrides the ../shared found at build time (the GPU machine gets a copy of
+// what its tests need elsewhere).
+inline fs::path shared_dir() {
+  const char* e = std::getenv("CALQ_TEST_SHARED_DIR");
+  return fs::path(e && *e ? e : CALQ_SHARED_DIR);
+}
 inline fs::path source_dir() { return fs::path(CALQ_SOURCE_DIR); }
 
 // Returns the path of a file under ../shared, or an empty path (the caller skips) when absent.
@@ -152,7 +158,11 @@ inline std::vector<float> raw_to_float(const RawTensor& t) {
 inline nlohmann::json read_json(const fs::path& p) { return nlohmann::json::parse(read_file(p)); }
 
 #ifdef CALQ_BIN
-inline std::string calq_bin() { return CALQ_BIN; }
+// CALQ_TEST_BIN overrides the calq binary found at build time (a bundle unpacked elsewhere).
+inline std::string calq_bin() {
+  const char* e = std::getenv("CALQ_TEST_BIN");
+  return e && *e ? e : CALQ_BIN;
+}
 
 // The files of ../shared that the CLI tests use; ok is false (the test skips) when any is absent.
 struct SharedData {
@@ -175,6 +185,21 @@ inline fs::path calq_data_dir(const TempDir& t, const SharedData& s) {
 // Runs calq offline with CALQ_DATA = data_dir; `env` is prepended (e.g. "CALQ_TEST_ABORT_AFTER_LAYER=1").
 inline RunResult run_calq(const std::string& args, const fs::path& data_dir, const std::string& env = "") {
   return run(env + " CALQ_OFFLINE=1 CALQ_DATA=" + data_dir.string() + " " + calq_bin() + " " + args);
+}
+
+// Every file of output directory a is in b with the same bytes, and b has no other file
+// (calq_report.json, which holds times, is not compared).
+inline void expect_same_files(const fs::path& a, const fs::path& b) {
+  std::vector<std::string> names;
+  for (auto& e : fs::directory_iterator(a)) names.push_back(e.path().filename().string());
+  size_t nb = 0;
+  for (auto& e : fs::directory_iterator(b)) nb += e.is_regular_file() ? 1 : 0;
+  EXPECT_EQ(names.size(), nb);
+  for (auto& n : names) {
+    if (n == "calq_report.json") continue;
+    ASSERT_TRUE(fs::exists(b / n)) << n;
+    EXPECT_TRUE(read_file(a / n) == read_file(b / n)) << n << " differs";
+  }
 }
 
 // `calq eval --metric kl-divergence` of `model` against `reference` over the first `chunks` chunks

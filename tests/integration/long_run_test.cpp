@@ -16,19 +16,6 @@ using nlohmann::json;
 namespace {
 
 // Every file of two output directories, byte for byte, except the report (times, paths).
-void expect_same_files(const fs::path& a, const fs::path& b) {
-  std::vector<std::string> names;
-  for (auto& e : fs::directory_iterator(a)) names.push_back(e.path().filename().string());
-  size_t nb = 0;
-  for (auto& e : fs::directory_iterator(b)) nb += e.is_regular_file() ? 1 : 0;
-  EXPECT_EQ(names.size(), nb);
-  for (auto& n : names) {
-    if (n == "calq_report.json") continue;
-    ASSERT_TRUE(fs::exists(b / n)) << n;
-    EXPECT_TRUE(read_file(a / n) == read_file(b / n)) << n << " differs";
-  }
-}
-
 std::string gptq_args(int samples = 6) {
   return " --method gptq --format int4 --samples " + std::to_string(samples) + " --seq-len 128 --calib-batch 2";
 }
@@ -63,6 +50,16 @@ TEST(LongRun, ResumeAfterKillIsByteIdentical) {
   r = run_calq("-q quantize" + in + " -o " + (t / "res").string() + gptq_args(4) + " --resume", d);
   EXPECT_EQ(r.rc, 1);
   EXPECT_NE(r.output.find("calibration.sequences"), std::string::npos) << r.output;
+
+  // A failure inside a layer after a resume (an error, not a kill): exit status 1, the layers
+  // finished so far stay checkpointed, and the message says how to continue.
+  r = run_calq("-q quantize" + in + " -o " + (t / "res").string() + kGptq + " --resume", d, "CALQ_TEST_FAIL_AT_LAYER=4");
+  EXPECT_EQ(r.rc, 1) << r.output;
+  EXPECT_NE(r.output.find("a failure injected in layer 4"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("4 of 8 layers are checkpointed"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("--resume to continue from layer 4"), std::string::npos) << r.output;
+  EXPECT_EQ(read_json(t / "res.calq-work" / "state.json")["completed_layers"], 4);
+  EXPECT_FALSE(fs::exists(t / "res"));
 
   // Resume with every activation chunk spilled to disk and weights streamed (--max-memory and
   // --layerwise are not part of the run's identity: they change where data lives, not results).

@@ -229,8 +229,16 @@ std::shared_ptr<WorkDir> run_layerwise(engine::Model& m, const CalibrationInputs
   try {
     return run_layers(m, ci, batch, st, quantized_inputs, label, fn, wd);
   } catch (...) {
-    // A run that failed before finishing any layer leaves nothing worth resuming.
-    if (wd->completed_layers() == 0) wd->remove();
+    // A run that failed before finishing any layer leaves nothing worth resuming; otherwise the
+    // finished layers stay checkpointed (a failure inside a layer never touches its checkpoint:
+    // WorkDir::finish_layer commits a layer atomically), and the user is told how to go on.
+    const int64_t done = wd->completed_layers();
+    if (done == 0)
+      wd->remove();
+    else
+      log_warn("{} of {} layers are checkpointed in {}: after fixing the cause, run the same command with "
+                "--resume to continue from layer {}",
+                done, m.num_layers(), wd->path().string(), done);
     throw;
   }
 }
@@ -256,6 +264,8 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
   }
   const char* abort_env = std::getenv("CALQ_TEST_ABORT_AFTER_LAYER");
   const int64_t abort_after = abort_env ? std::atoll(abort_env) : -1;
+  const char* fail_env = std::getenv("CALQ_TEST_FAIL_AT_LAYER");
+  const int64_t fail_at = fail_env ? std::atoll(fail_env) : -1;
   Progress bar(label, static_cast<uint64_t>(L - start), "layers");
   for (int64_t l = start; l < L; ++l) {
     std::optional<ActivationStore> next;
@@ -269,6 +279,7 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
         }
     }
     LayerCtx ctx{m, cur ? &*cur : nullptr};
+    CALQ_CHECK(l != fail_at, "CALQ_TEST_FAIL_AT_LAYER={}: a failure injected in layer {}", fail_at, l);
     LayerOutput out = fn(l, ctx);
     if (cur && quantized_inputs)
       for (size_t i = 0; i < cur->size(); ++i) {

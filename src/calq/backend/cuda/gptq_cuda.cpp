@@ -17,8 +17,10 @@
 #include <cusolverDn.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 
@@ -178,6 +180,12 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
   const auto t0 = clock::now();
   cuda_require();
   CALQ_CHECK(rows <= INT32_MAX && cols <= INT32_MAX, "{}: {}×{} is too large for cuBLAS", what, rows, cols);
+  // Tests of the error path: CALQ_TEST_CUDA_FAULT=N makes this process's call number N (from 0)
+  // fail with a real CUDA error at its first in-block kernel launch.
+  static std::atomic<int64_t> calls{0};
+  const int64_t call = calls++;
+  const char* fault_env = std::getenv("CALQ_TEST_CUDA_FAULT");
+  const bool inject_fault = fault_env && std::atoll(fault_env) == call;
   // Host preparation: the CPU's (quant::detail::gptq_prepare), except the permuted fp64 copies of
   // W and H, which are built on the GPU from the uploaded inputs with the same functions.
   auto prep = detail::gptq_prepare(w_in, rows, cols, h_in, f, o, what, /*permuted_copies=*/false);
@@ -351,6 +359,7 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
     const int64_t last_start = (i2 - 1) / gs * gs;
     a.hi = prep.static_params || last_start < i1 ? i2 : std::max(i2, std::min(cols, last_start + gs));
     check_cuda(cudaEventRecord(ev[3 * b], hd.stream), "cudaEventRecord");
+    if (b == 0 && inject_fault) cuda::launch_invalid_for_test(hd.stream);
     cuda::launch_gptq_block(a, hd.stream);
     check_cuda(cudaGetLastError(), "GPTQ in-block kernel");
     check_cuda(cudaEventRecord(ev[3 * b + 1], hd.stream), "cudaEventRecord");

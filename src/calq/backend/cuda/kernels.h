@@ -17,5 +17,9 @@ void launch_add_diagonal(double* a, int64_t n, double lambda, cudaStream_t strea
 // u (row-major upper) from the column-major lower L⁻¹ in b: u[i·n + j] = b[(n-1-i) + (n-1-j)·n]
 // for j >= i, 0 below the diagonal.
 void launch_reversed_lower_to_upper(const double* b, double* u, int64_t n, cudaStream_t stream);
+// For tests of the error path (CALQ_TEST_CUDA_FAULT): a launch with an invalid configuration
+// (more threads per block than any GPU allows), so that the next cudaGetLastError() returns a
+// real CUDA error.
+void launch_invalid_for_test(cudaStream_t stream);
 
 }  // namespace calq::backend::cuda

@@ -1,0 +1,51 @@
+// calq quantize --device cuda end to end (ctest label gpu): a real CUDA error in the middle of a
+// run leaves a valid layer checkpoint, and --resume continues to the same bytes as a run that
+// never failed. Needs bench-qwen3-16m and the v3 calibration text (../shared, or
+// CALQ_TEST_SHARED_DIR on a GPU machine) and a usable GPU; skips otherwise.
+#include <gtest/gtest.h>
+
+#include "gpu/gpu_support.h"
+#include "support.h"
+
+using namespace calq_test;
+
+namespace {
+
+const std::string kGptq = " --method gptq --format int4 --samples 6 --seq-len 128 --calib-batch 2 --device cuda";
+
+TEST(GpuCli, CudaErrorMidRunKeepsCheckpointAndResumes) {
+  REQUIRE_GPU();
+  SharedData s;  // bench-qwen3-28m is not needed here
+  if (s.m16.empty() || s.v3.empty() || s.wiki.empty()) GTEST_SKIP() << "../shared absent (set CALQ_TEST_SHARED_DIR)";
+  TempDir t;
+  auto d = calq_data_dir(t, s);
+  const std::string in = " -i " + s.m16.string();
+  auto r = run_calq("-q quantize" + in + " -o " + (t / "full").string() + kGptq, d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  const auto rep = read_json(t / "full" / "calq_report.json");
+  const size_t modules = rep["gptq"]["modules"].size();
+  ASSERT_EQ(modules % 8, 0u) << "bench-qwen3-16m has 8 layers";
+  const size_t per_layer = modules / 8;
+
+  // GPTQ call number 2·per_layer + 3 (layer 2's fourth module) fails with a CUDA error (a launch
+  // with 4096 threads per block, which CUDA 13 reports as cudaErrorInvalidValue).
+  r = run_calq("-q quantize" + in + " -o " + (t / "res").string() + kGptq, d,
+               "CALQ_TEST_CUDA_FAULT=" + std::to_string(2 * per_layer + 3));
+  EXPECT_EQ(r.rc, 1) << r.output;
+  EXPECT_NE(r.output.find("CUDA error in GPTQ in-block kernel"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("(cudaError"), std::string::npos) << r.output;  // the runtime's error name
+  EXPECT_NE(r.output.find("2 of 8 layers are checkpointed"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("--resume to continue from layer 2"), std::string::npos) << r.output;
+  ASSERT_TRUE(fs::exists(t / "res.calq-work" / "state.json"));
+  EXPECT_EQ(read_json(t / "res.calq-work" / "state.json")["completed_layers"], 2);
+  EXPECT_FALSE(fs::exists(t / "res"));
+
+  // A fresh process resumes from layer 2 on the GPU and writes what the uninterrupted run wrote.
+  r = run_calq("-q quantize" + in + " -o " + (t / "res").string() + kGptq + " --resume", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  expect_same_files(t / "full", t / "res");
+  EXPECT_EQ(read_json(t / "res" / "calq_report.json")["gptq"]["modules"].size(), modules);
+  EXPECT_FALSE(fs::exists(t / "res.calq-work"));
+}
+
+}  // namespace
