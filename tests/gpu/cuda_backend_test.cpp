@@ -10,6 +10,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <tuple>
 
 #include "gpu_support.h"
 #include "support.h"
@@ -18,6 +19,7 @@
 #include "calq/quant/gptq.h"
 #include "calq/quant/hadamard.h"
 #include "calq/quant/hessian.h"
+#include "calq/quant/mr_gptq.h"
 
 namespace {
 
@@ -295,6 +297,85 @@ TEST(GpuHadamard, SameBitsAsCpu) {
   const auto full = Rotation::make(768, 0, 1);
   std::vector<float> y(768, 1.f);
   EXPECT_THROW(backend::cuda_hadamard_rows(full, y.data(), 1, false), Error);
+}
+
+// The fp64 row transform and the Hessian rotation RᵀHR on the GPU against the CPU's
+// (Rotation::apply_rows on doubles, apply_hessian): the same fp64 bits; more rows than one
+// grid's 65535 in fp32; blocks the GPU does not take are reported by cuda_hadamard_supported.
+TEST(GpuHadamard, Fp64RowsAndHessianSameBitsAsCpu) {
+  REQUIRE_GPU();
+  struct Shape {
+    int64_t dim, block;
+  };
+  for (const Shape sh : {Shape{128, 16}, Shape{384, 128}, Shape{1024, 64}, Shape{2048, 256}, Shape{512, 0},
+                         Shape{4096, 4096}, Shape{96, 32}}) {
+    const auto rot = Rotation::make(sh.dim, sh.block, 77 + static_cast<uint64_t>(sh.dim));
+    ASSERT_TRUE(backend::cuda_hadamard_supported(rot)) << rot.describe();
+    const int n = static_cast<int>(sh.dim);
+    // A Hessian with a strong diagonal, large and tiny entries, and an exactly zero row/column.
+    const auto X = inputs(std::max(64, n / 2), n, 5 + static_cast<unsigned>(n));
+    HessianAccumulator acc(n);
+    acc.add(X.data(), std::max(64, n / 2));
+    auto H = acc.hessian();
+    for (int j = 0; j < n; ++j) H[static_cast<size_t>(j) * n + 3] = H[3 * static_cast<size_t>(n) + j] = 0;
+    H[0] *= 1e12;
+    auto cpu = H, gpu = H;
+    rot.apply_hessian(cpu);
+    backend::cuda_rotate_hessian(rot, gpu);
+    size_t same = 0;
+    for (size_t i = 0; i < cpu.size(); ++i) same += std::memcmp(&cpu[i], &gpu[i], sizeof(double)) == 0;
+    EXPECT_EQ(same, cpu.size()) << rot.describe();
+    // fp64 rows, forward and inverse.
+    std::vector<double> rows_cpu(static_cast<size_t>(5) * n), rows_gpu;
+    for (size_t i = 0; i < rows_cpu.size(); ++i) rows_cpu[i] = X[i % X.size()] * (i % 3 == 0 ? 1e-30 : 1e3);
+    rows_gpu = rows_cpu;
+    rot.apply_rows(rows_cpu.data(), 5);
+    backend::cuda_hadamard_rows(rot, rows_gpu.data(), 5, false);
+    EXPECT_EQ(0, std::memcmp(rows_cpu.data(), rows_gpu.data(), rows_cpu.size() * sizeof(double))) << rot.describe();
+    std::printf("%s: RᵀHR %zu of %zu values bit-identical\n", rot.describe().c_str(), same, cpu.size());
+  }
+  // 70000 rows (two launches of at most 65535 rows) in fp32.
+  const auto rot = Rotation::make(32, 16, 9);
+  auto x = weights(70000, 32, 3), y = x;
+  rot.apply_rows(x.data(), 70000);
+  backend::cuda_hadamard_rows(rot, y.data(), 70000, false);
+  EXPECT_EQ(0, std::memcmp(x.data(), y.data(), x.size() * sizeof(float)));
+  // Orders the GPU does not take: a full-width 768 (12·2⁶) matrix; fp64 blocks above 4096.
+  EXPECT_FALSE(backend::cuda_hadamard_supported(Rotation::make(768, 0, 1)));
+  EXPECT_FALSE(backend::cuda_hadamard_supported(Rotation::make(8192, 0, 1)));
+  std::vector<double> h(8192 * 8192 / 1024);
+  EXPECT_THROW(backend::cuda_hadamard_rows(Rotation::make(8192, 0, 1), h.data(), 8, false), Error);
+}
+
+// MR-GPTQ with --device cuda (rotations on the GPU, GPTQ on the GPU) against the CPU: same
+// rotation, same codes for (almost) every weight, for a power-of-two block, and for a full-width
+// order-768 rotation, which the GPU path computes on the CPU.
+TEST(GpuMrGptq, SameCodesAsCpu) {
+  REQUIRE_GPU();
+  for (const auto& [fmt, cols, block] : {std::tuple{"nvfp4", 512, 128}, std::tuple{"mxfp4", 768, 0},
+                                         std::tuple{"int4", 256, 32}}) {
+    const int rows = 96;
+    const auto X = inputs(1024, cols, 21);
+    HessianAccumulator acc(cols);
+    acc.add(X.data(), 1024);
+    const auto H = acc.hessian();
+    const auto W = weights(rows, cols, 23);
+    const Format f = std::string(fmt) == "int4" ? Format::parse("int4", 64) : Format::parse(fmt);
+    MrGptqOptions o;
+    o.hadamard_block = block;
+    o.seed = 5;
+    const auto cpu = mr_gptq_quantize(W.data(), rows, cols, H, f, o, "cpu");
+    o.gptq.cuda = true;
+    const auto gpu = mr_gptq_quantize(W.data(), rows, cols, H, f, o, "gpu");
+    ASSERT_TRUE(cpu.rotation && gpu.rotation);
+    EXPECT_EQ(cpu.rotation->signs, gpu.rotation->signs);
+    size_t same = 0;
+    for (size_t i = 0; i < cpu.gptq.q.codes.size(); ++i) same += cpu.gptq.q.codes[i] == gpu.gptq.q.codes[i];
+    const double frac = static_cast<double>(same) / static_cast<double>(cpu.gptq.q.codes.size());
+    EXPECT_GE(frac, 0.999) << fmt;
+    EXPECT_NEAR(gpu.gptq.proxy_loss, cpu.gptq.proxy_loss, 0.01 * cpu.gptq.proxy_loss) << fmt;
+    std::printf("mr-gptq %s block %d: identical codes %.5f%%\n", fmt, block, 100 * frac);
+  }
 }
 
 TEST(GpuHessian, MatchesCpuAccumulator) {

@@ -41,6 +41,9 @@ TEST(Device, CudaWithoutCudaBuildIsAClearError) {
   EXPECT_THROW(backend::cuda_require(), Error);
   EXPECT_THROW(backend::cuda_hessian_sum(nullptr, 0, 4, nullptr, 512, nullptr), Error);
   EXPECT_THROW(backend::cuda_hadamard_rows(quant::Rotation::make(32, 16, 1), W.data(), 1, false), Error);
+  std::vector<double> h(32 * 32, 0.0);
+  EXPECT_THROW(backend::cuda_hadamard_rows(quant::Rotation::make(32, 16, 1), h.data(), 1, false), Error);
+  EXPECT_THROW(backend::cuda_rotate_hessian(quant::Rotation::make(32, 16, 1), h), Error);
 }
 
 }  // namespace

@@ -35,6 +35,9 @@ quant::GptqResult cuda_gptq_quantize(const float*, int64_t, int64_t, const std::
 }
 
 void cuda_hadamard_rows(const quant::Rotation&, float*, int64_t, bool) { no_cuda("--device cuda"); }
+void cuda_hadamard_rows(const quant::Rotation&, double*, int64_t, bool) { no_cuda("--device cuda"); }
+void cuda_rotate_hessian(const quant::Rotation&, std::vector<double>&) { no_cuda("--device cuda"); }
+bool cuda_hadamard_supported(const quant::Rotation&) { return false; }
 #endif
 
 }  // namespace calq::backend

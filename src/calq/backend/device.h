@@ -39,11 +39,17 @@ std::vector<double> cuda_hessian_sum(const float* x, int64_t rows, int64_t featu
 quant::GptqResult cuda_gptq_quantize(const float* w, int64_t rows, int64_t cols, const std::vector<double>& h,
                                      const quant::Format& f, const quant::GptqOptions& opt, const std::string& what);
 
-// quant::Rotation::apply_rows (inverse: apply_rows_inverse) of x (rows × r.dim fp32, host memory,
-// in place) on the GPU: signs, then a fast Walsh–Hadamard transform of each block in shared
-// memory with the CPU's butterflies and scaling, so the result is bit-identical to the CPU's.
-// Power-of-two blocks of 2..8192 (block Hadamard 16..256, or a full-width power-of-two dim);
-// a full-width matrix of another order (r.full) throws.
+// quant::Rotation::apply_rows (inverse: apply_rows_inverse) of x (rows × r.dim, host memory, in
+// place) on the GPU: signs, then a fast Walsh–Hadamard transform of each block in shared memory
+// with the CPU's butterflies and scaling, so the result is bit-identical to the CPU's.
+// Power-of-two blocks of 2..8192 (fp32) or 2..4096 (fp64) — block Hadamard 16..256, or a
+// full-width power-of-two dim; a full-width matrix of another order (r.full) throws.
 void cuda_hadamard_rows(const quant::Rotation& r, float* x, int64_t rows, bool inverse);
+void cuda_hadamard_rows(const quant::Rotation& r, double* x, int64_t rows, bool inverse);
+// quant::Rotation::apply_hessian (H ← RᵀHR, h is r.dim × r.dim) on the GPU, bit-identical to the
+// CPU's; the same blocks as the fp64 cuda_hadamard_rows.
+void cuda_rotate_hessian(const quant::Rotation& r, std::vector<double>& h);
+// Whether cuda_rotate_hessian / the fp32 and fp64 cuda_hadamard_rows take this rotation.
+bool cuda_hadamard_supported(const quant::Rotation& r);
 
 }  // namespace calq::backend

@@ -1,5 +1,6 @@
 #include "calq/quant/mr_gptq.h"
 
+#include "calq/backend/device.h"
 #include "calq/core/error.h"
 
 namespace calq::quant {
@@ -21,9 +22,18 @@ MrGptqResult mr_gptq_quantize(const float* w, int64_t rows, int64_t cols, const 
   }
   Rotation r = with_context(what, [&] { return Rotation::make(cols, o.hadamard_block, o.seed); });
   std::vector<float> wr(w, w + rows * cols);
-  r.apply_rows(wr.data(), rows);
   std::vector<double> hr = h;
-  r.apply_hessian(hr);
+  if (g.cuda && backend::cuda_hadamard_supported(r)) {
+    // On the GPU with --device cuda: the same bits as the CPU's transforms (backend/device.h).
+    // Full-width rotations of other orders are computed on the CPU (same result either way).
+    with_context(what, [&] {
+      backend::cuda_hadamard_rows(r, wr.data(), rows, false);
+      backend::cuda_rotate_hessian(r, hr);
+    });
+  } else {
+    r.apply_rows(wr.data(), rows);
+    r.apply_hessian(hr);
+  }
   out.gptq = gptq_quantize(wr.data(), rows, cols, hr, f, g, what);
   out.rotation = std::move(r);
   return out;

@@ -1,15 +1,17 @@
-// Block Hadamard rotations on the GPU (backend::cuda_hadamard_rows): the device twin of
-// quant::Rotation::apply_rows for power-of-two blocks (src/calq/quant/hadamard.cpp, fwht_t).
+// Block Hadamard rotations on the GPU (backend::cuda_hadamard_rows, cuda_rotate_hessian): the
+// device twins of quant::Rotation::apply_rows and apply_hessian for power-of-two blocks
+// (src/calq/quant/hadamard.cpp, fwht_t), in fp32 and fp64.
 //
 // One thread block per (row, Hadamard block): the block's values in shared memory, multiplied by
 // the signs (before the transform, or after it for the inverse), then log2(b) butterfly stages
 // (x[j], x[j+h]) ← (x[j] + x[j+h], x[j] − x[j+h]) with a barrier between stages, then the scale
-// fp32(1/√b). Each stage computes the same fp32 sums of the same operands as the CPU loop (the
+// T(1/√b). Each stage computes the same sums of the same operands as the CPU loop (the
 // order inside a stage does not matter), so the result is bit-identical.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "calq/backend/device.h"
 #include "calq/core/error.h"
@@ -22,65 +24,151 @@ void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) fail("CUDA error in {}: {} ({})", what, cudaGetErrorString(e), cudaGetErrorName(e));
 }
 
-__global__ void fwht_blocks(float* x, const float* signs, int64_t dim, int64_t block, float scale, bool inverse) {
-  extern __shared__ float buf[];
+template <typename T>
+__global__ void fwht_blocks(T* x, const T* signs, int64_t dim, int64_t block, T scale, bool inverse) {
+  extern __shared__ unsigned char smem[];
+  T* buf = reinterpret_cast<T*>(smem);
   const int64_t row = blockIdx.y, b0 = static_cast<int64_t>(blockIdx.x) * block;
-  float* xr = x + row * dim + b0;
-  const float* sr = signs + b0;
+  T* xr = x + row * dim + b0;
+  const T* sr = signs + b0;
   for (int64_t i = threadIdx.x; i < block; i += blockDim.x) buf[i] = inverse ? xr[i] : xr[i] * sr[i];
   __syncthreads();
   for (int64_t h = 1; h < block; h *= 2) {
     for (int64_t p = threadIdx.x; p < block / 2; p += blockDim.x) {
       const int64_t j = (p / h) * 2 * h + p % h;
-      const float a = buf[j], b = buf[j + h];
+      const T a = buf[j], b = buf[j + h];
       buf[j] = a + b;
       buf[j + h] = a - b;
     }
     __syncthreads();
   }
   for (int64_t i = threadIdx.x; i < block; i += blockDim.x) {
-    const float v = buf[i] * scale;
+    const T v = buf[i] * scale;
     xr[i] = inverse ? v * sr[i] : v;
   }
 }
 
+// b = aᵀ (n × n, row-major), through 32 × 32 shared-memory tiles.
+__global__ void transpose_square(const double* a, double* b, int64_t n) {
+  __shared__ double tile[32][33];
+  const int64_t bx = static_cast<int64_t>(blockIdx.x) * 32, by = static_cast<int64_t>(blockIdx.y) * 32;
+  for (int64_t k = threadIdx.y; k < 32; k += blockDim.y) {
+    const int64_t r = by + k, c = bx + threadIdx.x;
+    if (r < n && c < n) tile[k][threadIdx.x] = a[r * n + c];
+  }
+  __syncthreads();
+  for (int64_t k = threadIdx.y; k < 32; k += blockDim.y) {
+    const int64_t r = bx + k, c = by + threadIdx.x;
+    if (r < n && c < n) b[r * n + c] = tile[threadIdx.x][k];
+  }
+}
+
+template <typename T>
 class Buf {
  public:
-  explicit Buf(size_t bytes) { check(cudaMalloc(&p_, std::max<size_t>(bytes, 1)), "cudaMalloc(Hadamard)"); }
+  explicit Buf(size_t count) {
+    check(cudaMalloc(&p_, std::max<size_t>(count * sizeof(T), 1)), "cudaMalloc(Hadamard)");
+  }
   Buf(const Buf&) = delete;
   Buf& operator=(const Buf&) = delete;
   ~Buf() { cudaFree(p_); }
-  float* get() const { return static_cast<float*>(p_); }
+  T* get() const { return static_cast<T*>(p_); }
 
  private:
   void* p_ = nullptr;
 };
 
-}  // namespace
+// One block lives in shared memory: 32 KiB at most (8192 fp32 or 4096 fp64 values).
+template <typename T>
+constexpr int64_t kMaxBlock = 32768 / sizeof(T);
 
-void cuda_hadamard_rows(const quant::Rotation& r, float* x, int64_t rows, bool inverse) {
-  cuda_require();
+template <typename T>
+void check_rotation(const quant::Rotation& r) {
   CALQ_CHECK(r.full.empty(), "Hadamard rotation of order {} (not a power of two) is not implemented on the GPU; use "
              "--device cpu or a power-of-two --hadamard-block", r.dim);
   const int64_t b = r.block;
-  CALQ_CHECK(b >= 2 && (b & (b - 1)) == 0 && b <= 8192 && r.dim % b == 0 &&
+  CALQ_CHECK(b >= 2 && (b & (b - 1)) == 0 && b <= kMaxBlock<T> && r.dim % b == 0 &&
                  static_cast<int64_t>(r.signs.size()) == r.dim,
-             "Hadamard block {} of width {}: the GPU transform takes power-of-two blocks of 2..8192", b, r.dim);
-  CALQ_CHECK(rows >= 0 && rows <= 65535, "Hadamard rotation of {} rows on the GPU: at most 65535 rows per call", rows);
+             "Hadamard block {} of width {}: the GPU transform takes power-of-two blocks of 2..{}", b, r.dim,
+             kMaxBlock<T>);
+}
+
+// x·R (or x·Rᵀ) of the rows of the device matrix dx (rows × r.dim), with device signs ds.
+template <typename T>
+void rotate_device_rows(const quant::Rotation& r, T* dx, const T* ds, int64_t rows, bool inverse) {
+  const int64_t b = r.block;
+  // The CPU's scale: T(1/√b) with the quotient and the root in double.
+  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(b)));
+  const int threads = static_cast<int>(std::min<int64_t>(b / 2, 256));
+  for (int64_t r0 = 0; r0 < rows; r0 += 65535) {  // grid.y is at most 65535
+    const int64_t n = std::min<int64_t>(65535, rows - r0);
+    const dim3 grid(static_cast<unsigned>(r.dim / b), static_cast<unsigned>(n));
+    fwht_blocks<T><<<grid, threads, static_cast<size_t>(b) * sizeof(T)>>>(dx + r0 * r.dim, ds, r.dim, b, scale,
+                                                                           inverse);
+    check(cudaGetLastError(), "Hadamard kernel");
+  }
+}
+
+template <typename T>
+void hadamard_rows(const quant::Rotation& r, T* x, int64_t rows, bool inverse) {
+  cuda_require();
+  check_rotation<T>(r);
+  CALQ_CHECK(rows >= 0, "Hadamard rotation of {} rows", rows);
   if (rows == 0) return;
   const size_t n = static_cast<size_t>(rows * r.dim);
-  Buf dx(n * sizeof(float)), ds(static_cast<size_t>(r.dim) * sizeof(float));
-  check(cudaMemcpy(dx.get(), x, n * sizeof(float), cudaMemcpyHostToDevice), "cudaMemcpy(Hadamard rows)");
-  check(cudaMemcpy(ds.get(), r.signs.data(), static_cast<size_t>(r.dim) * sizeof(float), cudaMemcpyHostToDevice),
+  Buf<T> dx(n), ds(static_cast<size_t>(r.dim));
+  const std::vector<T> signs(r.signs.begin(), r.signs.end());
+  check(cudaMemcpy(dx.get(), x, n * sizeof(T), cudaMemcpyHostToDevice), "cudaMemcpy(Hadamard rows)");
+  check(cudaMemcpy(ds.get(), signs.data(), signs.size() * sizeof(T), cudaMemcpyHostToDevice),
         "cudaMemcpy(Hadamard signs)");
-  // The CPU's scale: T(1/√b) with the quotient and the root in double.
-  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(b)));
-  const dim3 grid(static_cast<unsigned>(r.dim / b), static_cast<unsigned>(rows));
-  const int threads = static_cast<int>(std::min<int64_t>(b / 2, 256));
-  fwht_blocks<<<grid, threads, static_cast<size_t>(b) * sizeof(float)>>>(dx.get(), ds.get(), r.dim, b, scale,
-                                                                         inverse);
-  check(cudaGetLastError(), "Hadamard kernel");
-  check(cudaMemcpy(x, dx.get(), n * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy(Hadamard rows back)");
+  rotate_device_rows<T>(r, dx.get(), ds.get(), rows, inverse);
+  check(cudaMemcpy(x, dx.get(), n * sizeof(T), cudaMemcpyDeviceToHost), "cudaMemcpy(Hadamard rows back)");
+}
+
+}  // namespace
+
+void cuda_hadamard_rows(const quant::Rotation& r, float* x, int64_t rows, bool inverse) {
+  hadamard_rows<float>(r, x, rows, inverse);
+}
+
+void cuda_hadamard_rows(const quant::Rotation& r, double* x, int64_t rows, bool inverse) {
+  hadamard_rows<double>(r, x, rows, inverse);
+}
+
+bool cuda_hadamard_supported(const quant::Rotation& r) {
+  const int64_t b = r.block;
+  return r.full.empty() && b >= 2 && (b & (b - 1)) == 0 && b <= kMaxBlock<double> && r.dim % b == 0 &&
+         static_cast<int64_t>(r.signs.size()) == r.dim;
+}
+
+void cuda_rotate_hessian(const quant::Rotation& r, std::vector<double>& h) {
+  cuda_require();
+  check_rotation<double>(r);
+  const int64_t n = r.dim;
+  CALQ_CHECK(static_cast<int64_t>(h.size()) == n * n, "rotation of width {} applied to a Hessian of {} values", n,
+             h.size());
+  const size_t count = h.size();
+  size_t free_b = 0, total_b = 0;
+  check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+  const size_t need = 2 * count * sizeof(double) + static_cast<size_t>(n) * sizeof(double);
+  CALQ_CHECK(need <= free_b,
+             "out of GPU memory: rotating a {}×{} Hessian needs {} bytes, {} are free; use --device cpu or a smaller "
+             "model part per run",
+             n, n, need, free_b);
+  Buf<double> a(count), t(count), ds(static_cast<size_t>(n));
+  check(cudaMemcpy(a.get(), h.data(), count * sizeof(double), cudaMemcpyHostToDevice), "cudaMemcpy(Hessian)");
+  const std::vector<double> signs(r.signs.begin(), r.signs.end());
+  check(cudaMemcpy(ds.get(), signs.data(), signs.size() * sizeof(double), cudaMemcpyHostToDevice),
+        "cudaMemcpy(Hadamard signs)");
+  // RᵀHR as on the CPU (Rotation::apply_hessian): A = H·R by rows, then Rᵀ·A = (Aᵀ·R)ᵀ.
+  const dim3 tgrid(static_cast<unsigned>((n + 31) / 32), static_cast<unsigned>((n + 31) / 32)), tblock(32, 8);
+  rotate_device_rows<double>(r, a.get(), ds.get(), n, false);
+  transpose_square<<<tgrid, tblock>>>(a.get(), t.get(), n);
+  check(cudaGetLastError(), "transpose kernel");
+  rotate_device_rows<double>(r, t.get(), ds.get(), n, false);
+  transpose_square<<<tgrid, tblock>>>(t.get(), a.get(), n);
+  check(cudaGetLastError(), "transpose kernel");
+  check(cudaMemcpy(h.data(), a.get(), count * sizeof(double), cudaMemcpyDeviceToHost), "cudaMemcpy(Hessian back)");
 }
 
 }  // namespace calq::backend
