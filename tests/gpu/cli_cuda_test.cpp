@@ -48,4 +48,28 @@ TEST(GpuCli, CudaErrorMidRunKeepsCheckpointAndResumes) {
   EXPECT_FALSE(fs::exists(t / "res.calq-work"));
 }
 
+// --devices 0,0: two GPTQ workers on one GPU (what several GPUs do, on the one a test machine
+// has): the same bytes as one worker, for GPTQ (dense groups in parallel) and MR-GPTQ (rotations
+// on the workers' device too).
+TEST(GpuCli, TwoWorkersGiveTheSameBytes) {
+  REQUIRE_GPU();
+  SharedData s;
+  if (s.m16.empty() || s.v3.empty() || s.wiki.empty()) GTEST_SKIP() << "../shared absent (set CALQ_TEST_SHARED_DIR)";
+  TempDir t;
+  auto d = calq_data_dir(t, s);
+  const std::string in = " -i " + s.m16.string();
+  for (const std::string method : {"gptq --format int4", "mr-gptq --format nvfp4"}) {
+    const std::string args =
+        " --method " + method + " --samples 6 --seq-len 128 --calib-batch 2 --device cuda --overwrite";
+    auto r = run_calq("-q quantize" + in + " -o " + (t / "one").string() + args, d);
+    ASSERT_EQ(r.rc, 0) << r.output;
+    r = run_calq("-q quantize" + in + " -o " + (t / "two").string() + args + " --devices 0,0", d);
+    ASSERT_EQ(r.rc, 0) << r.output;
+    expect_same_files(t / "one", t / "two");
+  }
+  auto r = run_calq("-q quantize" + in + " -o " + (t / "bad").string() + kGptq + " --devices 0,99", d);
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("GPU 99 does not exist"), std::string::npos) << r.output;
+}
+
 }  // namespace

@@ -201,6 +201,16 @@ TEST_F(CliErrors, BadOptions) {
   if (!gpu)
     expect_failure(quantize(model(), out, "--method gptq --forward-device cuda"), {"--forward-device cuda:", "--device cpu"},
                    out);
+  // --devices: only with --device cuda; ordinals only, each a visible GPU.
+  expect_failure(quantize(model(), out, "--method gptq --devices 0,1"), {"--devices applies to --device cuda"}, out);
+  if (gpu) {
+    expect_failure(quantize(model(), out, "--method gptq --device cuda --devices 0,x"), {"--devices '0,x'", "0,1"}, out);
+    expect_failure(quantize(model(), out, "--method gptq --device cuda --devices 0,"), {"--devices '0,'"}, out);
+    expect_failure(quantize(model(), out, "--method gptq --device cuda --devices 999"), {"GPU 999 does not exist"}, out);
+  } else {
+    expect_failure(quantize(model(), out, "--method gptq --device cuda --devices 0"), {"--device cuda", "--device cpu"},
+                   out);
+  }
 }
 
 }  // namespace

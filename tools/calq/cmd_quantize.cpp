@@ -45,7 +45,7 @@ Command add_quantize(CLI::App& app) {
   auto* sub = app.add_subcommand("quantize", "Quantize a model's linear weights and write a calq directory");
   struct Args {
     std::string input, output, method = "rtn", format = "int4", preset, on_indivisible = "error",
-                                   shard = "5GB", device = "cpu", forward_device;
+                                   shard = "5GB", device = "cpu", forward_device, devices;
     int group = 0;
     bool asym = false, sym = false, clip = false, validate = false, overwrite = false, dry = false;
     int clip_grid = 20;
@@ -88,6 +88,12 @@ Command add_quantize(CLI::App& app) {
                   "column loop and block updates, and for dense models the calibration forward passes, on the "
                   "GPU; docs/cuda.md)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
+  sub->add_option("--devices", a->devices,
+                  "With --device cuda: the GPUs to use, as ordinals separated by commas (default 0). Modules that "
+                  "are independent given their Hessians (q/k/v and gate/up of one input, the groups of a step, MoE "
+                  "experts) are quantized with one worker per entry; the forward passes and the Hessians run on "
+                  "the first. An ordinal may repeat (0,0: two modules at once on GPU 0). The output does not depend "
+                  "on it for GPUs of one model");
   sub->add_option("--forward-device", a->forward_device,
                   "Where the calibration forward passes run (gptq, mr-gptq; default: --device): cpu, or cuda (the "
                   "GPU engine in fp32, dense models only; MoE models stay on the CPU). GPTQ's codes depend on the "
@@ -252,6 +258,9 @@ Command add_quantize(CLI::App& app) {
     CALQ_CHECK(a->forward_device.empty() || a->method == "gptq" || a->method == "mr-gptq",
                "--forward-device applies to --method gptq and mr-gptq");
     if (forward_cuda && !on_cuda) log_info("--forward-device cuda: {}", backend::cuda_require("--forward-device cuda"));
+    CALQ_CHECK(a->devices.empty() || on_cuda, "--devices applies to --device cuda (got --device {})", a->device);
+    std::vector<int> devices;
+    if (!a->devices.empty()) devices = backend::cuda_parse_devices(a->devices, "--devices");
     if (a->method == "rtn") {
       for (const char* opt : {"--damp", "--act-order", "--block-size", "--no-static-groups", "--no-true-sequential",
                               "--unquantized-inputs"})
@@ -366,6 +375,7 @@ Command add_quantize(CLI::App& app) {
         g.gptq.clip_norm = a->clip_norm;
         g.gptq.cuda = on_cuda;
         g.forward_cuda = forward_cuda;
+        g.devices = devices;
         g.true_sequential = !a->no_true_sequential;
         g.quantized_inputs = !a->unquantized_inputs;
         using Moe = pipeline::MoeCalibOptions;

@@ -34,6 +34,10 @@ quant::GptqResult cuda_gptq_quantize(const float*, int64_t, int64_t, const std::
   no_cuda("--device cuda");
 }
 
+std::vector<int> cuda_parse_devices(std::string_view, std::string_view option) { no_cuda(option); }
+CudaDeviceScope::CudaDeviceScope(int) {}
+CudaDeviceScope::~CudaDeviceScope() = default;
+
 void cuda_hadamard_rows(const quant::Rotation&, float*, int64_t, bool) { no_cuda("--device cuda"); }
 void cuda_hadamard_rows(const quant::Rotation&, double*, int64_t, bool) { no_cuda("--device cuda"); }
 void cuda_rotate_hessian(const quant::Rotation&, std::vector<double>&) { no_cuda("--device cuda"); }

@@ -27,6 +27,24 @@ bool cuda_built();
 // ("NVIDIA H200, sm_90, 139.8 GiB").
 std::string cuda_require(std::string_view option = "--device cuda");
 
+// The GPU ordinals of a device list such as "0,1" (--devices): each must be a visible GPU of compute
+// capability >= 8.0; an ordinal may repeat (two workers on one GPU). Throws calq::Error naming
+// `option` otherwise.
+std::vector<int> cuda_parse_devices(std::string_view list, std::string_view option = "--devices");
+
+// Makes `device` the calling thread's current CUDA device for the scope's lifetime (the previous
+// one is restored at exit). A no-op for device < 0 and in builds without CUDA.
+class CudaDeviceScope {
+ public:
+  explicit CudaDeviceScope(int device);
+  ~CudaDeviceScope();
+  CudaDeviceScope(const CudaDeviceScope&) = delete;
+  CudaDeviceScope& operator=(const CudaDeviceScope&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
 // Σ xᵀx over the rows of x (rows × features, row-major) whose mask is non-zero (mask may be
 // null), on the GPU, with the CPU HessianAccumulator's arithmetic: fp32 SYRK products over
 // blocks of at most `block` rows, each added into an fp64 sum. Full symmetric result, row-major;

@@ -14,6 +14,7 @@
 #include <functional>
 #include <set>
 
+#include "calq/backend/device.h"
 #include "calq/calib/stats.h"
 #include "calq/core/error.h"
 #include "calq/core/log.h"
@@ -354,6 +355,10 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
     else
       eo.device = backend::Device::Cuda;
   }
+  // GPU workers (--devices): GPTQ calls go to these ordinals, one worker each; this thread (the
+  // GPU forward pass, the Hessians) works on the first.
+  const std::vector<int> devices = opt.devices.empty() ? std::vector<int>{opt.gptq.device} : opt.devices;
+  backend::CudaDeviceScope main_device(opt.gptq.cuda || eo.device == backend::Device::Cuda ? devices.front() : -1);
   auto m = engine::Model::load(model_dir, eo);
   std::map<std::string, const TensorPlan*> by_module;
   for (auto& p : plan)
@@ -586,8 +591,22 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
         if (shared)
           for (auto& [k, a] : acc)
             if (k.find(".experts.*") != std::string::npos) shared_h.emplace(k, a.hessian());
-        // Non-expert groups, in order.
+        // Non-expert groups, in order; their modules are independent given the Hessians, so with
+        // several --devices they are quantized in parallel, one worker per listed GPU.
         std::vector<size_t> jobs;
+        struct ModuleJob {
+          size_t group;  // index into `dense`
+          size_t module; // index into the group's modules
+        };
+        struct DenseGroup {
+          size_t g;
+          int64_t tokens;
+          std::vector<double> H;
+          const MomentAccumulator* moments;
+          std::vector<ModuleQuantResult> rs;
+        };
+        std::vector<DenseGroup> dense;
+        std::vector<ModuleJob> module_jobs;
         for (size_t g : batch) {
           const auto& mods = groups[g];
           if (expert_of(mods.front()) >= 0) {
@@ -614,22 +633,40 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
             }
             continue;
           }
-          const auto H = it->second.hessian();
           auto mit = moments.find(mods.front());
-          std::vector<ModuleQuantResult> rs;
-          for (auto& mod : mods) {
-            const TensorPlan& p = *by_module.at(mod);
-            rs.push_back(quantizer.quantize(m, p, H, mit == moments.end() ? nullptr : &mit->second, global_of(p)));
+          for (size_t i = 0; i < mods.size(); ++i) module_jobs.push_back({dense.size(), i});
+          dense.push_back({g, tokens, it->second.hessian(), mit == moments.end() ? nullptr : &mit->second,
+                           std::vector<ModuleQuantResult>(mods.size())});
+        }
+        {
+          const int workers = opt.gptq.cuda ? std::min<int>(static_cast<int>(devices.size()),
+                                                            static_cast<int>(module_jobs.size()))
+                                            : 1;
+          std::vector<std::exception_ptr> errors(module_jobs.size());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(std::max(workers, 1)) if (workers > 1)
+          for (size_t j = 0; j < module_jobs.size(); ++j) {
+            try {
+              DenseGroup& dg = dense[module_jobs[j].group];
+              const TensorPlan& p = *by_module.at(groups[dg.g][module_jobs[j].module]);
+              const int dev = opt.gptq.cuda ? devices[static_cast<size_t>(workers > 1 ? omp_get_thread_num() : 0)] : -1;
+              dg.rs[module_jobs[j].module] = quantizer.quantize(m, p, dg.H, dg.moments, global_of(p), dev);
+            } catch (...) {
+              errors[j] = std::current_exception();
+            }
           }
-          finish_group(mods, std::move(rs), tokens, json::object());
+          for (auto& e : errors)
+            if (e) std::rethrow_exception(e);
+          for (auto& dg : dense) finish_group(groups[dg.g], std::move(dg.rs), dg.tokens, json::object());
         }
         // Expert groups: independent given the router, quantized in parallel (each GPTQ single-
         // threaded inside), then handed to the engine in order.
         std::vector<std::vector<ModuleQuantResult>> results(jobs.size());
         std::vector<json> extras(jobs.size());
-        const int threads =
-            opt.gptq.cuda ? 1 : std::max(1, std::min<int>(mo.threads > 0 ? mo.threads : omp_get_max_threads(),
-                                                           static_cast<int>(jobs.size())));
+        // On the GPU: one worker per --devices entry.
+        const int threads = std::max(
+            1, std::min<int>(opt.gptq.cuda ? static_cast<int>(devices.size())
+                                           : (mo.threads > 0 ? mo.threads : omp_get_max_threads()),
+                             static_cast<int>(jobs.size())));
         const int blas_threads = openblas_get_num_threads();
         if (threads > 1) openblas_set_num_threads(1);
         std::vector<std::exception_ptr> errors(jobs.size());
@@ -668,9 +705,10 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
               if (moments.count(key)) mom = &moments.at(key);
             }
             const double t = now_s();
+            const int dev = opt.gptq.cuda ? devices[static_cast<size_t>(threads > 1 ? omp_get_thread_num() : 0)] : -1;
             for (auto& mod : mods) {
               const TensorPlan& p = *by_module.at(mod);
-              results[j].push_back(quantizer.quantize(m, p, H, mom, global_of(p)));
+              results[j].push_back(quantizer.quantize(m, p, H, mom, global_of(p), dev));
             }
             extra["expert_seconds"] = now_s() - t;
             extras[j] = std::move(extra);

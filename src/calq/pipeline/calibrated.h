@@ -118,6 +118,9 @@ struct GptqPipelineOptions {
   // Calibration forward passes on the GPU engine (engine::Options::device = Cuda, fp32) for dense
   // models; MoE models keep the CPU engine (logged). --forward-device.
   bool forward_cuda = false;
+  // With gptq.cuda: the GPUs that quantize modules, one worker per entry (an ordinal may repeat);
+  // the forward pass and the Hessians run on the first. Empty: {gptq.device}. --devices.
+  std::vector<int> devices;
 };
 // Runs calibration + GPTQ (or MR-GPTQ) for `plan`, layer by layer with a checkpoint after each, and returns the
 // quantized weights (from the work directory), with a report (per module: proxy loss, seconds,

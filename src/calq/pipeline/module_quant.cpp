@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "calq/backend/device.h"
 #include "calq/core/error.h"
 #include "calq/quant/mr_gptq.h"
 
@@ -67,13 +68,17 @@ ModuleQuantizer::ModuleQuantizer(const quant::GptqOptions& gptq, const MrPipelin
 }
 
 ModuleQuantResult ModuleQuantizer::quantize(engine::Model& m, const TensorPlan& p, const std::vector<double>& H,
-                                            const MomentAccumulator* moments, std::optional<float> global_scale) {
+                                            const MomentAccumulator* moments, std::optional<float> global_scale,
+                                            int device) {
   ModuleQuantResult out;
   std::unique_lock<std::mutex> lock(mu_);
   const auto w = m.weight(p.module);
   lock.unlock();
   quant::GptqOptions go = gptq_;
   go.global_scale = global_scale;
+  if (device >= 0) go.device = device;
+  // The GPU work of this call (MR-GPTQ's rotations, GPTQ) on this thread goes to go.device.
+  backend::CudaDeviceScope device_scope(go.cuda ? go.device : -1);
   if (!mr_.enabled) {
     auto r = quant::gptq_quantize(w.data(), p.rows(), p.cols(), H, *p.format, go, p.module);
     out.w_hat = r.q.dequantize();

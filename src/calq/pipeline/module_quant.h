@@ -64,9 +64,10 @@ class ModuleQuantizer {
   // For a rotated nvfp4 module in a fused group, the shared scale is recomputed from the rotated
   // weights of every module of the group (they share the input, hence the rotation decision).
   // Safe to call from several threads at once for different modules (MoE experts); the engine is
-  // only read here, under a lock.
+  // only read here, under a lock. `device` >= 0: the GPU this call runs on (with GptqOptions::cuda;
+  // --devices), else GptqOptions::device.
   ModuleQuantResult quantize(engine::Model& m, const TensorPlan& p, const std::vector<double>& H,
-                             const MomentAccumulator* moments, std::optional<float> global_scale);
+                             const MomentAccumulator* moments, std::optional<float> global_scale, int device = -1);
 
  private:
   quant::GptqOptions gptq_;

@@ -43,6 +43,9 @@ struct GptqOptions {
   // the lazy updates on the GPU, same algorithm and fp64 arithmetic. Errors when calq was built
   // without CUDA or no usable GPU is visible.
   bool cuda = false;
+  // With cuda: the GPU ordinal this call runs on (calq --devices; the calling thread's current
+  // device is restored afterwards).
+  int device = 0;
 };
 
 // Where the time of one CUDA GPTQ call went (seconds; all zero on the CPU path). GPU stages are

@@ -106,7 +106,7 @@ class CudaForward final : public Forward {
   CudaForward(const io::ModelConfig& cfg, Precision prec, const Source& src, const std::vector<uint8_t>& sliding,
               bool check_nan)
       : cfg_(cfg), prec_(prec), src_(src), sliding_(sliding), check_nan_(check_nan), gpt2_(cfg.arch == io::Arch::Gpt2) {
-    check_cuda(cudaSetDevice(0), "cudaSetDevice");
+    // The calling thread's current device (0 unless a caller chose another: quantize --devices).
     check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     check_cublas(cublasCreate(&blas_), "cublasCreate");
     check_cublas(cublasSetStream(blas_, stream_), "cublasSetStream");

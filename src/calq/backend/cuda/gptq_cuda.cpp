@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -124,6 +125,45 @@ std::string cuda_require(std::string_view option) {
                      static_cast<double>(p.totalGlobalMem) / (1 << 30));
 }
 
+std::vector<int> cuda_parse_devices(std::string_view list, std::string_view option) {
+  cuda_require(option);
+  int count = 0;
+  check_cuda(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
+  std::vector<int> out;
+  size_t pos = 0;
+  while (pos <= list.size()) {
+    const size_t comma = std::min(list.find(',', pos), list.size());
+    const std::string_view item = list.substr(pos, comma - pos);
+    int d = -1;
+    const auto [end, ec] = std::from_chars(item.data(), item.data() + item.size(), d);
+    if (item.empty() || ec != std::errc() || end != item.data() + item.size() || d < 0)
+      fail("{} '{}': expected GPU ordinals separated by commas, such as 0,1", option, list);
+    if (d >= count)
+      fail("{} '{}': GPU {} does not exist ({} visible; check CUDA_VISIBLE_DEVICES)", option, list, d, count);
+    cudaDeviceProp p{};
+    check_cuda(cudaGetDeviceProperties(&p, d), "cudaGetDeviceProperties");
+    if (p.major < 8)
+      fail("{}: GPU {} ({}) has compute capability {}.{}; calq's CUDA backend needs 8.0 or newer", option, d, p.name,
+           p.major, p.minor);
+    out.push_back(d);
+    pos = comma + 1;
+  }
+  return out;
+}
+
+CudaDeviceScope::CudaDeviceScope(int device) {
+  if (device < 0) return;
+  int cur = 0;
+  check_cuda(cudaGetDevice(&cur), "cudaGetDevice");
+  if (cur == device) return;
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  previous_ = cur;
+}
+
+CudaDeviceScope::~CudaDeviceScope() {
+  if (previous_ >= 0) cudaSetDevice(previous_);
+}
+
 std::vector<double> cuda_hessian_sum(const float* x, int64_t rows, int64_t n, const uint8_t* mask, int64_t block,
                                      int64_t* tokens) {
   cuda_require();
@@ -179,6 +219,7 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
   auto secs = [](clock::time_point a, clock::time_point b) { return std::chrono::duration<double>(b - a).count(); };
   const auto t0 = clock::now();
   cuda_require();
+  CudaDeviceScope device_scope(o.device);
   CALQ_CHECK(rows <= INT32_MAX && cols <= INT32_MAX, "{}: {}×{} is too large for cuBLAS", what, rows, cols);
   // Tests of the error path: CALQ_TEST_CUDA_FAULT=N makes this process's call number N (from 0)
   // fail with a real CUDA error at its first in-block kernel launch.
