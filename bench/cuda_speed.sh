@@ -112,9 +112,9 @@ cfg = json.load(open(os.path.join(model, "config.json")))
 H, I, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
 q = cfg["num_attention_heads"] * cfg.get("head_dim", H // cfg["num_attention_heads"])
 tokens = samples * seq
-# Hessian per distinct module input (syrk: tokens * cols^2 multiply-adds counted as 1 flop each, as
-# the brief defines): q/k/v share the input, gate/up share one, o and down have their own.
-syrk = tokens * (3 * H * H + q * q + I * I) * L
+# Hessian per distinct module input (syrk: tokens * cols^2 flops, the upper triangle's multiply-adds, as
+# is usual for syrk): q/k/v share the input, gate/up share one, o and down have their own.
+syrk = tokens * (2 * H * H + q * q + I * I) * L
 peak, ref, rep = load("gemm_peak.json"), load("ref.json"), load("calq-out/calq_report.json")
 if num("ref.rc") not in (None, 0):
     ref = None
