@@ -35,7 +35,7 @@ TEST(EngineDevice, CudaWithoutGpuIsAClearError) {
   if (why.empty()) GTEST_SKIP() << "a usable GPU is visible (tests/gpu/engine_cuda_test.cpp)";
   engine::Options o;
   o.device = backend::Device::Cuda;
-  for (const char* fx : {"llama_gqa", "gpt2"}) {
+  for (const char* fx : {"llama_gqa", "gpt2", "qwen3_moe_norm", "mixtral"}) {
     try {
       engine::Model::load(calq_test::source_dir() / "tests/data/engine" / fx, o);
       ADD_FAILURE() << fx << " loaded with device cuda";

@@ -85,8 +85,7 @@ Command add_quantize(CLI::App& app) {
       ->capture_default_str();
   sub->add_option("--device", a->device,
                   "Where GPTQ runs (gptq, mr-gptq): cpu (default, the reference) or cuda (GPU 0: factorization, "
-                  "column loop and block updates, and for dense models the calibration forward passes, on the "
-                  "GPU; docs/cuda.md)")
+                  "column loop and block updates, and the calibration forward passes, on the GPU; docs/cuda.md)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   sub->add_option("--devices", a->devices,
                   "With --device cuda: the GPUs to use, as ordinals separated by commas (default 0). Modules that "
@@ -96,7 +95,7 @@ Command add_quantize(CLI::App& app) {
                   "on it for GPUs of one model");
   sub->add_option("--forward-device", a->forward_device,
                   "Where the calibration forward passes run (gptq, mr-gptq; default: --device): cpu, or cuda (the "
-                  "GPU engine in fp32, dense models only; MoE models stay on the CPU). GPTQ's codes depend on the "
+                  "GPU engine in fp32, MoE layers included). GPTQ's codes depend on the "
                   "last bits of the Hessians, so cpu with --device cuda reproduces a CPU run's output exactly, "
                   "while cuda is faster and of equal quality but not bit-identical (docs/cuda.md)")
       ->check(CLI::IsMember({"cpu", "cuda"}));

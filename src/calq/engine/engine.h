@@ -98,10 +98,12 @@ enum class Precision { F32, BF16 };
 Precision parse_precision(std::string_view name, std::string_view option = "--gpu-precision");
 
 struct Options {
-  // Cpu: this file's fp32 engine. Cuda: the dense decoder layers and the head run on GPU 0
-  // (llama, mistral, qwen2, qwen3, gpt2; MoE architectures are an error at load); embed() stays on
-  // the host, run_layer() uploads / downloads the activations, forward() and logits_from() keep
-  // them on the GPU. Observers, set_weight and input transforms work as on the CPU.
+  // Cpu: this file's fp32 engine. Cuda: the decoder layers and the head run on GPU 0 (llama,
+  // mistral, qwen2, qwen3, gpt2, and the MoE layers of qwen3_moe and mixtral: router, top-k and
+  // experts on the GPU, the routing choice grouped by expert on the host); embed() stays on the
+  // host, run_layer() uploads / downloads the activations, forward() and logits_from() keep them on
+  // the GPU. Observers (routing and all_tokens feeds included), set_weight and input transforms
+  // work as on the CPU.
   backend::Device device = backend::Device::Cpu;
   Precision gpu_precision = Precision::F32;
   bool cache_weights = false;      // keep weights packed (fp32) for the gemm after first use (4 bytes/param)

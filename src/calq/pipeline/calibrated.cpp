@@ -347,14 +347,9 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
                            const GptqPipelineOptions& opt, const json& identity, json& report) {
   const double t0 = now_s();
   engine::Options eo = engine_options(opt.storage, model_dir);
-  if (opt.forward_cuda) {
-    // The calibration forward passes on the GPU (fp32, the CPU engine's arithmetic within 1e-5),
-    // except for MoE models, whose layers the GPU engine lacks.
-    if (io::load_config(model_dir).is_moe())
-      log_info("--forward-device cuda: calibration forward passes on the CPU (MoE layers are not on the GPU yet)");
-    else
-      eo.device = backend::Device::Cuda;
-  }
+  // The calibration forward passes on the GPU (fp32, the CPU engine's arithmetic within 1e-5),
+  // MoE layers included (routing, the per-expert observer feeds and all_tokens as on the CPU).
+  if (opt.forward_cuda) eo.device = backend::Device::Cuda;
   // GPU workers (--devices): GPTQ calls go to these ordinals, one worker each; this thread (the
   // GPU forward pass, the Hessians) works on the first.
   const std::vector<int> devices = opt.devices.empty() ? std::vector<int>{opt.gptq.device} : opt.devices;

@@ -115,8 +115,8 @@ struct GptqPipelineOptions {
   RunStorage storage;
   MrPipelineOptions mr;          // --method mr-gptq
   MoeCalibOptions moe;
-  // Calibration forward passes on the GPU engine (engine::Options::device = Cuda, fp32) for dense
-  // models; MoE models keep the CPU engine (logged). --forward-device.
+  // Calibration forward passes on the GPU engine (engine::Options::device = Cuda, fp32), dense and
+  // MoE models. --forward-device.
   bool forward_cuda = false;
   // With gptq.cuda: the GPUs that quantize modules, one worker per entry (an ordinal may repeat);
   // the forward pass and the Hessians run on the first. Empty: {gptq.device}. --devices.

@@ -1,10 +1,14 @@
-// The GPU forward pass of engine::Model (Options::device = Cuda): dense decoder layers of llama,
-// mistral, qwen2, qwen3 and gpt2 on GPU 0, the residual stream resident on the device. Interface in
-// src/calq/engine/gpu.h, kernels in engine_kernels.cu, docs/cuda.md "Forward pass".
+// The GPU forward pass of engine::Model (Options::device = Cuda): the decoder layers of llama,
+// mistral, qwen2, qwen3, gpt2 and the MoE architectures qwen3_moe and mixtral on GPU 0, the
+// residual stream resident on the device. Interface in src/calq/engine/gpu.h, kernels in
+// engine_kernels.cu, docs/cuda.md "Forward pass".
 //
 // Per layer, as the CPU engine (engine.cpp, run_llama_layer): RMSNorm → q/k/v projections (+bias)
 // → qk-norm → RoPE → causal GQA attention (sliding window where the CPU applies one) → o_proj →
-// residual add → RMSNorm → gate/up → SiLU·up → down → residual add. Products are cuBLAS: fp32
+// residual add → RMSNorm → gate/up → SiLU·up → down → residual add. A sparse MoE layer replaces
+// the MLP by the CPU's Impl::moe: router product → softmax / top-k (a kernel) → the choice to the
+// host, which groups the rows by expert → per expert, in expert order: gather of its rows, its
+// gate/up/down products, weighted scatter-add into the residual stream. Products are cuBLAS: fp32
 // (cublasSgemm, CUBLAS_DEFAULT_MATH: no TF32) or bf16 weights × the input split into two bf16
 // terms (hi + lo), fp32 accumulation (cublasGemmEx, CUBLAS_COMPUTE_32F). An observer gets a host copy of each linear
 // group's input (the fp32 input, before the bf16 split); an input transform runs on a host
@@ -102,6 +106,25 @@ std::string layer_prefix(const io::ModelConfig& c, int64_t l) {
 }
 
 class CudaForward final : public Forward {
+ private:
+  // What an observer learns about an MoE expert's input beyond the dense fields (LinearInput::
+  // expert, token_rows, routing_weight, routed; real for the expert's rows). Host pointers.
+  struct ExpertFeed {
+    int64_t expert = -1;
+    const int64_t* token_rows = nullptr;
+    const float* weights = nullptr;
+    const uint8_t* real = nullptr;
+    bool routed = true;
+  };
+  void describe_expert(LinearInput& in, const ExpertFeed* f) const {
+    if (!f) return;
+    in.expert = f->expert;
+    in.token_rows = f->token_rows;
+    in.routing_weight = f->weights;
+    in.routed = f->routed;
+    in.real = f->real;
+  }
+
  public:
   CudaForward(const io::ModelConfig& cfg, Precision prec, const Source& src, const std::vector<uint8_t>& sliding,
               bool check_nan)
@@ -165,14 +188,16 @@ class CudaForward final : public Forward {
     const std::string p = layer_prefix(cfg_, l), a = p + "self_attn.", m = p + "mlp.";
     const double eps = cfg_.rms_norm_eps;
     const auto sz = [](int64_t n) { return static_cast<size_t>(n) * sizeof(float); };
+    const bool sparse = cfg_.is_moe() && cfg_.layer_is_sparse(l);
+    const int64_t I_mlp = sparse ? expert_intermediate() : I;
     xn_.ensure(sz(N * H), "normalized activations", kActHint);
     q_.ensure(sz(N * NQ * D), "queries", kActHint);
     k_.ensure(sz(N * NKV * D), "keys", kActHint);
     v_.ensure(sz(N * NKV * D), "values", kActHint);
     att_.ensure(sz(N * NQ * D), "attention output", kActHint);
     o_.ensure(sz(N * H), "projection output", kActHint);
-    g_.ensure(sz(N * I), "MLP gate", kActHint);
-    u_.ensure(sz(N * I), "MLP up", kActHint);
+    g_.ensure(sz(N * I_mlp), "MLP gate", kActHint);
+    u_.ensure(sz(N * I_mlp), "MLP up", kActHint);
     rope_table(T_);
     real_ = real_mask();
     float* h = resid_.as<float>();
@@ -198,16 +223,138 @@ class CudaForward final : public Forward {
     k::launch_add(h, o_.as<float>(), N * H, stream_);
     k::launch_rms_norm(h, xn_.as<float>(), N, H, vec(p + "post_attention_layernorm.weight"), eps, stream_);
     check_launch("residual / rms_norm");
-    linears(l, {m + "gate_proj", m + "up_proj"}, xn_.as<float>(), N, H, obs, transforms,
-            {g_.as<float>(), u_.as<float>()});
-    k::launch_silu_mul(g_.as<float>(), u_.as<float>(), N * I, stream_);
-    check_launch("silu_mul");
-    linears(l, {m + "down_proj"}, g_.as<float>(), N, I, obs, transforms, {o_.as<float>()});
-    k::launch_add(h, o_.as<float>(), N * H, stream_);
-    check_launch("residual");
+    if (sparse) {
+      moe(l, p, obs, transforms);
+    } else {
+      linears(l, {m + "gate_proj", m + "up_proj"}, xn_.as<float>(), N, H, obs, transforms,
+              {g_.as<float>(), u_.as<float>()});
+      k::launch_silu_mul(g_.as<float>(), u_.as<float>(), N * I, stream_);
+      check_launch("silu_mul");
+      linears(l, {m + "down_proj"}, g_.as<float>(), N, I, obs, transforms, {o_.as<float>()});
+      k::launch_add(h, o_.as<float>(), N * H, stream_);
+      check_launch("residual");
+    }
     if (check_nan_ && nonfinite(h, N * H))
       fail("engine: non-finite activation after decoder layer {} (the first layer producing one)", l);
     check_cuda(cudaStreamSynchronize(stream_), "decoder layer");
+  }
+
+  // The intermediate size of an expert (Mixtral: intermediate_size; Qwen3-MoE: moe_intermediate_size).
+  int64_t expert_intermediate() const {
+    return cfg_.arch == io::Arch::Mixtral ? cfg_.intermediate_size : cfg_.moe_intermediate_size;
+  }
+  // Module paths of a sparse layer (prefix p): the router and expert e's gate, up and down.
+  std::string moe_prefix(const std::string& p) const {
+    return p + (cfg_.arch == io::Arch::Mixtral ? "block_sparse_moe." : "mlp.");
+  }
+  std::vector<std::string> expert_modules(const std::string& p, int64_t e) const {
+    const std::string ep = moe_prefix(p) + "experts." + std::to_string(e) + ".";
+    if (cfg_.arch == io::Arch::Mixtral) return {ep + "w1", ep + "w3", ep + "w2"};
+    return {ep + "gate_proj", ep + "up_proj", ep + "down_proj"};
+  }
+
+  // Expert e of layer l on n rows x [n, H] (device) into out [n, H] (device); g_ and u_ hold the
+  // intermediate activations. `feed` describes the rows to the observer.
+  void expert_mlp(int64_t l, const std::string& p, int64_t e, const float* x, int64_t n, float* out, Observer* obs,
+                  const std::map<std::string, InputTransform>& transforms, const ExpertFeed& feed) {
+    const int64_t H = cfg_.hidden_size, I = expert_intermediate();
+    const auto mods = expert_modules(p, e);
+    linears(l, {mods[0], mods[1]}, x, n, H, obs, transforms, {g_.as<float>(), u_.as<float>()}, &feed);
+    k::launch_silu_mul(g_.as<float>(), u_.as<float>(), n * I, stream_);
+    check_launch("silu_mul (expert)");
+    linears(l, {mods[2]}, g_.as<float>(), n, I, obs, transforms, {out}, &feed);
+  }
+
+  // A sparse MoE layer on xn_ (the normed hidden state), added into the residual stream: the CPU
+  // engine's Impl::moe, with the same observer calls in the same order (router input, on_routing,
+  // the statistics-only all_tokens feeds, then each reached expert in index order).
+  void moe(int64_t l, const std::string& p, Observer* obs, const std::map<std::string, InputTransform>& transforms) {
+    const int64_t N = B_ * T_, H = cfg_.hidden_size, E = cfg_.num_experts, K = cfg_.num_experts_per_tok;
+    const std::string router = moe_prefix(p) + "gate";
+    const auto sz = [](int64_t n) { return static_cast<size_t>(n) * sizeof(float); };
+    router_logits_.ensure(sz(N * E), "router logits", kActHint);
+    sel_.ensure(static_cast<size_t>(N * K) * sizeof(int32_t), "routing choices", kActHint);
+    sel_w_.ensure(sz(N * K), "routing weights", kActHint);
+    linears(l, {router}, xn_.as<float>(), N, H, obs, transforms, {router_logits_.as<float>()});
+    // Mixtral always renormalises the top-k probabilities; Qwen3-MoE with norm_topk_prob.
+    k::launch_route_topk(router_logits_.as<float>(), N, E, K, cfg_.arch == io::Arch::Mixtral || cfg_.norm_topk_prob,
+                         sel_.as<int32_t>(), sel_w_.as<float>(), stream_);
+    check_launch("route_topk");
+    std::vector<int32_t> sel(static_cast<size_t>(N * K));
+    std::vector<float> wts(static_cast<size_t>(N * K));
+    check_cuda(cudaMemcpyAsync(sel.data(), sel_.as<int32_t>(), sel.size() * sizeof(int32_t), cudaMemcpyDeviceToHost,
+                               stream_),
+               "cudaMemcpy(routing)");
+    check_cuda(cudaMemcpyAsync(wts.data(), sel_w_.as<float>(), wts.size() * sizeof(float), cudaMemcpyDeviceToHost,
+                               stream_),
+               "cudaMemcpy(routing)");
+    check_cuda(cudaStreamSynchronize(stream_), "routing");
+    for (int32_t e : sel)
+      if (e < 0 || e >= E) fail("engine: non-finite router logits ({}) in decoder layer {}", router, l);
+    if (obs) notify_routing(obs, l, router, N, E, K, sel, wts);
+    // Statistics-only feeds (every row through the expert, output discarded) before the routed
+    // pass, as on the CPU.
+    if (obs)
+      for (int64_t e = 0; e < E; ++e) {
+        if (!obs->all_tokens(l, e)) continue;
+        ExpertFeed f;
+        f.expert = e;
+        f.real = real_.data();
+        f.routed = false;
+        expert_mlp(l, p, e, xn_.as<float>(), N, o_.as<float>(), obs, transforms, f);
+      }
+    // The rows of each expert, rows increasing within an expert, experts in index order.
+    std::vector<int64_t> start(static_cast<size_t>(E + 1), 0);
+    for (int32_t e : sel) ++start[static_cast<size_t>(e) + 1];
+    for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+    std::vector<int64_t> rows(static_cast<size_t>(N * K)), next(start.begin(), start.end() - 1);
+    std::vector<float> rw(static_cast<size_t>(N * K));
+    std::vector<uint8_t> re(static_cast<size_t>(N * K));
+    for (int64_t r = 0; r < N; ++r)
+      for (int64_t j = 0; j < K; ++j) {
+        const size_t e = static_cast<size_t>(sel[static_cast<size_t>(r * K + j)]);
+        const size_t i = static_cast<size_t>(next[e]++);
+        rows[i] = r;
+        rw[i] = wts[static_cast<size_t>(r * K + j)];
+        re[i] = real_[static_cast<size_t>(r)];
+      }
+    moe_rows_.ensure(rows.size() * sizeof(int64_t), "expert rows", kActHint);
+    moe_w_.ensure(sz(N * K), "expert weights", kActHint);
+    xe_.ensure(sz(N * K * H), "expert inputs", kActHint);
+    h2d(moe_rows_.as<int64_t>(), rows.data(), rows.size() * sizeof(int64_t), "cudaMemcpy(expert rows)");
+    h2d(moe_w_.as<float>(), rw.data(), rw.size() * sizeof(float), "cudaMemcpy(expert weights)");
+    k::launch_gather_rows(xn_.as<float>(), moe_rows_.as<int64_t>(), N * K, H, xe_.as<float>(), stream_);
+    check_launch("gather_rows (experts)");
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t b = start[e], n = start[e + 1] - b;
+      if (n == 0) continue;
+      ExpertFeed f;
+      f.expert = e;
+      f.token_rows = rows.data() + b;
+      f.weights = rw.data() + b;
+      f.real = re.data() + b;
+      expert_mlp(l, p, e, xe_.as<float>() + b * H, n, o_.as<float>(), obs, transforms, f);
+      k::launch_scatter_add_rows(resid_.as<float>(), moe_rows_.as<int64_t>() + b, moe_w_.as<float>() + b,
+                                 o_.as<float>(), n, H, stream_);
+      check_launch("scatter_add_rows");
+    }
+  }
+
+  // on_routing with host copies (the logits downloaded here; choices and weights already on the host).
+  void notify_routing(Observer* obs, int64_t l, const std::string& router, int64_t N, int64_t E, int64_t K,
+                      const std::vector<int32_t>& sel, const std::vector<float>& wts) {
+    const auto logits = to_host(router_logits_.as<float>(), N * E);
+    Routing ro;
+    ro.layer = l;
+    ro.router = router;
+    ro.rows = N;
+    ro.num_experts = E;
+    ro.top_k = K;
+    ro.router_logits = logits.data();
+    ro.experts = sel.data();
+    ro.weights = wts.data();
+    ro.real = real_.data();
+    obs->on_routing(ro);
   }
 
   // GPT-2 (the CPU's run_gpt2_layer): LayerNorm → c_attn (q|k|v in one [N, 3H] product, + bias)
@@ -314,7 +461,8 @@ class CudaForward final : public Forward {
     for (const auto& [name, lin] : linears_) n += lin.w.bytes() + lin.bias.bytes();
     for (const auto& [name, v] : vectors_) n += v.bytes();
     n += head_.w.bytes();
-    for (const DevMem* m : {&resid_, &xn_, &q_, &k_, &v_, &att_, &o_, &g_, &u_, &xb_, &xt_, &logits_})
+    for (const DevMem* m : {&resid_, &xn_, &q_, &k_, &v_, &att_, &o_, &g_, &u_, &xb_, &xt_, &logits_, &router_logits_,
+                            &sel_, &sel_w_, &moe_rows_, &moe_w_, &xe_})
       n += m->bytes();
     return static_cast<int64_t>(n);
   }
@@ -325,6 +473,7 @@ class CudaForward final : public Forward {
     int64_t out = 0, in = 0;
     bool bf16 = false, has_bias = false;
   };
+
 
   const float* vec(const std::string& name) const {
     auto it = vectors_.find(name);
@@ -425,7 +574,7 @@ class CudaForward final : public Forward {
   // Impl::linears: modules with an input transform are observed and multiplied one by one).
   void linears(int64_t layer, const std::vector<std::string>& modules, const float* x, int64_t rows, int64_t cols,
                Observer* obs, const std::map<std::string, InputTransform>& transforms,
-               const std::vector<float*>& outs) {
+               const std::vector<float*>& outs, const ExpertFeed* expert = nullptr) {
     bool any_transform = false;
     for (const auto& m : modules) any_transform = any_transform || transforms.count(m);
     auto notify = [&](std::vector<std::string> mods, const float* xx) {
@@ -437,6 +586,7 @@ class CudaForward final : public Forward {
       in.rows = rows;
       in.cols = cols;
       in.real = real_.data();
+      describe_expert(in, expert);
       obs->on_linear_input(in);
     };
     if (!any_transform) {
@@ -526,9 +676,20 @@ class CudaForward final : public Forward {
       lin.push_back({a + "k_proj", NKV * D, H});
       lin.push_back({a + "v_proj", NKV * D, H});
       lin.push_back({a + "o_proj", H, NQ * D});
-      lin.push_back({m + "gate_proj", I, H});
-      lin.push_back({m + "up_proj", I, H});
-      lin.push_back({m + "down_proj", H, I});
+      if (cfg_.is_moe() && cfg_.layer_is_sparse(l)) {
+        const int64_t IE = expert_intermediate();
+        lin.push_back({moe_prefix(p) + "gate", cfg_.num_experts, H});
+        for (int64_t e = 0; e < cfg_.num_experts; ++e) {
+          const auto mods = expert_modules(p, e);
+          lin.push_back({mods[0], IE, H});
+          lin.push_back({mods[1], IE, H});
+          lin.push_back({mods[2], H, IE});
+        }
+      } else {
+        lin.push_back({m + "gate_proj", I, H});
+        lin.push_back({m + "up_proj", I, H});
+        lin.push_back({m + "down_proj", H, I});
+      }
       vecs.push_back(p + "input_layernorm.weight");
       vecs.push_back(p + "post_attention_layernorm.weight");
       if (cfg_.qk_norm) {
@@ -582,6 +743,9 @@ class CudaForward final : public Forward {
   std::vector<uint8_t> real_;
   DevMem resid_, d_lengths_, d_rows_, nan_count_;
   DevMem xn_, q_, k_, v_, att_, o_, g_, u_, xb_, xt_, logits_;
+  // MoE layers: router logits [N, E], top-k choices and weights [N, K], the rows grouped by expert
+  // (Activations rows and weights, [N·K]) and the gathered expert inputs [N·K, H].
+  DevMem router_logits_, sel_, sel_w_, moe_rows_, moe_w_, xe_;
   int64_t rope_T_ = -1;
   DevMem rope_cos_, rope_sin_;
 };
@@ -591,10 +755,9 @@ class CudaForward final : public Forward {
 std::unique_ptr<Forward> create(const io::ModelConfig& cfg, Precision precision, const Source& src,
                                 const std::vector<uint8_t>& sliding, bool check_nan) {
   backend::cuda_require("--device cuda");
-  if (cfg.is_moe())
-    fail("--device cuda: the GPU forward pass does not support {} models yet (llama, mistral, qwen2, qwen3 and gpt2 "
-         "run on the GPU); use --device cpu",
-         io::arch_name(cfg.arch));
+  CALQ_CHECK(!cfg.is_moe() || (cfg.num_experts_per_tok >= 1 && cfg.num_experts_per_tok <= cfg.num_experts &&
+                               cfg.num_experts <= (int64_t{1} << 30)),
+             "--device cuda: {} experts with {} per token", cfg.num_experts, cfg.num_experts_per_tok);
   // RoPE rotates pairs (even head_dim); GPT-2 has none.
   CALQ_CHECK(cfg.head_dim >= 1 && cfg.head_dim <= 256 && (cfg.arch == io::Arch::Gpt2 || cfg.head_dim % 2 == 0),
              "--device cuda: head_dim {} is not supported by the GPU attention kernel (at most 256, even with RoPE); "

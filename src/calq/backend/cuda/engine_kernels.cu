@@ -167,6 +167,68 @@ __global__ void gather_rows_kernel(const float* x, const int64_t* rows, int64_t 
     y[i] = x[rows[i / H] * H + i % H];
 }
 
+// h[rows[i], :] += w[i] * y[i, :] for n rows of H (the rows are distinct).
+__global__ void scatter_add_rows_kernel(float* h, const int64_t* rows, const float* w, const float* y, int64_t n,
+                                        int64_t H) {
+  const int64_t total = n * H;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / H;
+    h[rows[r] * H + i % H] += w[r] * y[i];
+  }
+}
+
+// One thread per row: the CPU engine's routing (Impl::moe) step by step. Probabilities: exp in
+// fp64 of the fp32 difference, rounded to fp32 (glibc's expf is within 0.502 ulp, so both are the
+// correctly rounded value but in rare cases), summed in fp64, divided in fp64, rounded. Top-k by
+// repeated selection in the order (probability decreasing, index increasing), the order of the
+// CPU's partial_sort comparator, with no per-thread array: the j-th pick is the largest entry that
+// comes after the (j-1)-th in that order. A row without a pick (NaN logits) gets expert -1.
+__device__ void route_row(const float* logits, int64_t r, int E, int K, bool renorm, int32_t* sel, float* wts) {
+  const float* lg = logits + r * E;
+  float mx = lg[0];
+  for (int e = 1; e < E; ++e) mx = lg[e] > mx ? lg[e] : mx;  // std::max_element: the first maximum
+  double sum = 0;
+  for (int e = 0; e < E; ++e) sum += static_cast<double>(static_cast<float>(exp(static_cast<double>(lg[e] - mx))));
+  auto prob = [&](int e) {
+    const float ex = static_cast<float>(exp(static_cast<double>(lg[e] - mx)));
+    return static_cast<float>(static_cast<double>(ex) / sum);
+  };
+  float prev_p = 0.0f, s = 0.0f;
+  int prev_i = -1;
+  for (int j = 0; j < K; ++j) {
+    int best = -1;
+    float best_p = 0.0f;
+    for (int e = 0; e < E; ++e) {
+      const float pe = prob(e);
+      const bool after_prev = prev_i < 0 || pe < prev_p || (pe == prev_p && e > prev_i);
+      if (!after_prev) continue;
+      if (best < 0 || pe > best_p) {  // ties keep the lower index (scanned first)
+        best = e;
+        best_p = pe;
+      }
+    }
+    sel[r * K + j] = best;
+    wts[r * K + j] = best_p;
+    if (best < 0) {
+      for (int jj = j; jj < K; ++jj) sel[r * K + jj] = -1;
+      return;
+    }
+    s += best_p;
+    prev_p = best_p;
+    prev_i = best;
+  }
+  if (renorm)
+    for (int j = 0; j < K; ++j) wts[r * K + j] = wts[r * K + j] / s;
+}
+
+__global__ void route_topk_kernel(const float* logits, int64_t N, int E, int K, bool renorm, int32_t* sel,
+                                  float* wts) {
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < N;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    route_row(logits, r, E, K, renorm, sel, wts);
+}
+
 // Attention: a block takes kBQ query rows of one (sequence, query head); each of its kWarps warps
 // owns kRows of them. Keys and values come through shared memory in tiles of 32 (one key per
 // lane for the scores, then one output dimension per lane, DC = ceil(D / 32) per lane, for p·v),
@@ -348,6 +410,19 @@ void launch_count_nonfinite(const float* x, int64_t n, unsigned int* count, cuda
 void launch_gather_rows(const float* x, const int64_t* rows, int64_t n, int64_t H, float* y, cudaStream_t s) {
   if (n * H == 0) return;
   gather_rows_kernel<<<blocks_for(n * H, 256), 256, 0, s>>>(x, rows, n, H, y);
+}
+
+void launch_scatter_add_rows(float* h, const int64_t* rows, const float* w, const float* y, int64_t n, int64_t H,
+                             cudaStream_t s) {
+  if (n * H == 0) return;
+  scatter_add_rows_kernel<<<blocks_for(n * H, 256), 256, 0, s>>>(h, rows, w, y, n, H);
+}
+
+void launch_route_topk(const float* logits, int64_t N, int64_t E, int64_t K, bool renorm, int32_t* sel, float* wts,
+                       cudaStream_t s) {
+  if (N == 0) return;
+  route_topk_kernel<<<blocks_for(N, 128), 128, 0, s>>>(logits, N, static_cast<int>(E), static_cast<int>(K), renorm,
+                                                       sel, wts);
 }
 
 void launch_attention(const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,

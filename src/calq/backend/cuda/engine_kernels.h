@@ -41,6 +41,17 @@ void launch_count_nonfinite(const float* x, int64_t n, unsigned int* count, cuda
 // y[i, :] = x[rows[i], :] for n rows of H.
 void launch_gather_rows(const float* x, const int64_t* rows, int64_t n, int64_t H, float* y, cudaStream_t s);
 
+// h[rows[i], :] += w[i] * y[i, :] for n rows of H (rows distinct; product and sum rounded
+// separately, as the CPU engine's scatter-add of an expert's output).
+void launch_scatter_add_rows(float* h, const int64_t* rows, const float* w, const float* y, int64_t n, int64_t H,
+                             cudaStream_t s);
+// MoE routing of N rows of E router logits, as the CPU engine: softmax over all experts (fp32
+// probabilities), the top K by decreasing probability (ties: lower expert index first) into
+// sel [N, K] and their probabilities into wts [N, K], divided by their fp32 sum when renorm. A row
+// whose logits are NaN gets expert -1 from the first pick that finds none.
+void launch_route_topk(const float* logits, int64_t N, int64_t E, int64_t K, bool renorm, int32_t* sel, float* wts,
+                       cudaStream_t s);
+
 // Causal GQA attention of B sequences of T tokens: q [B·T, NQ·D] (row stride ldq), k/v [B·T,
 // NKV·D] (strides ldk, ldv), out [B·T, NQ·D] (stride ldo). Query head h uses key head h / (NQ /
 // NKV). Query i of sequence b sees keys j with j <= i, j < lengths[b] and (window > 0) i - j <
