@@ -62,10 +62,16 @@ TEST(LongRun, ResumeAfterKillIsByteIdentical) {
   EXPECT_FALSE(fs::exists(t / "res"));
 
   // Resume with every activation chunk spilled to disk and weights streamed (--max-memory and
-  // --layerwise are not part of the run's identity: they change where data lives, not results).
+  // --layerwise are not part of the run's identity: they change where data lives, not results),
+  // and without the persisted activations entering layer 4 (as a GPU-resident run leaves it): they
+  // are recomputed from the embeddings and the 4 finished layers' quantized weights.
+  fs::remove_all(t / "res.calq-work" / "acts_00004");
   r = run_calq("quantize" + in + " -o " + (t / "res").string() + kGptq + " --resume --max-memory 1KB --layerwise", d);
   ASSERT_EQ(r.rc, 0) << r.output;
   EXPECT_NE(r.output.find("spilled"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("recomputing the activations entering layer 4 from the 4 finished layers"),
+            std::string::npos)
+      << r.output;
   expect_same_files(t / "full", t / "res");
   auto rep = read_json(t / "res" / "calq_report.json");
   EXPECT_EQ(rep["gptq"]["modules"].size(), 56u);  // the report includes the layers done before the kill

@@ -35,6 +35,7 @@ quant::GptqResult cuda_gptq_quantize(const float*, int64_t, int64_t, const std::
 }
 
 std::vector<int> cuda_parse_devices(std::string_view, std::string_view option) { no_cuda(option); }
+uint64_t cuda_free_bytes() { return 0; }
 CudaDeviceScope::CudaDeviceScope(int) {}
 CudaDeviceScope::~CudaDeviceScope() = default;
 

@@ -32,6 +32,10 @@ std::string cuda_require(std::string_view option = "--device cuda");
 // `option` otherwise.
 std::vector<int> cuda_parse_devices(std::string_view list, std::string_view option = "--devices");
 
+// Free memory of the calling thread's current GPU in bytes (cudaMemGetInfo); 0 without CUDA or a
+// GPU.
+uint64_t cuda_free_bytes();
+
 // Makes `device` the calling thread's current CUDA device for the scope's lifetime (the previous
 // one is restored at exit). A no-op for device < 0 and in builds without CUDA.
 class CudaDeviceScope {

@@ -826,6 +826,36 @@ Activations Model::embed(const Batch& batch) const {
   return h;
 }
 
+bool Model::on_gpu() const { return impl_->gpu != nullptr; }
+
+void Model::gpu_put(int64_t slot, const Activations& h) {
+  CALQ_CHECK(impl_->gpu, "engine: activation slots need the GPU engine (--device cuda)");
+  CALQ_CHECK(h.hidden == impl_->cfg.hidden_size && static_cast<int64_t>(h.data.size()) == h.rows() * h.hidden,
+             "engine: activations of shape [{}, {}] do not match hidden size {}", h.rows(), h.hidden,
+             impl_->cfg.hidden_size);
+  impl_->gpu->upload(h);
+  impl_->gpu->stash(slot);
+}
+
+void Model::gpu_run(int64_t layer, int64_t in, int64_t out, Observer* observer) {
+  CALQ_CHECK(impl_->gpu, "engine: activation slots need the GPU engine (--device cuda)");
+  CALQ_CHECK(layer >= 0 && layer < impl_->cfg.num_hidden_layers, "engine: layer {} outside 0..{}", layer,
+             impl_->cfg.num_hidden_layers - 1);
+  impl_->gpu->restore(in);
+  impl_->gpu->run_layer(layer, observer, impl_->transforms);
+  if (out >= 0) impl_->gpu->stash(out);
+}
+
+void Model::gpu_get(int64_t slot, Activations& h) {
+  CALQ_CHECK(impl_->gpu, "engine: activation slots need the GPU engine (--device cuda)");
+  impl_->gpu->restore(slot);
+  impl_->gpu->download(h);
+}
+
+void Model::gpu_drop_slots() {
+  if (impl_->gpu) impl_->gpu->free_slots();
+}
+
 void Model::run_layer(int64_t layer, Activations& h, Observer* observer) {
   const io::ModelConfig& c = impl_->cfg;
   CALQ_CHECK(layer >= 0 && layer < c.num_hidden_layers, "engine: layer {} outside 0..{}", layer,

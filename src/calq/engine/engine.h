@@ -132,6 +132,17 @@ class Model {
   // sequence after sequence (what evaluation scores): embed, every layer, head on those rows.
   std::vector<float> logits_from(const Batch& batch, int64_t first);
 
+  // The GPU engine only (Options::device = Cuda; calq::Error otherwise): activations kept on the
+  // device in numbered slots, so that calibration runs a layer over every chunk many times without
+  // a host round trip. gpu_put uploads h into a slot; gpu_run runs decoder layer `layer` on slot
+  // `in` (the slot keeps its input) and stores the result in slot `out` (-1: discarded, for a pass
+  // that only feeds `observer`); gpu_get downloads a slot; gpu_drop_slots frees them all.
+  bool on_gpu() const;
+  void gpu_put(int64_t slot, const Activations& h);
+  void gpu_run(int64_t layer, int64_t in, int64_t out, Observer* observer = nullptr);
+  void gpu_get(int64_t slot, Activations& h);
+  void gpu_drop_slots();
+
   // Linear modules of the model (HF paths; router gates of MoE layers included, lm_head excluded).
   std::vector<std::string> linear_modules() const;
   // The fp32 weight of a linear module as [out, in] (GPT-2 Conv1D: the transpose of the stored

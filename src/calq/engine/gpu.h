@@ -36,6 +36,13 @@ class Forward {
   virtual void upload(const Activations& h) = 0;
   // Copies the device residual stream back into h (resized to the current batch).
   virtual void download(Activations& h) = 0;
+  // Activation slots on the device (calibration keeps every chunk there between passes): stash
+  // copies the current residual stream (with its batch shape and lengths) into slot `slot`,
+  // restore makes a stashed slot the current stream; both device to device. free_slots releases
+  // them all.
+  virtual void stash(int64_t slot) = 0;
+  virtual void restore(int64_t slot) = 0;
+  virtual void free_slots() = 0;
   // Decoder layer `layer` on the device residual stream. `transforms` are the model's input
   // transforms (applied on a host copy of the module's input).
   virtual void run_layer(int64_t layer, Observer* obs, const std::map<std::string, InputTransform>& transforms) = 0;

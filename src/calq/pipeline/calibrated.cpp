@@ -200,19 +200,37 @@ namespace {
 
 int64_t layer_of(const std::string& mod);
 
-// What a layer function gets: the model and the activations entering the layer.
+// What a layer function gets: the model and the activations entering the layer, either in a
+// host store (RAM and spill files) or, with the GPU engine, in its device slots
+// [slot0, slot0 + slots).
 struct LayerCtx {
   engine::Model& m;
-  const ActivationStore* acts = nullptr;  // null when the method needs no calibration pass
+  const ActivationStore* acts = nullptr;  // null (and slots 0) when the method needs no calibration pass
+  int64_t slot0 = 0, slots = 0;
+  bool has_acts() const { return acts || slots > 0; }
   // Runs the layer (current weights) on a copy of every chunk with `obs` watching.
   void observe(int64_t layer, engine::Observer& obs) const {
+    if (slots > 0) {
+      for (int64_t i = 0; i < slots; ++i) m.gpu_run(layer, slot0 + i, -1, &obs);
+      return;
+    }
     for (size_t i = 0; i < acts->size(); ++i) {
       engine::Activations a = acts->get(i);
       m.run_layer(layer, a, &obs);
     }
   }
+  // The same on the first chunk only.
+  void observe_first(int64_t layer, engine::Observer& obs) const {
+    if (slots > 0) return m.gpu_run(layer, slot0, -1, &obs);
+    engine::Activations a = acts->get(0);
+    m.run_layer(layer, a, &obs);
+  }
 };
 using LayerFn = std::function<LayerOutput(int64_t layer, LayerCtx& ctx)>;
+// Sets (set = true) or clears the engine weights that finished layer `layer` left for the layers
+// after it (its quantized modules, dequantized), so that a resumed run can recompute the
+// activations a GPU-resident run did not persist. Null: the method always persists them.
+using LayerReplay = std::function<void(const WorkDir& wd, int64_t layer, bool set)>;
 
 // The layer loop shared by the calibrated methods: checkpoints after every layer in the work
 // directory, resumes from it, keeps activations within the memory budget (input and output of the
@@ -221,14 +239,15 @@ using LayerFn = std::function<LayerOutput(int64_t layer, LayerCtx& ctx)>;
 // computed.
 std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* ci, int64_t batch,
                                     const RunStorage& st, bool quantized_inputs, const std::string& label,
-                                    const LayerFn& fn, std::shared_ptr<WorkDir> wd);
+                                    const LayerFn& fn, const LayerReplay& replay, std::shared_ptr<WorkDir> wd);
 
 std::shared_ptr<WorkDir> run_layerwise(engine::Model& m, const CalibrationInputs* ci, int64_t batch,
                                        const RunStorage& st, const json& manifest, bool quantized_inputs,
-                                       const std::string& label, const LayerFn& fn) {
+                                       const std::string& label, const LayerFn& fn,
+                                       const LayerReplay& replay = nullptr) {
   auto wd = std::make_shared<WorkDir>(st.work_dir, manifest, st.resume, st.overwrite);
   try {
-    return run_layers(m, ci, batch, st, quantized_inputs, label, fn, wd);
+    return run_layers(m, ci, batch, st, quantized_inputs, label, fn, replay, wd);
   } catch (...) {
     // A run that failed before finishing any layer leaves nothing worth resuming; otherwise the
     // finished layers stay checkpointed (a failure inside a layer never touches its checkpoint:
@@ -246,20 +265,47 @@ std::shared_ptr<WorkDir> run_layerwise(engine::Model& m, const CalibrationInputs
 
 std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* ci, int64_t batch,
                                     const RunStorage& st, bool quantized_inputs, const std::string& label,
-                                    const LayerFn& fn, std::shared_ptr<WorkDir> wd) {
+                                    const LayerFn& fn, const LayerReplay& replay, std::shared_ptr<WorkDir> wd) {
   const int64_t L = m.num_layers();
   const int64_t start = wd->completed_layers();
   const uint64_t half = st.max_memory / 2;
   std::optional<ActivationStore> cur;
+  // GPU-resident activations (docs/cuda.md, "Calibration on the GPU"): with the GPU engine and a
+  // replay function, when a layer's input and output chunks fit in half the free GPU memory, they
+  // stay in the engine's slots (input [base, base + n), output the other half) and are never
+  // written to disk; a resumed run recomputes them from the finished layers instead.
+  int64_t resident = 0, base = 0;  // chunk count when resident
   if (ci && start < L) {
-    if (start == 0) {
-      auto chunks = embed_chunks(m, ci->set, batch);
-      cur.emplace(wd->acts_dir(0), half, chunks.size());
-      for (size_t i = 0; i < chunks.size(); ++i) cur->put(i, std::move(chunks[i]));
+    std::vector<engine::Activations> chunks;
+    // A host-mode run persisted them; a GPU-resident one did not (its resume recomputes them).
+    const bool persisted = start > 0 && fs::is_directory(wd->acts_dir(start)) && !fs::is_empty(wd->acts_dir(start));
+    if (!persisted) {
+      chunks = embed_chunks(m, ci->set, batch);
+      if (start > 0) {
+        CALQ_CHECK(replay, "--resume: the activations entering layer {} are missing from {}", start,
+                   wd->path().string());
+        log_info("recomputing the activations entering layer {} from the {} finished layers", start, start);
+        for (int64_t l = 0; l < start; ++l) {
+          if (quantized_inputs) replay(*wd, l, true);
+          for (auto& a : chunks) m.run_layer(l, a);
+          if (quantized_inputs) replay(*wd, l, false);
+        }
+      }
+      uint64_t bytes = 0;
+      for (auto& a : chunks) bytes += static_cast<uint64_t>(a.data.size()) * sizeof(float);
+      if (m.on_gpu() && replay && 2 * bytes <= backend::cuda_free_bytes() / 2) {
+        resident = static_cast<int64_t>(chunks.size());
+        for (int64_t i = 0; i < resident; ++i) m.gpu_put(i, chunks[static_cast<size_t>(i)]);
+        log_info("calibration activations on the GPU: {} chunks, {} per layer boundary", resident,
+                 format_bytes(static_cast<double>(bytes)));
+      } else {
+        cur.emplace(wd->acts_dir(start), half, chunks.size());
+        for (size_t i = 0; i < chunks.size(); ++i) cur->put(i, std::move(chunks[i]));
+      }
     } else {
       cur.emplace(ActivationStore::open(wd->acts_dir(start), half));
     }
-    if (cur->chunks_on_disk())
+    if (cur && cur->chunks_on_disk())
       log_info("{} of {} activation chunks spilled to {} (--max-memory {})", cur->chunks_on_disk(), cur->size(),
                cur->dir().string(), format_bytes(static_cast<double>(st.max_memory)));
   }
@@ -270,34 +316,41 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
   Progress bar(label, static_cast<uint64_t>(L - start), "layers");
   for (int64_t l = start; l < L; ++l) {
     std::optional<ActivationStore> next;
-    if (cur) {
-      next.emplace(wd->acts_dir(l + 1), half, cur->size());
-      if (!quantized_inputs)
-        for (size_t i = 0; i < cur->size(); ++i) {
-          engine::Activations a = cur->get(i);
-          m.run_layer(l, a);
-          next->put(i, std::move(a));
-        }
-    }
-    LayerCtx ctx{m, cur ? &*cur : nullptr};
-    CALQ_CHECK(l != fail_at, "CALQ_TEST_FAIL_AT_LAYER={}: a failure injected in layer {}", fail_at, l);
-    LayerOutput out = fn(l, ctx);
-    if (cur && quantized_inputs)
+    const int64_t out_base = resident - base;  // the other half of the slots
+    auto forward = [&] {
+      if (resident) {
+        for (int64_t i = 0; i < resident; ++i) m.gpu_run(l, base + i, out_base + i);
+        return;
+      }
       for (size_t i = 0; i < cur->size(); ++i) {
         engine::Activations a = cur->get(i);
         m.run_layer(l, a);
         next->put(i, std::move(a));
       }
+    };
+    if (cur) next.emplace(wd->acts_dir(l + 1), half, cur->size());
+    if ((cur || resident) && !quantized_inputs) forward();
+    LayerCtx ctx{m, cur ? &*cur : nullptr, base, resident};
+    CALQ_CHECK(l != fail_at, "CALQ_TEST_FAIL_AT_LAYER={}: a failure injected in layer {}", fail_at, l);
+    LayerOutput out = fn(l, ctx);
+    if ((cur || resident) && quantized_inputs) forward();
     for (auto& [name, q] : out.weights) m.clear_weight(name.substr(0, name.size() - 7));
     if (!next) next.emplace(wd->acts_dir(l + 1), 0, 0);
     wd->finish_layer(l, out, *next);
+    if (resident) {
+      std::error_code ec;
+      fs::remove_all(wd->acts_dir(l + 1), ec);  // nothing persisted: a resumed run recomputes them
+      base = out_base;
+    }
     cur = std::move(next);
+    if (resident) cur.reset();
     bar.advance(1, 0, fmt::format("layer {}", l));
     if (l == abort_after) {
       log_warn("CALQ_TEST_ABORT_AFTER_LAYER={}: stopping as if killed", l);
       std::_Exit(75);
     }
   }
+  if (resident) m.gpu_drop_slots();
   bar.finish();
   return wd;
 }
@@ -385,8 +438,7 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
           if (by_module.count(mod)) g.push_back(mod);
         if (!g.empty() && seen.insert(g.front()).second) groups.push_back(g);
       };
-      engine::Activations probe = ctx.acts->get(0);
-      m.run_layer(l, probe, &rec);
+      ctx.observe_first(l, rec);
     }
     // Planned modules of this layer that the probe chunk did not reach (MoE experts none of its
     // tokens was routed to) get their groups from the shared-input rule: gate/up (w1/w3) of an
@@ -730,8 +782,27 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
     return out;
   };
   json calib_id = calibration_identity(opt.calib, ci);
+  // A resumed GPU-resident run recomputes its activations with the finished layers' weights as
+  // the run had them: Ŵ = dequantize(Q) (rotated back for MR-GPTQ), bit for bit.
+  LayerReplay replay = [&](const WorkDir& w, int64_t l, bool set) {
+    const auto rotations = set ? w.rotations() : std::map<std::string, quant::Rotation>{};
+    for (const auto& [name, layer] : w.weight_index()) {
+      if (layer != l) continue;
+      const std::string module = name.substr(0, name.size() - 7);  // drop ".weight"
+      if (!set) {
+        m.clear_weight(module);
+        continue;
+      }
+      auto it = by_module.find(module);
+      CALQ_CHECK(it != by_module.end(), "--resume: {} in {} is not in the plan", name, w.path().string());
+      const auto q = w.load_weight(l, name, *it->second->format);
+      std::vector<float> wh = q.dequantize();
+      if (auto r = rotations.find(name); r != rotations.end()) r->second.apply_rows_inverse(wh.data(), q.rows);
+      m.set_weight(module, std::move(wh));
+    }
+  };
   auto wd = run_layerwise(m, &ci, opt.calib.batch, opt.storage, make_manifest(model_dir, plan, identity, calib_id),
-                          opt.quantized_inputs, "gptq", fn);
+                          opt.quantized_inputs, "gptq", fn, replay);
   CalibratedResults res(wd, plan);
   // Planned modules the engine never fed (e.g. a quantized lm_head) fall back to RTN in the writer.
   json modules = json::array();

@@ -98,6 +98,8 @@ class DevMem {
 };
 
 constexpr const char* kActHint = "evaluate fewer tokens at once (a smaller --batch or --ctx) or use --device cpu";
+constexpr const char* kSlotHint =
+    "calibrate with fewer --samples or a shorter --seq-len, or use --forward-device cpu";
 constexpr const char* kWeightHint =
     "use --gpu-precision bf16 (2 bytes per weight instead of 4), a GPU with more memory, or --device cpu";
 
@@ -179,6 +181,37 @@ class CudaForward final : public Forward {
                "cudaMemcpy(activations from the GPU)");
     check_cuda(cudaStreamSynchronize(stream_), "download");
   }
+
+  void stash(int64_t slot) override {
+    CALQ_CHECK(B_ > 0, "engine (cuda): stash before any activations were uploaded");
+    Slot& sl = slots_[slot];
+    const size_t bytes = static_cast<size_t>(B_ * T_ * cfg_.hidden_size) * sizeof(float);
+    sl.data.ensure(bytes, "calibration activations kept on the GPU", kSlotHint);
+    check_cuda(cudaMemcpyAsync(sl.data.as<float>(), resid_.as<float>(), bytes, cudaMemcpyDeviceToDevice, stream_),
+               "cudaMemcpy(activation slot)");
+    sl.batch = B_;
+    sl.seq = T_;
+    sl.lengths = lengths_;
+  }
+
+  void restore(int64_t slot) override {
+    auto it = slots_.find(slot);
+    CALQ_CHECK(it != slots_.end(), "engine (cuda): activation slot {} was never stashed", slot);
+    const Slot& sl = it->second;
+    B_ = sl.batch;
+    T_ = sl.seq;
+    lengths_ = sl.lengths;
+    const size_t bytes = static_cast<size_t>(B_ * T_ * cfg_.hidden_size) * sizeof(float);
+    resid_.ensure(bytes, "the residual stream", kActHint);
+    check_cuda(cudaMemcpyAsync(resid_.as<float>(), sl.data.as<float>(), bytes, cudaMemcpyDeviceToDevice, stream_),
+               "cudaMemcpy(activation slot)");
+    d_lengths_.ensure(lengths_.size() * sizeof(int64_t), "sequence lengths", kActHint);
+    check_cuda(cudaMemcpyAsync(d_lengths_.as<int64_t>(), lengths_.data(), lengths_.size() * sizeof(int64_t),
+                               cudaMemcpyHostToDevice, stream_),
+               "cudaMemcpy(lengths)");
+  }
+
+  void free_slots() override { slots_.clear(); }
 
   void run_layer(int64_t l, Observer* obs, const std::map<std::string, InputTransform>& transforms) override {
     CALQ_CHECK(B_ > 0, "engine (cuda): run_layer before any activations were uploaded");
@@ -740,6 +773,12 @@ class CudaForward final : public Forward {
   // The current batch.
   int64_t B_ = 0, T_ = 0;
   std::vector<int64_t> lengths_;
+  struct Slot {  // a stashed residual stream (stash / restore)
+    DevMem data;
+    int64_t batch = 0, seq = 0;
+    std::vector<int64_t> lengths;
+  };
+  std::map<int64_t, Slot> slots_;
   std::vector<uint8_t> real_;
   DevMem resid_, d_lengths_, d_rows_, nan_count_;
   DevMem xn_, q_, k_, v_, att_, o_, g_, u_, xb_, xt_, logits_;

@@ -151,6 +151,15 @@ std::vector<int> cuda_parse_devices(std::string_view list, std::string_view opti
   return out;
 }
 
+uint64_t cuda_free_bytes() {
+  size_t free_b = 0, total_b = 0;
+  if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return free_b;
+}
+
 CudaDeviceScope::CudaDeviceScope(int device) {
   if (device < 0) return;
   int cur = 0;
