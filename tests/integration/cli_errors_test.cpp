@@ -201,6 +201,10 @@ TEST_F(CliErrors, BadOptions) {
   if (!gpu)
     expect_failure(quantize(model(), out, "--method gptq --forward-device cuda"), {"--forward-device cuda:", "--device cpu"},
                    out);
+  // --forward-precision: fp32|bf16, only for GPU forward passes.
+  expect_failure(quantize(model(), out, "--method gptq --forward-precision fp16"), {"--forward-precision", "fp16"}, out);
+  expect_failure(quantize(model(), out, "--method gptq --forward-precision bf16"),
+                 {"--forward-precision applies to GPU forward passes"}, out);
   // --devices: only with --device cuda; ordinals only, each a visible GPU.
   expect_failure(quantize(model(), out, "--method gptq --devices 0,1"), {"--devices applies to --device cuda"}, out);
   if (gpu) {

@@ -402,7 +402,10 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
   engine::Options eo = engine_options(opt.storage, model_dir);
   // The calibration forward passes on the GPU (fp32, the CPU engine's arithmetic within 1e-5),
   // MoE layers included (routing, the per-expert observer feeds and all_tokens as on the CPU).
-  if (opt.forward_cuda) eo.device = backend::Device::Cuda;
+  if (opt.forward_cuda) {
+    eo.device = backend::Device::Cuda;
+    eo.gpu_precision = opt.forward_precision;
+  }
   // GPU workers (--devices): GPTQ calls go to these ordinals, one worker each; this thread (the
   // GPU forward pass, the Hessians) works on the first.
   const std::vector<int> devices = opt.devices.empty() ? std::vector<int>{opt.gptq.device} : opt.devices;
@@ -816,6 +819,11 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
                     {"static_groups", opt.gptq.static_groups},
                     {"true_sequential", opt.true_sequential},
                     {"quantized_inputs", opt.quantized_inputs},
+                    {"device", opt.gptq.cuda ? "cuda" : "cpu"},
+                    {"devices", opt.gptq.cuda ? json(devices) : json::array()},
+                    {"forward_device", opt.forward_cuda ? "cuda" : "cpu"},
+                    {"forward_precision",
+                     opt.forward_cuda && opt.forward_precision == engine::Precision::BF16 ? "bf16" : "fp32"},
                     {"seconds", now_s() - t0},
                     {"modules", modules}};
   report["storage"] = {{"work_dir", fs::absolute(opt.storage.work_dir).string()},

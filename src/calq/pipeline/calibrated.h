@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "calq/data/dataset.h"
+#include "calq/engine/engine.h"
 #include "calq/pipeline/module_quant.h"
 #include "calq/pipeline/quantize.h"
 #include "calq/quant/act_scale.h"
@@ -118,6 +119,7 @@ struct GptqPipelineOptions {
   // Calibration forward passes on the GPU engine (engine::Options::device = Cuda, fp32), dense and
   // MoE models. --forward-device.
   bool forward_cuda = false;
+  engine::Precision forward_precision = engine::Precision::F32;  // --forward-precision
   // With gptq.cuda: the GPUs that quantize modules, one worker per entry (an ordinal may repeat);
   // the forward pass and the Hessians run on the first. Empty: {gptq.device}. --devices.
   std::vector<int> devices;
