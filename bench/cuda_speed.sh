@@ -18,7 +18,8 @@
 #   (num_hidden_layers override; default the config's), SAMPLES (128), SEQ (2048), MODEL (use this
 #   checkpoint instead of generating one), TOKENIZER, WORK_DIR (build/bench-cuda-speed), T_REF and
 #   T_CALQ (time limits in seconds of each side, default 3000), RUN (both | ref | calq), GEMM_PEAK
-#   (1: measure the GEMM peaks; 0: skip).
+#   (1: measure the GEMM peaks; 0: skip), CALQ_ARGS (more `calq quantize` options, e.g.
+#   "--forward-precision bf16 --hessian-precision tf32").
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 SHARED=${SHARED:-$here/../../shared}
@@ -81,14 +82,14 @@ if [ "$RUN" != calq ]; then
 fi
 
 if [ "$RUN" != ref ]; then
-  echo "== calq quantize --device cuda on $model, ${SAMPLES}x$SEQ"
+  echo "== calq quantize --device cuda ${CALQ_ARGS:-} on $model, ${SAMPLES}x$SEQ"
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1 > "$W/calq.mem_base"
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$W/calq.mem" 2> /dev/null &
   smi=$!
   t0=$(now)
   CALQ_DATA=$W/data CALQ_OFFLINE=1 timeout "${T_CALQ:-3000}" "$CALQ" quantize -i "$model" -o "$W/calq-out" \
     --method gptq --format int4 --group-size 128 --device cuda --samples "$SAMPLES" --seq-len "$SEQ" \
-    --calibration wikitext2:test --overwrite > "$W/calq.log" 2>&1
+    --calibration wikitext2:test --overwrite ${CALQ_ARGS:-} > "$W/calq.log" 2>&1
   rc=$?
   since "$t0" > "$W/calq.wall"; echo $rc > "$W/calq.rc"
   kill "$smi" 2> /dev/null; wait "$smi" 2> /dev/null
