@@ -45,7 +45,8 @@ Command add_quantize(CLI::App& app) {
   auto* sub = app.add_subcommand("quantize", "Quantize a model's linear weights and write a calq directory");
   struct Args {
     std::string input, output, method = "rtn", format = "int4", preset, on_indivisible = "error",
-                                   shard = "5GB", device = "cpu", forward_device;
+                                   shard = "5GB", device = "cpu", forward_device,
+                                   hessian_precision = "fp32";
     int group = 0;
     bool asym = false, sym = false, clip = false, validate = false, overwrite = false, dry = false;
     int clip_grid = 20;
@@ -94,6 +95,11 @@ Command add_quantize(CLI::App& app) {
                   "last bits of the Hessians, so cpu with --device cuda reproduces a CPU run's output exactly, "
                   "while cuda is faster and of equal quality but not bit-identical (docs/cuda.md)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
+  sub->add_option("--hessian-precision", a->hessian_precision,
+                  "Input precision of the Hessians' block products on the GPU (gptq, mr-gptq with --device cuda "
+                  "and the forward passes on the GPU): fp32 (default; the CPU's arithmetic), tf32 or bf16 (tensor "
+                  "cores, fp32 accumulation per block, fp64 sum; faster, less exact: docs/cuda.md)")
+      ->capture_default_str();
   sub->add_option("-f,--format", a->format,
                   "Element format: int2, int3, int4, int8, fp4 (E2M1 + fp16 group scales), nvfp4 "
                   "(E2M1, g16, E4M3 scales, fp32 tensor scale), mxfp4 (E2M1, g32, E8M0 scales), nf4, "
@@ -246,6 +252,21 @@ Command add_quantize(CLI::App& app) {
     const bool on_cuda = backend::parse_device(a->device) == backend::Device::Cuda;
     CALQ_CHECK(!(on_cuda && a->method == "rtn"),
                "--device cuda applies to --method gptq and mr-gptq; --method rtn runs on the CPU (drop --device)");
+    {
+      // --hessian-precision: parsed (naming the option), then only where Hessians are on the GPU.
+      const auto hp = backend::parse_hessian_precision(a->hessian_precision, "--hessian-precision");
+      CALQ_CHECK(sub->count("--hessian-precision") == 0 || a->method == "gptq" || a->method == "mr-gptq",
+                 "--hessian-precision applies to --method gptq and mr-gptq");
+      if (hp != backend::HessianPrecision::F32) {
+        CALQ_CHECK(on_cuda, "--hessian-precision {}: Hessians accumulate on the GPU only with --device cuda; with "
+                            "--device cpu they are fp32 (drop --hessian-precision)",
+                   a->hessian_precision);
+        CALQ_CHECK(a->forward_device != "cpu",
+                   "--hessian-precision {}: with --forward-device cpu the Hessians accumulate on the host in fp32 "
+                   "(drop --forward-device cpu or --hessian-precision)",
+                   a->hessian_precision);
+      }
+    }
     if (on_cuda) log_info("--device cuda: {}", backend::cuda_require("--device cuda"));
     const bool forward_cuda =
         a->forward_device.empty() ? on_cuda : backend::parse_device(a->forward_device, "--forward-device") == backend::Device::Cuda;
@@ -366,6 +387,7 @@ Command add_quantize(CLI::App& app) {
         g.gptq.clip_norm = a->clip_norm;
         g.gptq.cuda = on_cuda;
         g.forward_cuda = forward_cuda;
+        g.hessian_precision = backend::parse_hessian_precision(a->hessian_precision, "--hessian-precision");
         g.true_sequential = !a->no_true_sequential;
         g.quantized_inputs = !a->unquantized_inputs;
         using Moe = pipeline::MoeCalibOptions;
@@ -402,7 +424,8 @@ Command add_quantize(CLI::App& app) {
                             {"static_groups", g.gptq.static_groups},
                             {"true_sequential", g.true_sequential},
                             {"quantized_inputs", g.quantized_inputs},
-                            {"forward_device", forward_cuda ? "cuda" : "cpu"}};
+                            {"forward_device", forward_cuda ? "cuda" : "cpu"},
+                            {"hessian_precision", a->hessian_precision}};
         identity["moe"] = {{"calibration", a->moe_calibration},
                            {"hessian", a->moe_hessian},
                            {"token_weight", a->moe_token_weight},

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "calq/backend/cuda/memory.h"
 #include "calq/backend/device.h"
 #include "calq/core/error.h"
 
@@ -46,14 +47,15 @@ __global__ void fwht_blocks(float* x, const float* signs, int64_t dim, int64_t b
 
 class Buf {
  public:
-  explicit Buf(size_t bytes) { check(cudaMalloc(&p_, std::max<size_t>(bytes, 1)), "cudaMalloc(Hadamard)"); }
+  explicit Buf(size_t bytes) : bytes_(bytes) { check(cuda::tracked_malloc(&p_, bytes), "cudaMalloc(Hadamard)"); }
   Buf(const Buf&) = delete;
   Buf& operator=(const Buf&) = delete;
-  ~Buf() { cudaFree(p_); }
+  ~Buf() { cuda::tracked_free(p_, bytes_); }
   float* get() const { return static_cast<float*>(p_); }
 
  private:
   void* p_ = nullptr;
+  size_t bytes_ = 0;
 };
 
 }  // namespace
