@@ -83,13 +83,15 @@ struct DevFloats {
 
 const char* name(HessianPrecision p) { return backend::hessian_precision_name(p); }
 
-// Bounds on the errors per precision: fp32 is the CPU's arithmetic (fp32 products of ≤ 512 rows),
-// tf32 rounds inputs to 10 fraction bits, bf16 to 7.
+// Bounds on the errors per precision: fp32 is the CPU's arithmetic (fp32 products of ≤ 512 rows:
+// the CPU accumulator itself is 3e-6 off the reference on the outlier + offset case), tf32 rounds
+// inputs to 10 fraction bits, bf16 to 7 (largest measured on an H200: fp32 3.7e-6, tf32 5.2e-4,
+// bf16 7.0e-3; docs/cuda.md).
 double bound_max(HessianPrecision p) {
-  return p == HessianPrecision::F32 ? 2e-6 : p == HessianPrecision::TF32 ? 4e-3 : 3e-2;
+  return p == HessianPrecision::F32 ? 2e-5 : p == HessianPrecision::TF32 ? 4e-3 : 3e-2;
 }
 double bound_fro(HessianPrecision p) {
-  return p == HessianPrecision::F32 ? 1e-6 : p == HessianPrecision::TF32 ? 1e-3 : 8e-3;
+  return p == HessianPrecision::F32 ? 1e-5 : p == HessianPrecision::TF32 ? 1e-3 : 8e-3;
 }
 
 struct Input {
@@ -188,7 +190,7 @@ TEST(GpuHessianAcc, MatchesFp64ReferenceAllPrecisions) {
         const Err ec = error_of(h, cpu.hessian(), c.n);
         std::printf("[ hessian ] %-62s fp32 vs CPU accumulator: rel_fro %.3g rel_max %.3g\n", c.what.c_str(), ec.fro,
                     ec.max);
-        EXPECT_LT(ec.max, 2e-6) << c.what;
+        EXPECT_LT(ec.max, 2e-5) << c.what;
       }
     }
   }
@@ -338,8 +340,9 @@ TEST(GpuHessianAcc, MemoryCountersSeeTheAccumulator) {
 }
 
 // The GPU engine's observer inputs: device inputs (no host copy) accumulated on the GPU vs host
-// copies accumulated by the CPU HessianAccumulator, then GPTQ (CPU, int4 g32) with each: the
-// codes agree (≥ 99.9 %) for every linear module of the model.
+// copies accumulated by the CPU HessianAccumulator, then GPTQ (CPU, int4 g128; g16 on the tiny
+// fixtures) with each, from the same activations: the codes agree (≥ 99.9 %) over the linear
+// modules of the model.
 class DeviceInputs : public ::testing::TestWithParam<std::string> {};
 
 struct Collect : engine::Observer {
@@ -395,7 +398,7 @@ TEST_P(DeviceInputs, SameGptqCodesAsHostHessians) {
   ASSERT_EQ(dev.gpu.size(), host.host.size());
   int64_t same = 0, total = 0;
   double worst = 0;
-  const auto f = quant::Format::parse("int4");
+  const auto f = quant::Format::parse("int4", GetParam() == "bench-qwen3-28m" ? 128 : 16);
   quant::GptqOptions go;
   for (auto& [k, acc] : host.host) {
     ASSERT_TRUE(dev.gpu.count(k)) << k;
@@ -426,6 +429,61 @@ TEST_P(DeviceInputs, SameGptqCodesAsHostHessians) {
               static_cast<long long>(total));
   EXPECT_LT(worst, 2e-6);
   EXPECT_GE(agree, 0.999);
+}
+
+// The yardstick for the agreement above, on the CPU alone (runs without a GPU): the same inputs
+// and the CPU accumulator with 512-row blocks vs 384-row blocks — a change of the fp32 summation
+// order only, like the GPU's — and GPTQ with each Hessian.
+TEST_P(DeviceInputs, CpuSummationOrderBaseline) {
+  const calq_test::fs::path dir = GetParam() == "bench-qwen3-28m"
+                                      ? calq_test::fs::path(CALQ_SHARED_DIR) / "data/models/bench-qwen3-28m"
+                                      : calq_test::source_dir() / "tests/data/engine" / GetParam();
+  if (!calq_test::fs::exists(dir / "config.json")) GTEST_SKIP() << dir << " is not here";
+  auto m = engine::Model::load(dir);
+  const int64_t B = 4, T = GetParam() == "bench-qwen3-28m" ? 256 : 48;
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(m.config().vocab_size - 1));
+  engine::Batch b;
+  b.batch = B;
+  b.seq = T;
+  for (int64_t i = 0; i < B * T; ++i) b.tokens.push_back(tok(rng));
+  b.lengths = {T, T - 5, T / 2, T};
+  struct Two : engine::Observer {
+    std::map<std::string, quant::HessianAccumulator> a, c;
+    std::map<std::string, std::vector<std::string>> modules;
+    void on_linear_input(const engine::LinearInput& in) override {
+      const std::string& k = in.modules.front();
+      modules[k] = in.modules;
+      a.try_emplace(k, in.cols, 512).first->second.add(in.x, in.rows, in.real);
+      c.try_emplace(k, in.cols, 384).first->second.add(in.x, in.rows, in.real);
+    }
+  } two;
+  engine::Activations h = m.embed(b);
+  for (int64_t l = 0; l < m.num_layers(); ++l) m.run_layer(l, h, &two);
+  const auto f = quant::Format::parse("int4", GetParam() == "bench-qwen3-28m" ? 128 : 16);
+  quant::GptqOptions go;
+  int64_t same = 0, total = 0;
+  double worst = 0;
+  for (auto& [k, acc] : two.a) {
+    const auto Ha = acc.hessian(), Hc = two.c.at(k).hessian();
+    const int64_t n = acc.features();
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        const double sc = std::sqrt(Ha[i * n + i] * Ha[j * n + j]);
+        if (sc > 0) worst = std::max(worst, std::fabs(Ha[i * n + j] - Hc[i * n + j]) / sc);
+      }
+    for (const auto& mod : two.modules.at(k)) {
+      const auto w = m.weight(mod);
+      const auto qa = quant::gptq_quantize(w.data(), m.out_features(mod), n, Ha, f, go, mod);
+      const auto qc = quant::gptq_quantize(w.data(), m.out_features(mod), n, Hc, f, go, mod);
+      for (size_t i = 0; i < qa.q.codes.size(); ++i) same += qa.q.codes[i] == qc.q.codes[i];
+      total += static_cast<int64_t>(qa.q.codes.size());
+    }
+  }
+  ASSERT_GT(total, 0);
+  std::printf("[ hessian ] %s: CPU blocks 512 vs 384: rel_max %.3g, GPTQ int4 codes identical %.4f %%\n",
+              GetParam().c_str(), worst, 100.0 * static_cast<double>(same) / static_cast<double>(total));
+  EXPECT_LT(worst, 2e-5);
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, DeviceInputs, ::testing::Values("llama_gqa", "qwen3_qknorm", "gpt2", "bench-qwen3-28m"),

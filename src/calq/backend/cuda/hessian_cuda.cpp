@@ -221,8 +221,8 @@ struct GpuHessian::Impl {
       check_cuda(cudaEventRecord(ready, s), "cudaEventRecord(input ready)");
       check_cuda(cudaStreamWaitEvent(c.stream, ready, 0), "cudaStreamWaitEvent");
     }
+    const Rows r = upload_rows(c, rows, mask, w);  // checks the weights first
     begin_timing(c);
-    const Rows r = upload_rows(c, rows, mask, w);
     for (int64_t done_rows = 0; done_rows < r.count;) {
       const int64_t cnt = std::min(block - pending_rows, r.count - done_rows);
       const size_t off = static_cast<size_t>(pending_rows * n);
@@ -255,7 +255,8 @@ GpuHessian::GpuHessian(int64_t features, HessianPrecision precision, int64_t blo
   CALQ_CHECK(features > 0 && block > 0, "Hessian of {} features, block {}", features, block);
   CALQ_CHECK(features <= INT32_MAX && block <= INT32_MAX, "Hessian of {} features: too wide for cuBLAS", features);
   Context& c = context();
-  std::lock_guard<std::mutex> lock(c.mu);
+  // Allocated before taking the context lock: an Impl that fails half-way is destroyed on the
+  // way out, and its destructor takes the lock.
   auto im = std::make_unique<Impl>();
   im->n = features;
   im->block = block;
@@ -268,7 +269,10 @@ GpuHessian::GpuHessian(int64_t features, HessianPrecision precision, int64_t blo
   im->pending = device_alloc(im->pending_bytes, what + " (row block)");
   check_cuda(cudaEventCreateWithFlags(&im->ready, cudaEventDisableTiming), "cudaEventCreate");
   check_cuda(cudaEventCreateWithFlags(&im->done, cudaEventDisableTiming), "cudaEventCreate");
-  check_cuda(cudaMemsetAsync(im->sum, 0, im->sum_bytes, c.stream), "cudaMemset(Hessian)");
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    check_cuda(cudaMemsetAsync(im->sum, 0, im->sum_bytes, c.stream), "cudaMemset(Hessian)");
+  }
   impl_ = std::move(im);
 }
 
