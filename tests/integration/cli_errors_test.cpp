@@ -215,6 +215,24 @@ TEST_F(CliErrors, BadOptions) {
     expect_failure(quantize(model(), out, "--method gptq --device cuda --devices 0"), {"--device cuda", "--device cpu"},
                    out);
   }
+  // --hessian-precision: only fp32|tf32|bf16, only for GPTQ, and tf32/bf16 only where the Hessians
+  // are on the GPU (--device cuda with the forward passes on the GPU).
+  expect_failure(quantize(model(), out, "--method gptq --hessian-precision fp16"),
+                 {"--hessian-precision must be fp32, tf32 or bf16, got 'fp16'"}, out);
+  expect_failure(quantize(model(), out, "--method rtn --hessian-precision fp32"),
+                 {"--hessian-precision applies to --method gptq and mr-gptq"}, out);
+  for (const char* p : {"tf32", "bf16"}) {
+    expect_failure(quantize(model(), out, std::string("--method gptq --hessian-precision ") + p),
+                   {std::string("--hessian-precision ") + p + ": Hessians accumulate on the GPU only with --device cuda",
+                    "--device cpu"},
+                   out);
+    expect_failure(quantize(model(), out, std::string("--method mr-gptq --device cpu --hessian-precision ") + p),
+                   {std::string("--hessian-precision ") + p + ":", "--device cpu"}, out);
+    expect_failure(
+        quantize(model(), out, std::string("--method gptq --device cuda --forward-device cpu --hessian-precision ") + p),
+        {std::string("--hessian-precision ") + p + ": with --forward-device cpu the Hessians accumulate on the host"},
+        out);
+  }
 }
 
 }  // namespace

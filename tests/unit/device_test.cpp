@@ -23,6 +23,22 @@ TEST(Device, Parses) {
   }
 }
 
+TEST(Device, ParsesHessianPrecision) {
+  EXPECT_EQ(backend::parse_hessian_precision("fp32"), backend::HessianPrecision::F32);
+  EXPECT_EQ(backend::parse_hessian_precision("tf32"), backend::HessianPrecision::TF32);
+  EXPECT_EQ(backend::parse_hessian_precision("bf16"), backend::HessianPrecision::BF16);
+  for (auto p : {backend::HessianPrecision::F32, backend::HessianPrecision::TF32, backend::HessianPrecision::BF16})
+    EXPECT_EQ(backend::parse_hessian_precision(backend::hessian_precision_name(p)), p);
+  try {
+    backend::parse_hessian_precision("fp16");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--hessian-precision must be fp32, tf32 or bf16, got 'fp16'"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
 TEST(Device, CudaWithoutCudaBuildIsAClearError) {
   if (backend::cuda_built()) GTEST_SKIP() << "built with CUDA (tests/gpu covers the CUDA build)";
   std::vector<float> W(8 * 32, 0.1f);
@@ -44,6 +60,15 @@ TEST(Device, CudaWithoutCudaBuildIsAClearError) {
   std::vector<double> h(32 * 32, 0.0);
   EXPECT_THROW(backend::cuda_hadamard_rows(quant::Rotation::make(32, 16, 1), h.data(), 1, false), Error);
   EXPECT_THROW(backend::cuda_rotate_hessian(quant::Rotation::make(32, 16, 1), h), Error);
+  try {
+    backend::GpuHessian h(32);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--device cuda: this calq was built without CUDA"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_THROW(backend::cuda_power_sums(nullptr, 0, 4, nullptr, nullptr), Error);
+  EXPECT_FALSE(backend::cuda_memory_stats().used);
 }
 
 }  // namespace

@@ -46,7 +46,8 @@ Command add_quantize(CLI::App& app) {
   auto* sub = app.add_subcommand("quantize", "Quantize a model's linear weights and write a calq directory");
   struct Args {
     std::string input, output, method = "rtn", format = "int4", preset, on_indivisible = "error",
-                                   shard = "5GB", device = "cpu", forward_device, devices, forward_precision;
+                                   shard = "5GB", device = "cpu", forward_device, devices, forward_precision,
+                                   hessian_precision = "fp32";
     int group = 0;
     bool asym = false, sym = false, clip = false, validate = false, overwrite = false, dry = false;
     int clip_grid = 20;
@@ -106,6 +107,11 @@ Command add_quantize(CLI::App& app) {
                   "terms on the tensor cores with fp32 accumulation: several times faster on large models; "
                   "dequantized weights of finished layers are rounded to bf16). docs/cuda.md")
       ->check(CLI::IsMember({"fp32", "bf16"}));
+  sub->add_option("--hessian-precision", a->hessian_precision,
+                  "Input precision of the Hessians' block products on the GPU (gptq, mr-gptq with --device cuda "
+                  "and the forward passes on the GPU): fp32 (default; the CPU's arithmetic), tf32 or bf16 (tensor "
+                  "cores, fp32 accumulation per block, fp64 sum; faster, less exact: docs/cuda.md)")
+      ->capture_default_str();
   sub->add_option("-f,--format", a->format,
                   "Element format: int2, int3, int4, int8, fp4 (E2M1 + fp16 group scales), nvfp4 "
                   "(E2M1, g16, E4M3 scales, fp32 tensor scale), mxfp4 (E2M1, g32, E8M0 scales), nf4, "
@@ -258,6 +264,21 @@ Command add_quantize(CLI::App& app) {
     const bool on_cuda = backend::parse_device(a->device) == backend::Device::Cuda;
     CALQ_CHECK(!(on_cuda && a->method == "rtn"),
                "--device cuda applies to --method gptq and mr-gptq; --method rtn runs on the CPU (drop --device)");
+    {
+      // --hessian-precision: parsed (naming the option), then only where Hessians are on the GPU.
+      const auto hp = backend::parse_hessian_precision(a->hessian_precision, "--hessian-precision");
+      CALQ_CHECK(sub->count("--hessian-precision") == 0 || a->method == "gptq" || a->method == "mr-gptq",
+                 "--hessian-precision applies to --method gptq and mr-gptq");
+      if (hp != backend::HessianPrecision::F32) {
+        CALQ_CHECK(on_cuda, "--hessian-precision {}: Hessians accumulate on the GPU only with --device cuda; with "
+                            "--device cpu they are fp32 (drop --hessian-precision)",
+                   a->hessian_precision);
+        CALQ_CHECK(a->forward_device != "cpu",
+                   "--hessian-precision {}: with --forward-device cpu the Hessians accumulate on the host in fp32 "
+                   "(drop --forward-device cpu or --hessian-precision)",
+                   a->hessian_precision);
+      }
+    }
     if (on_cuda) log_info("--device cuda: {}", backend::cuda_require("--device cuda"));
     const bool forward_cuda =
         a->forward_device.empty() ? on_cuda : backend::parse_device(a->forward_device, "--forward-device") == backend::Device::Cuda;
@@ -386,6 +407,7 @@ Command add_quantize(CLI::App& app) {
         if (!a->forward_precision.empty())
           g.forward_precision = engine::parse_precision(a->forward_precision, "--forward-precision");
         g.devices = devices;
+        g.hessian_precision = backend::parse_hessian_precision(a->hessian_precision, "--hessian-precision");
         g.true_sequential = !a->no_true_sequential;
         g.quantized_inputs = !a->unquantized_inputs;
         using Moe = pipeline::MoeCalibOptions;
@@ -425,7 +447,8 @@ Command add_quantize(CLI::App& app) {
                             {"forward_device", forward_cuda ? "cuda" : "cpu"},
                             {"forward_precision", !forward_cuda                                          ? "fp32"
                                                   : g.forward_precision == engine::Precision::BF16 ? "bf16"
-                                                                                                     : "fp32"}};
+                                                                                                     : "fp32"},
+                            {"hessian_precision", a->hessian_precision}};
         identity["moe"] = {{"calibration", a->moe_calibration},
                            {"hessian", a->moe_hessian},
                            {"token_weight", a->moe_token_weight},

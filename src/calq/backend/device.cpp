@@ -10,6 +10,22 @@ Device parse_device(std::string_view name, std::string_view option) {
   fail("{} must be cpu or cuda, got '{}'", option, name);
 }
 
+HessianPrecision parse_hessian_precision(std::string_view name, std::string_view option) {
+  if (name == "fp32") return HessianPrecision::F32;
+  if (name == "tf32") return HessianPrecision::TF32;
+  if (name == "bf16") return HessianPrecision::BF16;
+  fail("{} must be fp32, tf32 or bf16, got '{}'", option, name);
+}
+
+const char* hessian_precision_name(HessianPrecision p) {
+  switch (p) {
+    case HessianPrecision::F32: return "fp32";
+    case HessianPrecision::TF32: return "tf32";
+    case HessianPrecision::BF16: return "bf16";
+  }
+  return "?";
+}
+
 #ifndef CALQ_HAVE_CUDA
 // This build has no CUDA backend (CMake found no CUDA compiler, or CALQ_CUDA=OFF).
 
@@ -43,6 +59,25 @@ void cuda_hadamard_rows(const quant::Rotation&, float*, int64_t, bool) { no_cuda
 void cuda_hadamard_rows(const quant::Rotation&, double*, int64_t, bool) { no_cuda("--device cuda"); }
 void cuda_rotate_hessian(const quant::Rotation&, std::vector<double>&) { no_cuda("--device cuda"); }
 bool cuda_hadamard_supported(const quant::Rotation&) { return false; }
+
+struct GpuHessian::Impl {};
+GpuHessian::GpuHessian(int64_t, HessianPrecision, int64_t) { no_cuda("--device cuda"); }
+GpuHessian::GpuHessian(GpuHessian&&) noexcept = default;
+GpuHessian& GpuHessian::operator=(GpuHessian&&) noexcept = default;
+GpuHessian::~GpuHessian() = default;
+// An object cannot exist without CUDA (the constructor throws); these only satisfy the linker.
+void GpuHessian::add(const float*, int64_t, const uint8_t*, const float*, void*) { no_cuda("--device cuda"); }
+void GpuHessian::add_host(const float*, int64_t, const uint8_t*, const float*) { no_cuda("--device cuda"); }
+int64_t GpuHessian::features() const { no_cuda("--device cuda"); }
+int64_t GpuHessian::tokens() const { no_cuda("--device cuda"); }
+double GpuHessian::weight() const { no_cuda("--device cuda"); }
+HessianPrecision GpuHessian::precision() const { no_cuda("--device cuda"); }
+std::vector<double> GpuHessian::hessian() const { no_cuda("--device cuda"); }
+double GpuHessian::gpu_seconds() const { no_cuda("--device cuda"); }
+
+PowerSums cuda_power_sums(const float*, int64_t, int64_t, const uint8_t*, void*) { no_cuda("--device cuda"); }
+
+GpuMemoryStats cuda_memory_stats() { return {}; }
 #endif
 
 }  // namespace calq::backend

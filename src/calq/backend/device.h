@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -73,5 +74,69 @@ void cuda_hadamard_rows(const quant::Rotation& r, double* x, int64_t rows, bool 
 void cuda_rotate_hessian(const quant::Rotation& r, std::vector<double>& h);
 // Whether cuda_rotate_hessian / the fp32 and fp64 cuda_hadamard_rows take this rotation.
 bool cuda_hadamard_supported(const quant::Rotation& r);
+
+// Input precision of GpuHessian's block products: F32 = cublasSsyrk in fp32 (the CPU
+// HessianAccumulator's arithmetic), TF32 = fp32 inputs rounded to TF32 on the tensor cores, BF16
+// = inputs rounded to bf16; every block product accumulates in fp32 and is added into an fp64 sum.
+enum class HessianPrecision { F32, TF32, BF16 };
+// "fp32" | "tf32" | "bf16"; anything else throws calq::Error naming `option` and the value.
+HessianPrecision parse_hessian_precision(std::string_view name, std::string_view option = "--hessian-precision");
+const char* hessian_precision_name(HessianPrecision p);
+
+// quant::HessianAccumulator on GPU 0: Σ xᵀx of a linear module's input rows in fp64 on the
+// device, from block products of at most `block` rows (the rows are gathered into a device
+// buffer, padding rows left out, so the blocks are the CPU's), and hessian() = Σ / weight() as a
+// full symmetric host matrix, the CPU accumulator's contract. Without CUDA the constructor throws
+// the "built without CUDA" error. Not thread-safe per object; objects share one stream and one
+// cuBLAS handle (guarded by a lock).
+class GpuHessian {
+ public:
+  explicit GpuHessian(int64_t features, HessianPrecision precision = HessianPrecision::F32, int64_t block = 512);
+  GpuHessian(GpuHessian&&) noexcept;
+  GpuHessian& operator=(GpuHessian&&) noexcept;
+  ~GpuHessian();
+  // x_device: rows × features fp32 row-major on GPU 0. mask (host, rows bytes; null: every row):
+  // rows with mask 0 are left out. weight (host, rows floats; null: unweighted): row r counts as
+  // x·weight[r] (its square in the sum, as HessianAccumulator::add_weighted; finite and >= 0).
+  // stream (a cudaStream_t; null: none): x is valid in stream order — the reads are ordered
+  // after the work already on it, and later work on it waits for them; with null, x must be
+  // ready and add returns after reading it.
+  void add(const float* x_device, int64_t rows, const uint8_t* mask = nullptr, const float* weight = nullptr,
+           void* stream = nullptr);
+  // The same for rows in host memory.
+  void add_host(const float* x, int64_t rows, const uint8_t* mask = nullptr, const float* weight = nullptr);
+  int64_t features() const;
+  int64_t tokens() const;
+  double weight() const;  // Σ w² (tokens() when no weights were given)
+  HessianPrecision precision() const;
+  // Σ / weight() (full symmetric, row-major, fp64) on the host; zero matrix when nothing was added.
+  std::vector<double> hessian() const;
+  // GPU time of the accumulation so far (seconds, CUDA events around each add's gathers and products).
+  double gpu_seconds() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Power sums Σx, Σx², Σx³, Σx⁴ (fp64) over every element of the rows of x_device (rows × cols fp32
+// on GPU 0, valid in `stream` order as for GpuHessian::add) whose host mask is non-zero, and the
+// element count: the GPU twin of pipeline::MomentAccumulator::add (MR-GPTQ's kurtosis).
+struct PowerSums {
+  double s1 = 0, s2 = 0, s3 = 0, s4 = 0;
+  int64_t n = 0;
+};
+PowerSums cuda_power_sums(const float* x_device, int64_t rows, int64_t cols, const uint8_t* mask, void* stream);
+
+// calq's own device memory (every allocation of the CUDA backend is counted): the high-water mark
+// and the current bytes, and the largest total − free of cudaMemGetInfo sampled at each
+// allocation (the whole device: CUDA context, cuBLAS workspaces and other processes included).
+// `used` is false when calq allocated nothing on the GPU (and always without CUDA).
+struct GpuMemoryStats {
+  bool used = false;
+  std::string device;
+  int64_t peak_bytes = 0, current_bytes = 0, total_bytes = 0, measured_peak_used_bytes = 0, allocations = 0;
+};
+GpuMemoryStats cuda_memory_stats();
 
 }  // namespace calq::backend

@@ -47,8 +47,14 @@ struct Activations {
 struct LinearInput {
   std::vector<std::string> modules;  // HF module paths, e.g. model.layers.3.self_attn.q_proj
   int64_t layer = 0;
-  const float* x = nullptr;          // [rows, cols] row-major
+  const float* x = nullptr;          // [rows, cols] row-major, host memory (null when x_device is set)
   int64_t rows = 0, cols = 0;
+  // Observer::device_input() with the GPU engine: x is null and x_device is the input on GPU 0
+  // ([rows, cols] row-major fp32), valid in the order of `stream` (a cudaStream_t): work the
+  // observer puts on that stream, or orders after it with an event, sees x written, and the engine
+  // overwrites x only after such work (backend::GpuHessian::add takes both). `real` stays on the host.
+  const float* x_device = nullptr;
+  void* stream = nullptr;
   const uint8_t* real = nullptr;     // [rows]: 1 for real tokens, 0 for padding
   // MoE expert modules only (expert >= 0): the rows of x are the tokens routed to this expert;
   // token_rows[i] is the Activations row of x's row i and routing_weight[i] its weight.
@@ -81,6 +87,10 @@ class Observer {
   // (LinearInput::routed false, token_rows null, real marks padding); the layer's output still
   // comes from the router's choice alone.
   virtual bool all_tokens(int64_t layer, int64_t expert) const { return false; }
+  // true: the observer takes inputs on the device (LinearInput::x_device) where the engine has
+  // them there (the GPU engine, for inputs without an input transform); otherwise, and always on
+  // the CPU engine, it gets host inputs (LinearInput::x). false (default): host inputs only.
+  virtual bool device_input() const { return false; }
 };
 
 // Applied in place to a copy of a module's input [rows, cols] before its matmul (the slot for

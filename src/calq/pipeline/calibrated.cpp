@@ -60,9 +60,53 @@ std::vector<engine::Activations> embed_chunks(const engine::Model& m, const data
 struct FnObserver : engine::Observer {
   std::function<void(const engine::LinearInput&)> fn;
   std::function<bool(int64_t, int64_t)> all;  // engine::Observer::all_tokens (null: never)
+  bool device = false;                        // engine::Observer::device_input
   void on_linear_input(const engine::LinearInput& in) override { fn(in); }
   bool all_tokens(int64_t layer, int64_t expert) const override { return all && all(layer, expert); }
+  bool device_input() const override { return device; }
 };
+
+// The Hessian of one shared input: a quant::HessianAccumulator fed with host inputs, or a
+// backend::GpuHessian fed with the GPU engine's device inputs (same contract).
+class InputHessian {
+ public:
+  explicit InputHessian(backend::HessianPrecision p) : prec_(p) {}
+  // weight: null, or the rows' token weights (HessianAccumulator::add_weighted).
+  void add(const engine::LinearInput& in, const uint8_t* mask, const float* weight) {
+    if (in.x_device) {
+      CALQ_CHECK(!host_, "{}: host and device inputs for one Hessian", in.modules.front());
+      if (!gpu_) gpu_.emplace(in.cols, prec_);
+      gpu_->add(in.x_device, in.rows, mask, weight, in.stream);
+      return;
+    }
+    CALQ_CHECK(!gpu_, "{}: host and device inputs for one Hessian", in.modules.front());
+    if (!host_) host_.emplace(in.cols);
+    if (weight) host_->add_weighted(in.x, in.rows, mask, weight);
+    else host_->add(in.x, in.rows, mask);
+  }
+  int64_t tokens() const { return gpu_ ? gpu_->tokens() : host_ ? host_->tokens() : 0; }
+  std::vector<double> hessian() const {
+    if (gpu_) return gpu_->hessian();
+    CALQ_CHECK(host_.has_value(), "a Hessian without inputs");
+    return host_->hessian();
+  }
+  double gpu_seconds() const { return gpu_ ? gpu_->gpu_seconds() : 0.0; }
+
+ private:
+  backend::HessianPrecision prec_;
+  std::optional<quant::HessianAccumulator> host_;
+  std::optional<backend::GpuHessian> gpu_;
+};
+
+// MR-GPTQ's input moments from a host or a device input.
+void add_moments(MomentAccumulator& m, const engine::LinearInput& in, const uint8_t* mask) {
+  if (in.x_device) {
+    const auto p = backend::cuda_power_sums(in.x_device, in.rows, in.cols, mask, in.stream);
+    m.add_sums(p.s1, p.s2, p.s3, p.s4, p.n);
+  } else {
+    m.add(in.x, in.rows, in.cols, mask);
+  }
+}
 
 // Row mask of the real tokens of an observed input (expert inputs only hold routed real tokens).
 std::vector<uint8_t> real_mask(const engine::LinearInput& in) {
@@ -410,6 +454,22 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
   // GPU forward pass, the Hessians) works on the first.
   const std::vector<int> devices = opt.devices.empty() ? std::vector<int>{opt.gptq.device} : opt.devices;
   backend::CudaDeviceScope main_device(opt.gptq.cuda || eo.device == backend::Device::Cuda ? devices.front() : -1);
+  // Hessians on the GPU from the engine's device inputs (no host copies), unless
+  // CALQ_CUDA_HOST_HESSIANS=1 asks for the host accumulator (comparisons, debugging).
+  const char* host_h_env = std::getenv("CALQ_CUDA_HOST_HESSIANS");
+  const bool host_h = host_h_env && *host_h_env && std::string(host_h_env) != "0";
+  // (MoE models: the expert feeds' routed rows and weights are accumulated on the host.)
+  const bool device_h = eo.device == backend::Device::Cuda && !host_h && !io::load_config(model_dir).is_moe();
+  const backend::HessianPrecision hprec = opt.hessian_precision;
+  CALQ_CHECK(device_h || hprec == backend::HessianPrecision::F32,
+             "--hessian-precision {}: the Hessians accumulate on the host here (fp32 only); {} applies when the "
+             "calibration forward passes run on the GPU (--device cuda with a dense model, --forward-device cuda)",
+             backend::hessian_precision_name(hprec), backend::hessian_precision_name(hprec));
+  if (device_h) log_info("Hessians on the GPU ({} block products)", backend::hessian_precision_name(hprec));
+  // Where the time went (this run's layers; calq_report.json gptq.stages).
+  struct {
+    double probe = 0, observe = 0, accumulate = 0, accumulate_gpu = 0, finalize = 0, quantize = 0;
+  } tm;
   auto m = engine::Model::load(model_dir, eo);
   std::map<std::string, const TensorPlan*> by_module;
   for (auto& p : plan)
@@ -435,13 +495,16 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
     {
       std::set<std::string> seen;
       FnObserver rec;
+      rec.device = device_h;  // the probe reads only the module names: no copies
       rec.fn = [&](const engine::LinearInput& in) {
         std::vector<std::string> g;
         for (auto& mod : in.modules)
           if (by_module.count(mod)) g.push_back(mod);
         if (!g.empty() && seen.insert(g.front()).second) groups.push_back(g);
       };
+      const double tp = now_s();
       ctx.observe_first(l, rec);
+      tm.probe += now_s() - tp;
     }
     // Planned modules of this layer that the probe chunk did not reach (MoE experts none of its
     // tokens was routed to) get their groups from the shared-input rule: gate/up (w1/w3) of an
@@ -558,7 +621,7 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
       }
       for (const auto& batch : batches) {
         if (batch.empty()) continue;
-        std::map<std::string, quant::HessianAccumulator> acc, every;  // statistics: routed (or pooled) / every token
+        std::map<std::string, InputHessian> acc, every;  // statistics: routed (or pooled) / every token
         std::map<std::string, MomentAccumulator> moments, moments_every;  // MR-GPTQ: input kurtosis
         std::map<std::string, int64_t> routed;                            // expert key -> routed real tokens
         std::set<std::string> wanted;
@@ -571,6 +634,7 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
         std::set<std::string> every_keys;  // keys whose every-token feed this pass collects
         bool first_pass = true;
         FnObserver obs;
+        obs.device = device_h;
         obs.all = [&](int64_t layer, int64_t e) {
           if (layer != l) return false;
           if (first_pass) return all_experts && batch_experts.count(e) > 0;
@@ -583,20 +647,22 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
           for (auto& mod : in.modules)
             if (by_module.count(mod)) { key = mod; break; }
           if (key.empty() || !wanted.count(key)) return;
+          const double ta = now_s();
+          struct Timer {
+            double t0;
+            double& sum;
+            ~Timer() { sum += now_s() - t0; }
+          } timer{ta, tm.accumulate};
           auto mask = real_mask(in);
           const bool is_expert = in.expert >= 0;
           if (is_expert && !in.routed) {
             if (first_pass) {  // all-experts: the every-token feed is the statistic
               const std::string k = shared ? stage_of(key) : key;
-              auto it = acc.find(k);
-              if (it == acc.end()) it = acc.emplace(k, quant::HessianAccumulator(in.cols)).first;
-              it->second.add(in.x, in.rows, mask.data());
-              if (opt.mr.enabled) moments[k].add(in.x, in.rows, in.cols, mask.data());
+              acc.try_emplace(k, hprec).first->second.add(in, mask.data(), nullptr);
+              if (opt.mr.enabled) add_moments(moments[k], in, mask.data());
             } else if (every_keys.count(key)) {  // blend pass
-              auto it = every.find(key);
-              if (it == every.end()) it = every.emplace(key, quant::HessianAccumulator(in.cols)).first;
-              it->second.add(in.x, in.rows, mask.data());
-              if (opt.mr.enabled) moments_every[key].add(in.x, in.rows, in.cols, mask.data());
+              every.try_emplace(key, hprec).first->second.add(in, mask.data(), nullptr);
+              if (opt.mr.enabled) add_moments(moments_every[key], in, mask.data());
             }
             return;
           }
@@ -608,15 +674,13 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
             if (all_experts) return;  // counted only: the every-token feed gave the statistics
           }
           const std::string k = is_expert && shared ? stage_of(key) : key;
-          auto it = acc.find(k);
-          if (it == acc.end()) it = acc.emplace(k, quant::HessianAccumulator(in.cols)).first;
-          if (is_expert && weighted && in.routing_weight)
-            it->second.add_weighted(in.x, in.rows, mask.data(), in.routing_weight);
-          else
-            it->second.add(in.x, in.rows, mask.data());
-          if (opt.mr.enabled) moments[k].add(in.x, in.rows, in.cols, mask.data());
+          const bool use_weight = is_expert && weighted && in.routing_weight;
+          acc.try_emplace(k, hprec).first->second.add(in, mask.data(), use_weight ? in.routing_weight : nullptr);
+          if (opt.mr.enabled) add_moments(moments[k], in, mask.data());
         };
+        double to = now_s();
         ctx.observe(l, obs);
+        tm.observe += now_s() - to;
         // Pass 2 (routed per-expert statistics only): experts below --moe-min-tokens also get
         // every token for a Hessian to blend with.
         std::map<std::string, int64_t> blend_n;  // key -> N of the blend
@@ -634,8 +698,11 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
           }
         if (!every_keys.empty()) {
           first_pass = false;
+          to = now_s();
           ctx.observe(l, obs);
+          tm.observe += now_s() - to;
         }
+
         // Shared Hessians, computed once per input position.
         std::map<std::string, std::vector<double>> shared_h;
         if (shared)
@@ -683,12 +750,15 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
             }
             continue;
           }
+          const double th = now_s();
           auto mit = moments.find(mods.front());
           for (size_t i = 0; i < mods.size(); ++i) module_jobs.push_back({dense.size(), i});
           dense.push_back({g, tokens, it->second.hessian(), mit == moments.end() ? nullptr : &mit->second,
                            std::vector<ModuleQuantResult>(mods.size())});
+          tm.finalize += now_s() - th;
         }
         {
+          const double tq = now_s();
           const int workers = opt.gptq.cuda ? std::min<int>(static_cast<int>(devices.size()),
                                                             static_cast<int>(module_jobs.size()))
                                             : 1;
@@ -706,6 +776,7 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
           }
           for (auto& e : errors)
             if (e) std::rethrow_exception(e);
+          tm.quantize += now_s() - tq;
           for (auto& dg : dense) finish_group(groups[dg.g], std::move(dg.rs), dg.tokens, json::object());
         }
         // Expert groups: independent given the router, quantized in parallel (each GPTQ single-
@@ -717,6 +788,7 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
             1, std::min<int>(opt.gptq.cuda ? static_cast<int>(devices.size())
                                            : (mo.threads > 0 ? mo.threads : omp_get_max_threads()),
                              static_cast<int>(jobs.size())));
+        const double tj = now_s();
         const int blas_threads = openblas_get_num_threads();
         if (threads > 1) openblas_set_num_threads(1);
         std::vector<std::exception_ptr> errors(jobs.size());
@@ -767,6 +839,7 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
           }
         }
         if (threads > 1) openblas_set_num_threads(blas_threads);
+        tm.quantize += now_s() - tj;  // expert groups: their Hessians' finalization included
         for (auto& e : errors)
           if (e) std::rethrow_exception(e);
         for (size_t j = 0; j < jobs.size(); ++j) {
@@ -778,6 +851,8 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
                      mods.front(), tokens, extras[j]["blend_min_tokens"].get<int64_t>());
           finish_group(mods, std::move(results[j]), tokens, extras[j]);
         }
+        for (const auto* mp : {&acc, &every})
+          for (const auto& [k, h] : *mp) tm.accumulate_gpu += h.gpu_seconds();
       }
       for (auto& [mod, w] : pending) m.set_weight(mod, std::move(w));
       pending.clear();
@@ -813,6 +888,23 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
     for (auto& r : wd->layer_report(l)) modules.push_back(r);
   for (auto& [mod, p] : by_module)
     if (!res.weight(*p)) log_warn("{}: no calibration input reaches it; quantized with RTN", mod);
+  const double total = now_s() - t0;
+  // Stage times: this run's wall-clock parts of the layer function, the rest (model load,
+  // embedding, each layer's output pass, activation store, checkpoints), and the per-module GPU
+  // GPTQ stages summed (quant::GptqStageTimes; every module of the report, resumed layers too).
+  json stages = {{"calibration_forward", tm.probe + tm.observe},
+                 {"hessian_accumulate", tm.accumulate},
+                 {"hessian_accumulate_gpu", tm.accumulate_gpu},
+                 {"hessian_finalize", tm.finalize},
+                 {"quantize", tm.quantize},
+                 {"other", total - tm.probe - tm.observe - tm.finalize - tm.quantize}};
+  {
+    json gpu = json::object();
+    for (const auto& r : modules)
+      if (r.contains("stages"))
+        for (const auto& [k, v] : r["stages"].items()) gpu[k] = gpu.value(k, 0.0) + v.get<double>();
+    if (!gpu.empty()) stages["gptq_cuda"] = gpu;
+  }
   report["gptq"] = {{"damp", opt.gptq.damp},
                     {"block_size", opt.gptq.block_size},
                     {"act_order", opt.gptq.act_order},
@@ -821,11 +913,29 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
                     {"quantized_inputs", opt.quantized_inputs},
                     {"device", opt.gptq.cuda ? "cuda" : "cpu"},
                     {"devices", opt.gptq.cuda ? json(devices) : json::array()},
-                    {"forward_device", opt.forward_cuda ? "cuda" : "cpu"},
+                    {"forward_device", eo.device == backend::Device::Cuda ? "cuda" : "cpu"},
                     {"forward_precision",
-                     opt.forward_cuda && opt.forward_precision == engine::Precision::BF16 ? "bf16" : "fp32"},
-                    {"seconds", now_s() - t0},
+                     eo.device == backend::Device::Cuda && opt.forward_precision == engine::Precision::BF16 ? "bf16"
+                                                                                                          : "fp32"},
+                    {"hessian_device", device_h ? "cuda" : "cpu"},
+                    {"hessian_precision", backend::hessian_precision_name(hprec)},
+                    {"seconds", total},
+                    {"stages", stages},
                     {"modules", modules}};
+  log_info("gptq stages: forward {:.2f} s, Hessian accumulation {:.2f} s ({:.2f} s GPU), Hessian finalization {:.2f} "
+           "s, quantization {:.2f} s, other {:.2f} s",
+           stages["calibration_forward"].get<double>(), tm.accumulate, tm.accumulate_gpu, tm.finalize, tm.quantize,
+           stages["other"].get<double>());
+  if (const auto g = backend::cuda_memory_stats(); g.used) {
+    report["gpu"] = {{"device", g.device},
+                     {"peak_bytes", g.peak_bytes},
+                     {"measured_peak_used_bytes", g.measured_peak_used_bytes},
+                     {"total_bytes", g.total_bytes},
+                     {"allocations", g.allocations}};
+    log_info("GPU memory: peak {} held by calq ({} used on the device at most, of {}; {})",
+             format_bytes(static_cast<double>(g.peak_bytes)), format_bytes(static_cast<double>(g.measured_peak_used_bytes)),
+             format_bytes(static_cast<double>(g.total_bytes)), g.device);
+  }
   report["storage"] = {{"work_dir", fs::absolute(opt.storage.work_dir).string()},
                        {"max_memory", opt.storage.max_memory},
                        {"layerwise", opt.storage.layerwise},

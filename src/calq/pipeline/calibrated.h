@@ -123,6 +123,10 @@ struct GptqPipelineOptions {
   // With gptq.cuda: the GPUs that quantize modules, one worker per entry (an ordinal may repeat);
   // the forward pass and the Hessians run on the first. Empty: {gptq.device}. --devices.
   std::vector<int> devices;
+  // With forward_cuda on a dense model, the Hessians accumulate on the GPU from the engine's
+  // device inputs (backend::GpuHessian) with this input precision (--hessian-precision); the
+  // environment variable CALQ_CUDA_HOST_HESSIANS=1 makes them host-side as before (fp32 only).
+  backend::HessianPrecision hessian_precision = backend::HessianPrecision::F32;
 };
 // Runs calibration + GPTQ (or MR-GPTQ) for `plan`, layer by layer with a checkpoint after each, and returns the
 // quantized weights (from the work directory), with a report (per module: proxy loss, seconds,

@@ -8,6 +8,14 @@
 
 namespace calq::pipeline {
 
+namespace {
+// The CUDA GPTQ stage times of a module (quant::GptqStageTimes), for calq_report.json.
+nlohmann::json stage_json(const quant::GptqStageTimes& t) {
+  return {{"prepare", t.prepare}, {"setup", t.setup},         {"factor", t.factor},
+          {"block_loop", t.block_loop}, {"lazy_gemm", t.lazy_gemm}, {"download", t.download}};
+}
+}  // namespace
+
 void MomentAccumulator::add(const float* x, int64_t rows, int64_t cols, const uint8_t* mask) {
   double a1 = 0, a2 = 0, a3 = 0, a4 = 0;
   int64_t n = 0;
@@ -84,6 +92,7 @@ ModuleQuantResult ModuleQuantizer::quantize(engine::Model& m, const TensorPlan& 
     out.w_hat = r.q.dequantize();
     out.report = {{"proxy_loss", r.proxy_loss}, {"seconds", r.seconds}, {"damp", r.damp_used},
                   {"dead_inputs", r.dead_inputs}};
+    if (go.cuda) out.report["stages"] = stage_json(r.stages);
     out.q = std::move(r.q);
     return out;
   }
@@ -134,6 +143,7 @@ ModuleQuantResult ModuleQuantizer::quantize(engine::Model& m, const TensorPlan& 
   out.report = {{"proxy_loss", r.gptq.proxy_loss}, {"seconds", r.gptq.seconds}, {"damp", r.gptq.damp_used},
                 {"dead_inputs", r.gptq.dead_inputs}};
   out.report.update(extra);
+  if (mo.gptq.cuda) out.report["stages"] = stage_json(r.gptq.stages);
   if (r.rotation) out.report["rotation"] = r.rotation->describe();
   out.q = std::move(r.gptq.q);
   out.rotation = std::move(r.rotation);

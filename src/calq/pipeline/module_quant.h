@@ -24,6 +24,14 @@ namespace calq::pipeline {
 class MomentAccumulator {
  public:
   void add(const float* x, int64_t rows, int64_t cols, const uint8_t* mask);
+  // Power sums computed elsewhere (backend::cuda_power_sums) over n elements.
+  void add_sums(double s1, double s2, double s3, double s4, int64_t n) {
+    s1_ += s1;
+    s2_ += s2;
+    s3_ += s3;
+    s4_ += s4;
+    n_ += n;
+  }
   double kurtosis() const;  // 0 when nothing was seen or the variance is 0
   int64_t count() const { return n_; }
 

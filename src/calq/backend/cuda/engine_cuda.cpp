@@ -10,9 +10,10 @@
 // host, which groups the rows by expert → per expert, in expert order: gather of its rows, its
 // gate/up/down products, weighted scatter-add into the residual stream. Products are cuBLAS: fp32
 // (cublasSgemm, CUBLAS_DEFAULT_MATH: no TF32) or bf16 weights × the input split into two bf16
-// terms (hi + lo), fp32 accumulation (cublasGemmEx, CUBLAS_COMPUTE_32F). An observer gets a host copy of each linear
-// group's input (the fp32 input, before the bf16 split); an input transform runs on a host
-// copy, which is then uploaded and multiplied.
+// terms (hi + lo), fp32 accumulation (cublasGemmEx, CUBLAS_COMPUTE_32F). An observer gets each linear
+// group's input (the fp32 input, before the bf16 split) on the device when it takes device
+// inputs (Observer::device_input), else a host copy; an input transform runs on a host copy,
+// which is then uploaded and multiplied.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -23,6 +24,7 @@
 #include <utility>
 
 #include "calq/backend/cuda/engine_kernels.h"
+#include "calq/backend/cuda/memory.h"
 #include "calq/backend/device.h"
 #include "calq/core/dtype.h"
 #include "calq/core/error.h"
@@ -68,7 +70,7 @@ class DevMem {
   }
   ~DevMem() { reset(); }
   void reset() {
-    if (p_) cudaFree(p_);
+    k::tracked_free(p_, bytes_);
     p_ = nullptr;
     bytes_ = 0;
   }
@@ -78,7 +80,7 @@ class DevMem {
     if (bytes <= bytes_ && p_) return;
     reset();
     const size_t f = free_bytes();
-    if (bytes > f || cudaMalloc(&p_, std::max<size_t>(bytes, 1)) != cudaSuccess) {
+    if (bytes > f || k::tracked_malloc(&p_, bytes) != cudaSuccess) {
       cudaGetLastError();
       p_ = nullptr;
       fail("--device cuda: out of GPU memory: {} needs {} bytes, {} bytes are free on GPU 0; {}", what, bytes,
@@ -463,17 +465,7 @@ class CudaForward final : public Forward {
       check_cuda(cudaStreamSynchronize(stream_), "head rows");  // rows (host memory) may go away
     }
     check_launch("final norm");
-    if (obs) {
-      const auto x = to_host(xn_.as<float>(), M * H);
-      LinearInput in;
-      in.modules = {"lm_head"};
-      in.layer = cfg_.num_hidden_layers;
-      in.x = x.data();
-      in.rows = M;
-      in.cols = H;
-      in.real = real.data();
-      obs->on_linear_input(in);
-    }
+    if (obs) observe(obs, {"lm_head"}, cfg_.num_hidden_layers, xn_.as<float>(), M, H, real.data());
     logits_.ensure(static_cast<size_t>(M * V) * sizeof(float), "the logits", kActHint);
     gemm(head_, xn_.as<float>(), M, logits_.as<float>());
     if (check_nan_ && nonfinite(logits_.as<float>(), M * V)) fail("engine: non-finite logits (final norm / lm head)");
@@ -603,6 +595,27 @@ class CudaForward final : public Forward {
     return it->second;
   }
 
+  // Hands the device input x [rows, cols] of `modules` to the observer: in place on the device
+  // when it takes device inputs (ordered on the engine's stream, no copy), else as a host copy.
+  void observe(Observer* obs, std::vector<std::string> modules, int64_t layer, const float* x, int64_t rows,
+               int64_t cols, const uint8_t* real) {
+    LinearInput in;
+    in.modules = std::move(modules);
+    in.layer = layer;
+    in.rows = rows;
+    in.cols = cols;
+    in.real = real;
+    std::vector<float> host;
+    if (obs->device_input()) {
+      in.x_device = x;
+      in.stream = stream_;
+    } else {
+      host = to_host(x, rows * cols);
+      in.x = host.data();
+    }
+    obs->on_linear_input(in);
+  }
+
   // Observes the shared input of `modules` and multiplies it with each (the CPU engine's
   // Impl::linears: modules with an input transform are observed and multiplied one by one).
   void linears(int64_t layer, const std::vector<std::string>& modules, const float* x, int64_t rows, int64_t cols,
@@ -623,10 +636,7 @@ class CudaForward final : public Forward {
       obs->on_linear_input(in);
     };
     if (!any_transform) {
-      if (obs) {
-        const auto host = to_host(x, rows * cols);
-        notify(modules, host.data());
-      }
+      if (obs) observe(obs, modules, layer, x, rows, cols, real_.data());
       for (size_t i = 0; i < modules.size(); ++i) gemm(linear(modules[i]), x, rows, outs[i]);
       return;
     }

@@ -27,6 +27,7 @@
 
 #include "calq/backend/cuda/gptq_kernel.h"
 #include "calq/backend/cuda/kernels.h"
+#include "calq/backend/cuda/memory.h"
 #include "calq/backend/device.h"
 #include "calq/core/error.h"
 #include "calq/core/log.h"
@@ -51,15 +52,18 @@ class DeviceBuffer {
   DeviceBuffer() = default;
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer() {
-    if (p_) cudaFree(p_);
-  }
+  ~DeviceBuffer() { cuda::tracked_free(p_, bytes_); }
   void reset() {
-    if (p_) cudaFree(p_);
+    cuda::tracked_free(p_, bytes_);
     p_ = nullptr;
+    bytes_ = 0;
   }
   void alloc(size_t bytes, const char* what) {
-    check_cuda(cudaMalloc(&p_, std::max<size_t>(bytes, 1)), what);
+    reset();
+    const cudaError_t e = cuda::tracked_malloc(&p_, bytes);
+    if (e != cudaSuccess) p_ = nullptr;
+    check_cuda(e, what);
+    bytes_ = bytes;
   }
   template <typename T>
   T* as() const {
@@ -68,6 +72,7 @@ class DeviceBuffer {
 
  private:
   void* p_ = nullptr;
+  size_t bytes_ = 0;
 };
 
 struct Handles {

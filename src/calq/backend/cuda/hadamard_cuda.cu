@@ -13,6 +13,7 @@
 #include <cmath>
 #include <vector>
 
+#include "calq/backend/cuda/memory.h"
 #include "calq/backend/device.h"
 #include "calq/core/error.h"
 
@@ -66,16 +67,17 @@ __global__ void transpose_square(const double* a, double* b, int64_t n) {
 template <typename T>
 class Buf {
  public:
-  explicit Buf(size_t count) {
-    check(cudaMalloc(&p_, std::max<size_t>(count * sizeof(T), 1)), "cudaMalloc(Hadamard)");
+  explicit Buf(size_t count) : bytes_(std::max<size_t>(count * sizeof(T), 1)) {
+    check(cuda::tracked_malloc(&p_, bytes_), "cudaMalloc(Hadamard)");
   }
   Buf(const Buf&) = delete;
   Buf& operator=(const Buf&) = delete;
-  ~Buf() { cudaFree(p_); }
+  ~Buf() { cuda::tracked_free(p_, bytes_); }
   T* get() const { return static_cast<T*>(p_); }
 
  private:
   void* p_ = nullptr;
+  size_t bytes_ = 0;
 };
 
 // One block lives in shared memory: 32 KiB at most (8192 fp32 or 4096 fp64 values).

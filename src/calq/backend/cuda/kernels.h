@@ -22,4 +22,19 @@ void launch_reversed_lower_to_upper(const double* b, double* u, int64_t n, cudaS
 // real CUDA error.
 void launch_invalid_for_test(cudaStream_t stream);
 
+// The Hessian accumulator's row gather (hessian_cuda.cpp): dst row i = x[idx[i]]·w[i] (w null:
+// x[idx[i]]; the product in fp32, as HessianAccumulator::add_weighted) for i < count, rows of n
+// values; dst as fp32, or as bf16 bits rounded to nearest even.
+void launch_gather_rows_f32(const float* x, const int64_t* idx, const float* w, float* dst, int64_t count, int64_t n,
+                            cudaStream_t stream);
+void launch_gather_rows_bf16(const float* x, const int64_t* idx, const float* w, uint16_t* dst, int64_t count,
+                             int64_t n, cudaStream_t stream);
+// a[j·n + i] = a[i·n + j] for j > i (the row-major upper triangle mirrored into the lower).
+void launch_mirror_upper(double* a, int64_t n, cudaStream_t stream);
+// Power sums of the rows idx[0..count) of x (rows of n values): partial[b·4 + p] = Σ x^(p+1) over
+// the elements thread block b visits (fp64), b < power_sum_blocks(); summed on the host in b order.
+int power_sum_blocks();
+void launch_power_sums(const float* x, const int64_t* idx, int64_t count, int64_t n, double* partial,
+                       cudaStream_t stream);
+
 }  // namespace calq::backend::cuda
