@@ -132,33 +132,43 @@ print(f"\nmodel: {model}: {L} layers (hidden {H}, q {q}, intermediate {I}, vocab
 if peak:
     print("GPU GEMM peak (torch matmul 8192^3, TFLOP/s): " + ", ".join(f"{k} {v:.1f}" for k, v in peak.items()))
 rs = ref["stages_s"] if ref else {}
-rows = []
-cs = {}
+cs, gst, gg = {}, {}, {}
 if rep:
     g = rep.get("gptq", {})
-    mods = sum(m.get("seconds", 0.0) for m in g.get("modules", []))
-    cs = {"write": rep.get("seconds"), "gptq_modules": mods, "layer_loop": g.get("seconds")}
-    if cs["layer_loop"] is not None:
-        cs["forward+hessian"] = cs["layer_loop"] - mods
+    gst = g.get("stages") or {}
+    gg = gst.get("gptq_cuda") or {}
+    cs = {"write": rep.get("seconds"), "layer_loop": g.get("seconds")}
     if calq_wall is not None and cs["layer_loop"] is not None:
         cs["load+setup"] = calq_wall - cs["layer_loop"] - (cs["write"] or 0.0)
-    st = rep.get("stages") or {}
+    cs["forward"] = gst.get("calibration_forward")
+    cs["hessian_gpu"] = gst.get("hessian_accumulate_gpu")
+    cs["hessian"] = (gst.get("hessian_accumulate") or 0.0) + (gst.get("hessian_finalize") or 0.0) if gst else None
+    cs["quantize"] = gst.get("quantize")
+    cs["other"] = gst.get("other")
+    fact = sum(v for k, v in gg.items() if any(w in k for w in ("factor", "chol", "inverse", "damp")))
+    loop = sum(v for k, v in gg.items() if any(w in k for w in ("block", "lazy", "loop")))
+    cs["factorization"] = fact if gg else None
+    cs["gptq_loop"] = loop if gg else None
 print()
 print("| stage | reference (s) | calq --device cuda (s) |")
 print("|---|---:|---:|")
-print(f"| load checkpoint (+ calq: tokenization, setup) | {f(rs.get('load'))} | {f(cs.get('load+setup'))} |")
-print(f"| forward passes (reference: catch + 5 passes per layer; calq: GPU engine) | {f(rs.get('forward'))} | "
-      f"{f(cs.get('forward+hessian'))} (with the Hessians) |")
-print(f"| Hessian accumulation (reference: GPU fp32 matmul per module; calq: host) | {f(rs.get('hessian'))} | (in the row above) |")
-print(f"| factorization (Cholesky, inverse) | {f(rs.get('factorization'))} | {f(cs.get('gptq_modules'))} (whole per-module GPTQ) |")
-print(f"| GPTQ column loop + lazy updates | {f(rs.get('gptq_loop'))} | (in the row above) |")
-print(f"| layer moves host<->GPU | {f(rs.get('transfer'))} | — |")
+print(f"| load checkpoint (+ calq: tokenization, setup, weights to the GPU) | {f(rs.get('load'))} | {f(cs.get('load+setup'))} |")
+print(f"| forward passes (reference: catch + 5 passes per layer; calq: observation passes, wall) | {f(rs.get('forward'))} | "
+      f"{f(cs.get('forward'))} |")
+print(f"| Hessian accumulation (reference: GPU fp32 matmul per module; calq: host side + finalization; GPU time) | "
+      f"{f(rs.get('hessian'))} | {f(cs.get('hessian'))} ({f(cs.get('hessian_gpu'))} GPU) |")
+print(f"| GPTQ per module, wall (calq: host preparation, uploads, GPU work) | {f((rs.get('factorization') or 0) + (rs.get('gptq_loop') or 0) if rs else None)} | {f(cs.get('quantize'))} |")
+print(f"| of which factorization (Cholesky, inverse) | {f(rs.get('factorization'))} | {f(cs.get('factorization'))} |")
+print(f"| of which column loop + lazy updates | {f(rs.get('gptq_loop'))} | {f(cs.get('gptq_loop'))} |")
+print(f"| layer moves host<->GPU (reference) / output passes, checkpoints, other (calq) | {f(rs.get('transfer'))} | {f(cs.get('other'))} |")
 print(f"| writing | {f(rs.get('write'))} | {f(cs.get('write'))} |")
 print(f"| **end to end (process wall)** | **{f(ref_wall, 1)}** | **{f(calq_wall, 1)}** |")
 pm = None
 if rep and (rep.get("gpu") or {}).get("peak_bytes"):
     pm = rep["gpu"]["peak_bytes"] / 2**30
-    src = "calq_report gpu.peak_bytes"
+    src = "calq_report gpu.peak_bytes: calq's own allocations"
+    if rep["gpu"].get("measured_peak_used_bytes"):
+        src += f"; {rep['gpu']['measured_peak_used_bytes'] / 2**30:.2f} GiB used on the device at most"
 else:
     try:
         base = num("calq.mem_base")
@@ -172,8 +182,8 @@ ref_pr = ref["peak_gpu_reserved_bytes"] / 2**30 if ref else None
 print(f"| peak GPU memory (GiB) | {f(ref_pm)} allocated, {f(ref_pr)} reserved | {f(pm)} ({src}) |")
 if ref_wall and calq_wall:
     print(f"\nend to end: reference {ref_wall:.1f} s / calq {calq_wall:.1f} s = **{ref_wall / calq_wall:.2f}x** (bar: >= 5x)")
-if rep and rep.get("stages"):
-    print("calq_report stages: " + json.dumps(rep["stages"]))
+if gst:
+    print("calq_report gptq.stages: " + json.dumps(gst))
 if ref and rs.get("hessian"):
     ex = ref["hessian_flops"]
     print(f"reference Hessian GEMMs: {ex / 1e12:.1f} TFLOP executed (full square per module, q/k/v and gate/up each "
@@ -182,8 +192,15 @@ if ref and rs.get("hessian"):
           + f"; syrk-equivalent work per distinct input {syrk / 1e12:.1f} TFLOP -> {syrk / rs['hessian'] / 1e12:.1f} TFLOP/s")
     print(f"reference lazy-update GEMMs: {ref['update_flops'] / 1e12:.2f} TFLOP (fp32) inside the GPTQ loop stage "
           f"({rs.get('gptq_loop', 0):.2f} s, not timed alone)")
-if cs.get("forward+hessian"):
-    print(f"calq Hessians: {syrk / 1e12:.1f} TFLOP of syrk (host, fp32 OpenBLAS, fp64 sums) inside the "
-          f"forward+Hessian stage of {cs['forward+hessian']:.1f} s: >= {syrk / cs['forward+hessian'] / 1e12:.2f} TFLOP/s "
-          "(a lower bound: the stage includes the GPU forward passes and the inputs' download)")
+if cs.get("hessian_gpu"):
+    prec = (rep.get("gptq") or {}).get("hessian_precision", "fp32")
+    r = syrk / cs["hessian_gpu"] / 1e12
+    pk = (peak or {}).get("fp32" if prec == "fp32" else prec)
+    print(f"calq Hessian GEMMs ({prec} block products, fp64 sums): {syrk / 1e12:.1f} TFLOP of syrk in "
+          f"{cs['hessian_gpu']:.2f} s of GPU time = {r:.1f} TFLOP/s" + (f" ({100 * r / pk:.0f} % of the measured {prec} GEMM peak)" if pk else ""))
+if gg.get("gemm_flops") and gg.get("lazy_gemm"):
+    r = gg["gemm_flops"] / gg["lazy_gemm"] / 1e12
+    pk = (peak or {}).get("fp64")
+    print(f"calq lazy-update GEMMs (fp64): {gg['gemm_flops'] / 1e12:.2f} TFLOP in {gg['lazy_gemm']:.2f} s = {r:.1f} TFLOP/s"
+          + (f" ({100 * r / pk:.0f} % of the measured fp64 peak)" if pk else ""))
 PY

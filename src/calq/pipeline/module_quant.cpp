@@ -12,7 +12,8 @@ namespace {
 // The CUDA GPTQ stage times of a module (quant::GptqStageTimes), for calq_report.json.
 nlohmann::json stage_json(const quant::GptqStageTimes& t) {
   return {{"prepare", t.prepare}, {"setup", t.setup},         {"factor", t.factor},
-          {"block_loop", t.block_loop}, {"lazy_gemm", t.lazy_gemm}, {"download", t.download}};
+          {"block_loop", t.block_loop}, {"lazy_gemm", t.lazy_gemm}, {"download", t.download},
+          {"gemm_flops", t.gemm_flops}};
 }
 }  // namespace
 
