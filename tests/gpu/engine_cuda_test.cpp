@@ -719,7 +719,7 @@ TEST(GpuMoeQuantize, ForwardOnGpuGivesCpuCodes) {
   const std::string common = " --method gptq --format int4 --group-size 16 --calibration " + (tmp / "calib.txt").string() +
                              " --samples 16 --seq-len 64 --device cuda";
   for (const char* fwd : {"cuda", "cpu"}) {
-    const auto r = calq_test::run("CALQ_OFFLINE=1 " + std::string(CALQ_BIN) + " -q quantize -i " + m.string() + " -o " +
+    const auto r = calq_test::run("CALQ_OFFLINE=1 " + calq_test::calq_bin() + " -q quantize -i " + m.string() + " -o " +
                                   (tmp / fwd).string() + common + " --forward-device " + fwd);
     ASSERT_EQ(r.rc, 0) << r.output;
   }

@@ -598,13 +598,14 @@ class CudaForward final : public Forward {
   // Hands the device input x [rows, cols] of `modules` to the observer: in place on the device
   // when it takes device inputs (ordered on the engine's stream, no copy), else as a host copy.
   void observe(Observer* obs, std::vector<std::string> modules, int64_t layer, const float* x, int64_t rows,
-               int64_t cols, const uint8_t* real) {
+               int64_t cols, const uint8_t* real, const ExpertFeed* expert = nullptr) {
     LinearInput in;
     in.modules = std::move(modules);
     in.layer = layer;
     in.rows = rows;
     in.cols = cols;
     in.real = real;
+    describe_expert(in, expert);  // an expert's rows, weights and mask replace the batch's
     std::vector<float> host;
     if (obs->device_input()) {
       in.x_device = x;
@@ -636,7 +637,7 @@ class CudaForward final : public Forward {
       obs->on_linear_input(in);
     };
     if (!any_transform) {
-      if (obs) observe(obs, modules, layer, x, rows, cols, real_.data());
+      if (obs) observe(obs, modules, layer, x, rows, cols, real_.data(), expert);
       for (size_t i = 0; i < modules.size(); ++i) gemm(linear(modules[i]), x, rows, outs[i]);
       return;
     }
