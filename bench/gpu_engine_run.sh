@@ -9,14 +9,8 @@ set -u
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$here/out}
 mkdir -p "$out" "$here/x" "$here/w"
-tar -C "$here/x" -xJf "$here/bundle.tar.xz"
 [ -f "$here/data/wiki.test.raw.xz" ] && xz -dkf "$here/data/wiki.test.raw.xz"
-cuda_libs=/usr/local/cuda/lib64
-for d in /usr/local/lib/python3*/dist-packages/nvidia/cu13/lib /usr/local/lib/python3*/dist-packages/nvidia/*/lib; do
-  [ -d "$d" ] && cuda_libs="$cuda_libs:$d"
-done
-export LD_LIBRARY_PATH="$here/x/lib:$cuda_libs:${LD_LIBRARY_PATH:-}"
-export OMP_WAIT_POLICY=passive
+. "$here/gpu_env.sh"  # unpacks the bundle, LD_LIBRARY_PATH, SANITIZER
 calq=$here/x/bin/calq
 {
   date -u; nproc; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -29,7 +23,7 @@ timeout "${TEST_TIMEOUT:-100}" "$here/x/bin/engine_cuda_test" > "$out/engine_tes
 echo "tests rc=$?"
 grep -E "parity|FAILED|PASSED|SKIPPED|Failure|error" "$out/engine_tests.log" | head -80
 echo "== compute-sanitizer memcheck (subset)"
-cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2> /dev/null | head -1)
+cs=$SANITIZER
 if [ -n "$cs" ]; then
   timeout "${SAN_TIMEOUT:-60}" "$cs" --tool memcheck --error-exitcode 9 "$here/x/bin/engine_cuda_test" \
     --gtest_filter='Dense/GpuEngine.LogitsMatchCpu/qwen3_qknorm_*:Dense/GpuEngine.LogitsMatchCpu/gpt2_*:Dense/GpuEngine.LogitsMatchCpu/mistral_swa_bf16:GpuEngineWeights.*:GpuEngineErrors.*' \

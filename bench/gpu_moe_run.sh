@@ -10,13 +10,7 @@ set -u
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$here/out}
 mkdir -p "$out" "$here/x" "$here/w"
-tar -C "$here/x" -xJf "$here/bundle.tar.xz"
-cuda_libs=/usr/local/cuda/lib64
-for d in /usr/local/lib/python3*/dist-packages/nvidia/cu13/lib /usr/local/lib/python3*/dist-packages/nvidia/*/lib; do
-  [ -d "$d" ] && cuda_libs="$cuda_libs:$d"
-done
-export LD_LIBRARY_PATH="$here/x/lib:$cuda_libs:${LD_LIBRARY_PATH:-}"
-export OMP_WAIT_POLICY=passive
+. "$here/gpu_env.sh"  # unpacks the bundle, LD_LIBRARY_PATH, SANITIZER
 root=$PWD
 mkdir -p /work/wt-moe/build/release /work/shared/data/models/bench-qwen3-16m || echo "cannot create /work paths"
 ln -sfn "$root/tests" /work/wt-moe/tests
@@ -29,7 +23,7 @@ timeout "${TEST_TIMEOUT:-170}" "$here/x/bin/engine_cuda_test" > "$out/engine_tes
 echo "tests rc=$? ($(( $(date +%s) - t0 )) s)"
 grep -E "parity|FAILED|PASSED|SKIPPED|Failure|rror" "$out/engine_tests.log" | head -150
 echo "== compute-sanitizer memcheck (MoE subset)"
-cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2> /dev/null | head -1)
+cs=$SANITIZER
 if [ -n "$cs" ]; then
   timeout "${SAN_TIMEOUT:-45}" "$cs" --tool memcheck --error-exitcode 9 "$here/x/bin/engine_cuda_test" \
     --gtest_filter='Random/GpuMoe.MatchesCpu/qwen3moe_e8k2_norm:Random/GpuMoe.MatchesCpu/mixtral_topk_all' > "$out/sanitizer.log" 2>&1

@@ -8,13 +8,7 @@ set -u
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$here/out}
 mkdir -p "$out" "$here/x"
-tar -C "$here/x" -xJf "$here/bundle.tar.xz"
-cuda_libs=/usr/local/cuda/lib64
-for d in /usr/local/lib/python3*/dist-packages/nvidia/cu13/lib /usr/local/lib/python3*/dist-packages/nvidia/*/lib; do
-  [ -d "$d" ] && cuda_libs="$cuda_libs:$d"
-done
-export LD_LIBRARY_PATH="$here/x/lib:$cuda_libs:${LD_LIBRARY_PATH:-}"
-export OMP_WAIT_POLICY=passive
+. "$here/gpu_env.sh"  # unpacks the bundle, LD_LIBRARY_PATH, SANITIZER
 {
   date -u; uname -a; nproc; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   ldd "$here/x/bin/cuda_backend_test" | grep -E "not found|cublas|cusolver"
@@ -27,7 +21,7 @@ echo "== bench"
 timeout "${T_BENCH:-240}" "$here/x/bin/gptq_cuda_tool" 8192 2>&1 | tee "$out/bench.log"
 echo "bench rc=${PIPESTATUS[0]}"
 echo "== compute-sanitizer memcheck (subset)"
-cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2> /dev/null | head -1)
+cs=$SANITIZER
 if [ -n "$cs" ]; then
   timeout "${T_SANITIZER:-150}" "$cs" --tool memcheck --error-exitcode 9 "$here/x/bin/cuda_backend_test" \
     --gtest_filter='AllFormats/GpuGptq.SameCodesAsCpu/int4*:AllFormats/GpuGptq.SameCodesAsCpu/nvfp4_act*:Kernel/GpuGptqShapes.*:GpuHadamard.*:GpuHessian.*:GpuErrors.*' \

@@ -11,12 +11,16 @@ using namespace calq_test;
 
 namespace {
 
+// What these tests read: bench-qwen3-16m, the v3 calibration text, WikiText-2 test (not
+// bench-qwen3-28m, which SharedData::ok also wants).
+bool have_data(const SharedData& s) { return !s.m16.empty() && !s.v3.empty() && !s.wiki.empty(); }
+
 const std::string kGptq = " --method gptq --format int4 --samples 6 --seq-len 128 --calib-batch 2 --device cuda";
 
 TEST(GpuCli, CudaErrorMidRunKeepsCheckpointAndResumes) {
   REQUIRE_GPU();
-  SharedData s;  // bench-qwen3-28m is not needed here
-  if (s.m16.empty() || s.v3.empty() || s.wiki.empty()) GTEST_SKIP() << "../shared absent (set CALQ_TEST_SHARED_DIR)";
+  SharedData s;
+  if (!have_data(s)) GTEST_SKIP() << "../shared absent (set CALQ_TEST_SHARED_DIR)";
   TempDir t;
   auto d = calq_data_dir(t, s);
   const std::string in = " -i " + s.m16.string();
@@ -54,7 +58,7 @@ TEST(GpuCli, CudaErrorMidRunKeepsCheckpointAndResumes) {
 TEST(GpuCli, TwoWorkersGiveTheSameBytes) {
   REQUIRE_GPU();
   SharedData s;
-  if (s.m16.empty() || s.v3.empty() || s.wiki.empty()) GTEST_SKIP() << "../shared absent (set CALQ_TEST_SHARED_DIR)";
+  if (!have_data(s)) GTEST_SKIP() << "../shared absent (set CALQ_TEST_SHARED_DIR)";
   TempDir t;
   auto d = calq_data_dir(t, s);
   const std::string in = " -i " + s.m16.string();
@@ -78,7 +82,7 @@ TEST(GpuCli, TwoWorkersGiveTheSameBytes) {
 TEST(GpuCli, Bf16ForwardPassKeepsQuality) {
   REQUIRE_GPU();
   SharedData s;
-  if (s.m16.empty() || s.v3.empty() || s.wiki.empty()) GTEST_SKIP() << "../shared absent (set CALQ_TEST_SHARED_DIR)";
+  if (!have_data(s)) GTEST_SKIP() << "../shared absent (set CALQ_TEST_SHARED_DIR)";
   TempDir t;
   auto d = calq_data_dir(t, s);
   const std::string in = " -i " + s.m16.string();

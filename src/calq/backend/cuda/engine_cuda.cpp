@@ -24,6 +24,7 @@
 #include <utility>
 
 #include "calq/backend/cuda/engine_kernels.h"
+#include "calq/backend/cuda/check.h"
 #include "calq/backend/cuda/memory.h"
 #include "calq/backend/device.h"
 #include "calq/core/dtype.h"
@@ -35,13 +36,9 @@ namespace calq::engine::gpu {
 namespace {
 
 namespace k = calq::backend::cuda;
+using k::check_cuda;
+using k::check_cublas;
 
-void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) fail("CUDA error in {}: {} ({})", what, cudaGetErrorString(e), cudaGetErrorName(e));
-}
-void check_cublas(cublasStatus_t s, const char* what) {
-  if (s != CUBLAS_STATUS_SUCCESS) fail("cuBLAS error in {}: status {}", what, static_cast<int>(s));
-}
 void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
 
 // Free device memory, capped by CALQ_CUDA_MEMORY_LIMIT (bytes; for tests of the out-of-memory

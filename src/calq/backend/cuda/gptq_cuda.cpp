@@ -27,6 +27,7 @@
 
 #include "calq/backend/cuda/gptq_kernel.h"
 #include "calq/backend/cuda/kernels.h"
+#include "calq/backend/cuda/check.h"
 #include "calq/backend/cuda/memory.h"
 #include "calq/backend/device.h"
 #include "calq/core/error.h"
@@ -36,15 +37,10 @@ namespace calq::backend {
 
 namespace {
 
-void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) fail("CUDA error in {}: {} ({})", what, cudaGetErrorString(e), cudaGetErrorName(e));
-}
-void check_cublas(cublasStatus_t s, const char* what) {
-  if (s != CUBLAS_STATUS_SUCCESS) fail("cuBLAS error in {}: status {}", what, static_cast<int>(s));
-}
-void check_cusolver(cusolverStatus_t s, const char* what) {
-  if (s != CUSOLVER_STATUS_SUCCESS) fail("cuSOLVER error in {}: status {}", what, static_cast<int>(s));
-}
+using backend::cuda::check_cuda;
+using backend::cuda::check_cublas;
+using backend::cuda::check_cusolver;
+
 
 // Device memory owned by one call; freed on every path (errors throw).
 class DeviceBuffer {

@@ -19,6 +19,7 @@
 #include <utility>
 
 #include "calq/backend/cuda/kernels.h"
+#include "calq/backend/cuda/check.h"
 #include "calq/backend/cuda/memory.h"
 #include "calq/backend/device.h"
 #include "calq/core/error.h"
@@ -27,12 +28,9 @@ namespace calq::backend {
 
 namespace {
 
-void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) fail("CUDA error in {}: {} ({})", what, cudaGetErrorString(e), cudaGetErrorName(e));
-}
-void check_cublas(cublasStatus_t s, const char* what) {
-  if (s != CUBLAS_STATUS_SUCCESS) fail("cuBLAS error in {}: status {}", what, static_cast<int>(s));
-}
+using backend::cuda::check_cuda;
+using backend::cuda::check_cublas;
+
 
 // Allocates `bytes` into p (counted), or fails naming what needed them and the free bytes.
 void* device_alloc(size_t bytes, const std::string& what) {
