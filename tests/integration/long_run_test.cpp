@@ -75,6 +75,17 @@ TEST(LongRun, ResumeAfterKillIsByteIdentical) {
   expect_same_files(t / "full", t / "res");
   auto rep = read_json(t / "res" / "calq_report.json");
   EXPECT_EQ(rep["gptq"]["modules"].size(), 56u);  // the report includes the layers done before the kill
+  // The stages split this run's seconds; the recomputation of layer 4's inputs is one of them.
+  const auto& stages = rep["gptq"]["stages"];
+  double sum = 0;
+  for (const char* k : {"load_model", "calibration_text", "calibration_embed", "resume_recompute", "calibration_forward",
+                        "hessian_finalize", "quantize", "output_forward", "checkpoint", "other"}) {
+    ASSERT_TRUE(stages.contains(k)) << k;
+    EXPECT_GE(stages[k].get<double>(), k == std::string("other") ? -0.05 : 0.0) << k;
+    sum += stages[k].get<double>();
+  }
+  EXPECT_GT(stages["resume_recompute"].get<double>(), 0.0);
+  EXPECT_NEAR(sum, rep["gptq"]["seconds"].get<double>(), 0.05);
   EXPECT_FALSE(fs::exists(t / "res.calq-work"));
 }
 

@@ -275,6 +275,12 @@ using LayerFn = std::function<LayerOutput(int64_t layer, LayerCtx& ctx)>;
 // after it (its quantized modules, dequantized), so that a resumed run can recompute the
 // activations a GPU-resident run did not persist. Null: the method always persists them.
 using LayerReplay = std::function<void(const WorkDir& wd, int64_t layer, bool set)>;
+// Where the layer loop's own time went (seconds; calq_report.json gptq.stages): embedding the
+// calibration and storing it (host store or GPU slots), recomputing a resumed run's activations,
+// the pass that computes each layer's output, and the checkpoints.
+struct LoopTimes {
+  double embed = 0, replay = 0, output = 0, checkpoint = 0;
+};
 
 // The layer loop shared by the calibrated methods: checkpoints after every layer in the work
 // directory, resumes from it, keeps activations within the memory budget (input and output of the
@@ -283,15 +289,16 @@ using LayerReplay = std::function<void(const WorkDir& wd, int64_t layer, bool se
 // computed.
 std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* ci, int64_t batch,
                                     const RunStorage& st, bool quantized_inputs, const std::string& label,
-                                    const LayerFn& fn, const LayerReplay& replay, std::shared_ptr<WorkDir> wd);
+                                    const LayerFn& fn, const LayerReplay& replay, std::shared_ptr<WorkDir> wd,
+                                    LoopTimes* times);
 
 std::shared_ptr<WorkDir> run_layerwise(engine::Model& m, const CalibrationInputs* ci, int64_t batch,
                                        const RunStorage& st, const json& manifest, bool quantized_inputs,
                                        const std::string& label, const LayerFn& fn,
-                                       const LayerReplay& replay = nullptr) {
+                                       const LayerReplay& replay = nullptr, LoopTimes* times = nullptr) {
   auto wd = std::make_shared<WorkDir>(st.work_dir, manifest, st.resume, st.overwrite);
   try {
-    return run_layers(m, ci, batch, st, quantized_inputs, label, fn, replay, wd);
+    return run_layers(m, ci, batch, st, quantized_inputs, label, fn, replay, wd, times);
   } catch (...) {
     // A run that failed before finishing any layer leaves nothing worth resuming; otherwise the
     // finished layers stay checkpointed (a failure inside a layer never touches its checkpoint:
@@ -309,7 +316,10 @@ std::shared_ptr<WorkDir> run_layerwise(engine::Model& m, const CalibrationInputs
 
 std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* ci, int64_t batch,
                                     const RunStorage& st, bool quantized_inputs, const std::string& label,
-                                    const LayerFn& fn, const LayerReplay& replay, std::shared_ptr<WorkDir> wd) {
+                                    const LayerFn& fn, const LayerReplay& replay, std::shared_ptr<WorkDir> wd,
+                                    LoopTimes* times) {
+  LoopTimes local;
+  LoopTimes& tt = times ? *times : local;
   const int64_t L = m.num_layers();
   const int64_t start = wd->completed_layers();
   const uint64_t half = st.max_memory / 2;
@@ -323,9 +333,11 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
     std::vector<engine::Activations> chunks;
     // A host-mode run persisted them; a GPU-resident one did not (its resume recomputes them).
     const bool persisted = start > 0 && fs::is_directory(wd->acts_dir(start)) && !fs::is_empty(wd->acts_dir(start));
+    const double te = now_s();
     if (!persisted) {
       chunks = embed_chunks(m, ci->set, batch);
       if (start > 0) {
+        const double tr = now_s();
         CALQ_CHECK(replay, "--resume: the activations entering layer {} are missing from {}", start,
                    wd->path().string());
         log_info("recomputing the activations entering layer {} from the {} finished layers", start, start);
@@ -334,6 +346,7 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
           for (auto& a : chunks) m.run_layer(l, a);
           if (quantized_inputs) replay(*wd, l, false);
         }
+        tt.replay += now_s() - tr;
       }
       uint64_t bytes = 0;
       for (auto& a : chunks) bytes += static_cast<uint64_t>(a.data.size()) * sizeof(float);
@@ -349,6 +362,7 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
     } else {
       cur.emplace(ActivationStore::open(wd->acts_dir(start), half));
     }
+    tt.embed += now_s() - te - tt.replay;
     if (cur && cur->chunks_on_disk())
       log_info("{} of {} activation chunks spilled to {} (--max-memory {})", cur->chunks_on_disk(), cur->size(),
                cur->dir().string(), format_bytes(static_cast<double>(st.max_memory)));
@@ -362,15 +376,17 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
     std::optional<ActivationStore> next;
     const int64_t out_base = resident - base;  // the other half of the slots
     auto forward = [&] {
+      const double tf = now_s();
       if (resident) {
         for (int64_t i = 0; i < resident; ++i) m.gpu_run(l, base + i, out_base + i);
-        return;
+      } else {
+        for (size_t i = 0; i < cur->size(); ++i) {
+          engine::Activations a = cur->get(i);
+          m.run_layer(l, a);
+          next->put(i, std::move(a));
+        }
       }
-      for (size_t i = 0; i < cur->size(); ++i) {
-        engine::Activations a = cur->get(i);
-        m.run_layer(l, a);
-        next->put(i, std::move(a));
-      }
+      tt.output += now_s() - tf;
     };
     if (cur) next.emplace(wd->acts_dir(l + 1), half, cur->size());
     if ((cur || resident) && !quantized_inputs) forward();
@@ -380,7 +396,9 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
     if ((cur || resident) && quantized_inputs) forward();
     for (auto& [name, q] : out.weights) m.clear_weight(name.substr(0, name.size() - 7));
     if (!next) next.emplace(wd->acts_dir(l + 1), 0, 0);
+    const double tc = now_s();
     wd->finish_layer(l, out, *next);
+    tt.checkpoint += now_s() - tc;
     if (resident) {
       std::error_code ec;
       fs::remove_all(wd->acts_dir(l + 1), ec);  // nothing persisted: a resumed run recomputes them
@@ -470,12 +488,17 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
   struct {
     double probe = 0, observe = 0, accumulate = 0, accumulate_gpu = 0, finalize = 0, quantize = 0;
   } tm;
+  double load_s = now_s();
   auto m = engine::Model::load(model_dir, eo);
+  load_s = now_s() - load_s;
   std::map<std::string, const TensorPlan*> by_module;
   for (auto& p : plan)
     if (p.format) by_module[p.module] = &p;
+  double text_s = now_s();
   auto ci = load_calibration(model_dir, opt.calib);
+  text_s = now_s() - text_s;
   report["calibration"] = ci.provenance;
+  LoopTimes loop_times;
 
   // nvfp4: fused modules (q/k/v, gate/up) share the global scale of their original weights.
   std::map<std::string, float> fused_global;
@@ -880,7 +903,7 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
     }
   };
   auto wd = run_layerwise(m, &ci, opt.calib.batch, opt.storage, make_manifest(model_dir, plan, identity, calib_id),
-                          opt.quantized_inputs, "gptq", fn, replay);
+                          opt.quantized_inputs, "gptq", fn, replay, &loop_times);
   CalibratedResults res(wd, plan);
   // Planned modules the engine never fed (e.g. a quantized lm_head) fall back to RTN in the writer.
   json modules = json::array();
@@ -889,15 +912,25 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
   for (auto& [mod, p] : by_module)
     if (!res.weight(*p)) log_warn("{}: no calibration input reaches it; quantized with RTN", mod);
   const double total = now_s() - t0;
-  // Stage times: this run's wall-clock parts of the layer function, the rest (model load,
-  // embedding, each layer's output pass, activation store, checkpoints), and the per-module GPU
-  // GPTQ stages summed (quant::GptqStageTimes; every module of the report, resumed layers too).
-  json stages = {{"calibration_forward", tm.probe + tm.observe},
+  // Stage times: this run's wall-clock parts of the layer function; the model load (onto the GPU
+  // with a GPU forward pass), the calibration text, its embedding and storage (host store or GPU
+  // slots), a resumed run's recomputation, each layer's output pass and checkpoint; the rest; and
+  // the per-module GPU GPTQ stages summed (quant::GptqStageTimes; every module of the report,
+  // resumed layers too).
+  const LoopTimes& lt = loop_times;
+  json stages = {{"load_model", load_s},
+                 {"calibration_text", text_s},
+                 {"calibration_embed", lt.embed},
+                 {"resume_recompute", lt.replay},
+                 {"calibration_forward", tm.probe + tm.observe},
                  {"hessian_accumulate", tm.accumulate},
                  {"hessian_accumulate_gpu", tm.accumulate_gpu},
                  {"hessian_finalize", tm.finalize},
                  {"quantize", tm.quantize},
-                 {"other", total - tm.probe - tm.observe - tm.finalize - tm.quantize}};
+                 {"output_forward", lt.output},
+                 {"checkpoint", lt.checkpoint},
+                 {"other", total - load_s - text_s - lt.embed - lt.replay - tm.probe - tm.observe - tm.finalize -
+                               tm.quantize - lt.output - lt.checkpoint}};
   {
     json gpu = json::object();
     for (const auto& r : modules)
@@ -922,10 +955,11 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
                     {"seconds", total},
                     {"stages", stages},
                     {"modules", modules}};
-  log_info("gptq stages: forward {:.2f} s, Hessian accumulation {:.2f} s ({:.2f} s GPU), Hessian finalization {:.2f} "
-           "s, quantization {:.2f} s, other {:.2f} s",
-           stages["calibration_forward"].get<double>(), tm.accumulate, tm.accumulate_gpu, tm.finalize, tm.quantize,
-           stages["other"].get<double>());
+  log_info("gptq stages: model load {:.2f} s, calibration text {:.2f} s, embedding {:.2f} s, forward {:.2f} s, Hessian "
+           "accumulation {:.2f} s ({:.2f} s GPU), Hessian finalization {:.2f} s, quantization {:.2f} s, output passes "
+           "{:.2f} s, checkpoints {:.2f} s, other {:.2f} s",
+           load_s, text_s, lt.embed, stages["calibration_forward"].get<double>(), tm.accumulate, tm.accumulate_gpu,
+           tm.finalize, tm.quantize, lt.output, lt.checkpoint, stages["other"].get<double>());
   if (const auto g = backend::cuda_memory_stats(); g.used) {
     report["gpu"] = {{"device", g.device},
                      {"peak_bytes", g.peak_bytes},
