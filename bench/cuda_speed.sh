@@ -145,6 +145,8 @@ if rep:
     cs["hessian"] = (gst.get("hessian_accumulate") or 0.0) + (gst.get("hessian_finalize") or 0.0) if gst else None
     cs["quantize"] = gst.get("quantize")
     cs["other"] = gst.get("other")
+    for k in ("load_model", "calibration_text", "calibration_embed", "output_forward", "checkpoint"):
+        cs[k] = gst.get(k)
     fact = sum(v for k, v in gg.items() if any(w in k for w in ("factor", "chol", "inverse", "damp")))
     loop = sum(v for k, v in gg.items() if any(w in k for w in ("block", "lazy", "loop")))
     cs["factorization"] = fact if gg else None
@@ -160,7 +162,11 @@ print(f"| Hessian accumulation (reference: GPU fp32 matmul per module; calq: hos
 print(f"| GPTQ per module, wall (calq: host preparation, uploads, GPU work) | {f((rs.get('factorization') or 0) + (rs.get('gptq_loop') or 0) if rs else None)} | {f(cs.get('quantize'))} |")
 print(f"| of which factorization (Cholesky, inverse) | {f(rs.get('factorization'))} | {f(cs.get('factorization'))} |")
 print(f"| of which column loop + lazy updates | {f(rs.get('gptq_loop'))} | {f(cs.get('gptq_loop'))} |")
-print(f"| layer moves host<->GPU (reference) / output passes, checkpoints, other (calq) | {f(rs.get('transfer'))} | {f(cs.get('other'))} |")
+print(f"| calq: model load (onto the GPU) | — | {f(cs.get('load_model'))} |")
+print(f"| calq: calibration text, embedding and upload | — | {f((cs.get('calibration_text') or 0) + (cs.get('calibration_embed') or 0) if cs.get('calibration_embed') is not None else None)} |")
+print(f"| calq: output pass of each layer | — | {f(cs.get('output_forward'))} |")
+print(f"| calq: checkpoints | — | {f(cs.get('checkpoint'))} |")
+print(f"| layer moves host<->GPU (reference) / the rest (calq) | {f(rs.get('transfer'))} | {f(cs.get('other'))} |")
 print(f"| writing | {f(rs.get('write'))} | {f(cs.get('write'))} |")
 print(f"| **end to end (process wall)** | **{f(ref_wall, 1)}** | **{f(calq_wall, 1)}** |")
 pm = None
