@@ -154,7 +154,7 @@ if rep:
 print()
 print("| stage | reference (s) | calq --device cuda (s) |")
 print("|---|---:|---:|")
-print(f"| load checkpoint (+ calq: tokenization, setup, weights to the GPU) | {f(rs.get('load'))} | {f(cs.get('load+setup'))} |")
+print(f"| load checkpoint (reference) / process start, plan, before the layer loop (calq) | {f(rs.get('load'))} | {f(cs.get('load+setup'))} |")
 print(f"| forward passes (reference: catch + 5 passes per layer; calq: observation passes, wall) | {f(rs.get('forward'))} | "
       f"{f(cs.get('forward'))} |")
 print(f"| Hessian accumulation (reference: GPU fp32 matmul per module; calq: host side + finalization; GPU time) | "
