@@ -15,15 +15,24 @@ namespace {
 // bench-qwen3-28m, which SharedData::ok also wants).
 bool have_data(const SharedData& s) { return !s.m16.empty() && !s.v3.empty() && !s.wiki.empty(); }
 
+// A usable GPU and the data, a temporary folder t, the CALQ_DATA folder d, and " -i MODEL" (in).
+class GpuCli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    REQUIRE_GPU();
+    if (!have_data(s)) GTEST_SKIP() << "../shared absent (set CALQ_TEST_SHARED_DIR)";
+    d = calq_data_dir(t, s);
+    in = " -i " + s.m16.string();
+  }
+  SharedData s;
+  TempDir t;
+  fs::path d;
+  std::string in;
+};
+
 const std::string kGptq = " --method gptq --format int4 --samples 6 --seq-len 128 --calib-batch 2 --device cuda";
 
-TEST(GpuCli, CudaErrorMidRunKeepsCheckpointAndResumes) {
-  REQUIRE_GPU();
-  SharedData s;
-  if (!have_data(s)) GTEST_SKIP() << "../shared absent (set CALQ_TEST_SHARED_DIR)";
-  TempDir t;
-  auto d = calq_data_dir(t, s);
-  const std::string in = " -i " + s.m16.string();
+TEST_F(GpuCli, CudaErrorMidRunKeepsCheckpointAndResumes) {
   auto r = run_calq("-q quantize" + in + " -o " + (t / "full").string() + kGptq, d);
   ASSERT_EQ(r.rc, 0) << r.output;
   const auto rep = read_json(t / "full" / "calq_report.json");
@@ -55,13 +64,7 @@ TEST(GpuCli, CudaErrorMidRunKeepsCheckpointAndResumes) {
 // --devices 0,0: two GPTQ workers on one GPU (what several GPUs do, on the one a test machine
 // has): the same bytes as one worker, for GPTQ (dense groups in parallel) and MR-GPTQ (rotations
 // on the workers' device too).
-TEST(GpuCli, TwoWorkersGiveTheSameBytes) {
-  REQUIRE_GPU();
-  SharedData s;
-  if (!have_data(s)) GTEST_SKIP() << "../shared absent (set CALQ_TEST_SHARED_DIR)";
-  TempDir t;
-  auto d = calq_data_dir(t, s);
-  const std::string in = " -i " + s.m16.string();
+TEST_F(GpuCli, TwoWorkersGiveTheSameBytes) {
   for (const std::string method : {"gptq --format int4", "mr-gptq --format nvfp4"}) {
     const std::string args =
         " --method " + method + " --samples 6 --seq-len 128 --calib-batch 2 --device cuda --overwrite";
@@ -79,13 +82,7 @@ TEST(GpuCli, TwoWorkersGiveTheSameBytes) {
 // --forward-precision bf16 (tensor-core forward passes in calibration): a valid run whose quality
 // is close to the fp32 forward pass's (KLD within 10 % on 3 chunks of this small setting; 1.068×
 // measured on the H200 — a sanity check, not a quality claim).
-TEST(GpuCli, Bf16ForwardPassKeepsQuality) {
-  REQUIRE_GPU();
-  SharedData s;
-  if (!have_data(s)) GTEST_SKIP() << "../shared absent (set CALQ_TEST_SHARED_DIR)";
-  TempDir t;
-  auto d = calq_data_dir(t, s);
-  const std::string in = " -i " + s.m16.string();
+TEST_F(GpuCli, Bf16ForwardPassKeepsQuality) {
   auto r = run_calq("-q quantize" + in + " -o " + (t / "f32").string() + kGptq, d);
   ASSERT_EQ(r.rc, 0) << r.output;
   r = run_calq("-q quantize" + in + " -o " + (t / "b16").string() + kGptq + " --forward-precision bf16", d);

@@ -828,28 +828,35 @@ Activations Model::embed(const Batch& batch) const {
 
 bool Model::on_gpu() const { return impl_->gpu != nullptr; }
 
+namespace {
+gpu::Forward& slots_of(const std::unique_ptr<gpu::Forward>& g) {
+  CALQ_CHECK(g, "engine: activation slots need the GPU engine (--device cuda)");
+  return *g;
+}
+}  // namespace
+
 void Model::gpu_put(int64_t slot, const Activations& h) {
-  CALQ_CHECK(impl_->gpu, "engine: activation slots need the GPU engine (--device cuda)");
+  gpu::Forward& g = slots_of(impl_->gpu);
   CALQ_CHECK(h.hidden == impl_->cfg.hidden_size && static_cast<int64_t>(h.data.size()) == h.rows() * h.hidden,
              "engine: activations of shape [{}, {}] do not match hidden size {}", h.rows(), h.hidden,
              impl_->cfg.hidden_size);
-  impl_->gpu->upload(h);
-  impl_->gpu->stash(slot);
+  g.upload(h);
+  g.stash(slot);
 }
 
 void Model::gpu_run(int64_t layer, int64_t in, int64_t out, Observer* observer) {
-  CALQ_CHECK(impl_->gpu, "engine: activation slots need the GPU engine (--device cuda)");
+  gpu::Forward& g = slots_of(impl_->gpu);
   CALQ_CHECK(layer >= 0 && layer < impl_->cfg.num_hidden_layers, "engine: layer {} outside 0..{}", layer,
              impl_->cfg.num_hidden_layers - 1);
-  impl_->gpu->restore(in);
-  impl_->gpu->run_layer(layer, observer, impl_->transforms);
-  if (out >= 0) impl_->gpu->stash(out);
+  g.restore(in);
+  g.run_layer(layer, observer, impl_->transforms);
+  if (out >= 0) g.stash(out);
 }
 
 void Model::gpu_get(int64_t slot, Activations& h) {
-  CALQ_CHECK(impl_->gpu, "engine: activation slots need the GPU engine (--device cuda)");
-  impl_->gpu->restore(slot);
-  impl_->gpu->download(h);
+  gpu::Forward& g = slots_of(impl_->gpu);
+  g.restore(slot);
+  g.download(h);
 }
 
 void Model::gpu_drop_slots() {

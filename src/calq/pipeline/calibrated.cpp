@@ -886,7 +886,7 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
   // A resumed GPU-resident run recomputes its activations with the finished layers' weights as
   // the run had them: Ŵ = dequantize(Q) (rotated back for MR-GPTQ), bit for bit.
   LayerReplay replay = [&](const WorkDir& w, int64_t l, bool set) {
-    const auto rotations = set ? w.rotations() : std::map<std::string, quant::Rotation>{};
+    const auto rotations = set ? w.rotations(l) : std::map<std::string, quant::Rotation>{};
     for (const auto& [name, layer] : w.weight_index()) {
       if (layer != l) continue;
       const std::string module = name.substr(0, name.size() - 7);  // drop ".weight"

@@ -291,9 +291,9 @@ std::map<std::string, int64_t> WorkDir::replaced_index() const {
   return idx;
 }
 
-std::map<std::string, quant::Rotation> WorkDir::rotations() const {
+std::map<std::string, quant::Rotation> WorkDir::rotations(int64_t layer) const {
   std::map<std::string, quant::Rotation> out;
-  for (int64_t l = 0; l < completed_; ++l) {
+  for (int64_t l = layer >= 0 ? layer : 0; l < (layer >= 0 ? layer + 1 : completed_); ++l) {
     const json& j = layer_json(l);
     for (auto& [name, v] : j.at("weights").items())
       if (v.contains("rotation")) {

@@ -89,8 +89,9 @@ class WorkDir {
   std::map<std::string, int64_t> replaced_index() const;
   nlohmann::json layer_report(int64_t layer) const;
   quant::QuantizedWeight load_weight(int64_t layer, const std::string& name, const quant::Format& f) const;
-  // Rotations of the finished layers' weights, by tensor name (rebuilt from dim, block and seed).
-  std::map<std::string, quant::Rotation> rotations() const;
+  // Rotations of the finished layers' weights (of layer `layer` only when >= 0), by tensor name
+  // (rebuilt from dim, block and seed).
+  std::map<std::string, quant::Rotation> rotations(int64_t layer = -1) const;
   Tensor load_replaced(int64_t layer, const std::string& name) const;
   void remove();
 

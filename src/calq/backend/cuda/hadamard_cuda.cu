@@ -13,6 +13,7 @@
 #include <cmath>
 #include <vector>
 
+#include "calq/backend/cuda/check.h"
 #include "calq/backend/cuda/memory.h"
 #include "calq/backend/device.h"
 #include "calq/core/error.h"
@@ -21,9 +22,7 @@ namespace calq::backend {
 
 namespace {
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) fail("CUDA error in {}: {} ({})", what, cudaGetErrorString(e), cudaGetErrorName(e));
-}
+using cuda::check_cuda;
 
 template <typename T>
 __global__ void fwht_blocks(T* x, const T* signs, int64_t dim, int64_t block, T scale, bool inverse) {
@@ -68,7 +67,7 @@ template <typename T>
 class Buf {
  public:
   explicit Buf(size_t count) : bytes_(std::max<size_t>(count * sizeof(T), 1)) {
-    check(cuda::tracked_malloc(&p_, bytes_), "cudaMalloc(Hadamard)");
+    check_cuda(cuda::tracked_malloc(&p_, bytes_), "cudaMalloc(Hadamard)");
   }
   Buf(const Buf&) = delete;
   Buf& operator=(const Buf&) = delete;
@@ -84,15 +83,20 @@ class Buf {
 template <typename T>
 constexpr int64_t kMaxBlock = 32768 / sizeof(T);
 
+// Power-of-two blocks that fit kMaxBlock<T>, dividing the width, with one sign per column.
+template <typename T>
+bool supported(const quant::Rotation& r) {
+  const int64_t b = r.block;
+  return r.full.empty() && b >= 2 && (b & (b - 1)) == 0 && b <= kMaxBlock<T> && r.dim % b == 0 &&
+         static_cast<int64_t>(r.signs.size()) == r.dim;
+}
+
 template <typename T>
 void check_rotation(const quant::Rotation& r) {
   CALQ_CHECK(r.full.empty(), "Hadamard rotation of order {} (not a power of two) is not implemented on the GPU; use "
              "--device cpu or a power-of-two --hadamard-block", r.dim);
-  const int64_t b = r.block;
-  CALQ_CHECK(b >= 2 && (b & (b - 1)) == 0 && b <= kMaxBlock<T> && r.dim % b == 0 &&
-                 static_cast<int64_t>(r.signs.size()) == r.dim,
-             "Hadamard block {} of width {}: the GPU transform takes power-of-two blocks of 2..{}", b, r.dim,
-             kMaxBlock<T>);
+  CALQ_CHECK(supported<T>(r), "Hadamard block {} of width {}: the GPU transform takes power-of-two blocks of 2..{}",
+             r.block, r.dim, kMaxBlock<T>);
 }
 
 // x·R (or x·Rᵀ) of the rows of the device matrix dx (rows × r.dim), with device signs ds.
@@ -107,7 +111,7 @@ void rotate_device_rows(const quant::Rotation& r, T* dx, const T* ds, int64_t ro
     const dim3 grid(static_cast<unsigned>(r.dim / b), static_cast<unsigned>(n));
     fwht_blocks<T><<<grid, threads, static_cast<size_t>(b) * sizeof(T)>>>(dx + r0 * r.dim, ds, r.dim, b, scale,
                                                                            inverse);
-    check(cudaGetLastError(), "Hadamard kernel");
+    check_cuda(cudaGetLastError(), "Hadamard kernel");
   }
 }
 
@@ -120,11 +124,11 @@ void hadamard_rows(const quant::Rotation& r, T* x, int64_t rows, bool inverse) {
   const size_t n = static_cast<size_t>(rows * r.dim);
   Buf<T> dx(n), ds(static_cast<size_t>(r.dim));
   const std::vector<T> signs(r.signs.begin(), r.signs.end());
-  check(cudaMemcpy(dx.get(), x, n * sizeof(T), cudaMemcpyHostToDevice), "cudaMemcpy(Hadamard rows)");
-  check(cudaMemcpy(ds.get(), signs.data(), signs.size() * sizeof(T), cudaMemcpyHostToDevice),
+  check_cuda(cudaMemcpy(dx.get(), x, n * sizeof(T), cudaMemcpyHostToDevice), "cudaMemcpy(Hadamard rows)");
+  check_cuda(cudaMemcpy(ds.get(), signs.data(), signs.size() * sizeof(T), cudaMemcpyHostToDevice),
         "cudaMemcpy(Hadamard signs)");
   rotate_device_rows<T>(r, dx.get(), ds.get(), rows, inverse);
-  check(cudaMemcpy(x, dx.get(), n * sizeof(T), cudaMemcpyDeviceToHost), "cudaMemcpy(Hadamard rows back)");
+  check_cuda(cudaMemcpy(x, dx.get(), n * sizeof(T), cudaMemcpyDeviceToHost), "cudaMemcpy(Hadamard rows back)");
 }
 
 }  // namespace
@@ -137,11 +141,7 @@ void cuda_hadamard_rows(const quant::Rotation& r, double* x, int64_t rows, bool 
   hadamard_rows<double>(r, x, rows, inverse);
 }
 
-bool cuda_hadamard_supported(const quant::Rotation& r) {
-  const int64_t b = r.block;
-  return r.full.empty() && b >= 2 && (b & (b - 1)) == 0 && b <= kMaxBlock<double> && r.dim % b == 0 &&
-         static_cast<int64_t>(r.signs.size()) == r.dim;
-}
+bool cuda_hadamard_supported(const quant::Rotation& r) { return supported<double>(r); }
 
 void cuda_rotate_hessian(const quant::Rotation& r, std::vector<double>& h) {
   cuda_require();
@@ -151,26 +151,26 @@ void cuda_rotate_hessian(const quant::Rotation& r, std::vector<double>& h) {
              h.size());
   const size_t count = h.size();
   size_t free_b = 0, total_b = 0;
-  check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+  check_cuda(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
   const size_t need = 2 * count * sizeof(double) + static_cast<size_t>(n) * sizeof(double);
   CALQ_CHECK(need <= free_b,
              "out of GPU memory: rotating a {}×{} Hessian needs {} bytes, {} are free; use --device cpu or a smaller "
              "model part per run",
              n, n, need, free_b);
   Buf<double> a(count), t(count), ds(static_cast<size_t>(n));
-  check(cudaMemcpy(a.get(), h.data(), count * sizeof(double), cudaMemcpyHostToDevice), "cudaMemcpy(Hessian)");
+  check_cuda(cudaMemcpy(a.get(), h.data(), count * sizeof(double), cudaMemcpyHostToDevice), "cudaMemcpy(Hessian)");
   const std::vector<double> signs(r.signs.begin(), r.signs.end());
-  check(cudaMemcpy(ds.get(), signs.data(), signs.size() * sizeof(double), cudaMemcpyHostToDevice),
+  check_cuda(cudaMemcpy(ds.get(), signs.data(), signs.size() * sizeof(double), cudaMemcpyHostToDevice),
         "cudaMemcpy(Hadamard signs)");
   // RᵀHR as on the CPU (Rotation::apply_hessian): A = H·R by rows, then Rᵀ·A = (Aᵀ·R)ᵀ.
   const dim3 tgrid(static_cast<unsigned>((n + 31) / 32), static_cast<unsigned>((n + 31) / 32)), tblock(32, 8);
   rotate_device_rows<double>(r, a.get(), ds.get(), n, false);
   transpose_square<<<tgrid, tblock>>>(a.get(), t.get(), n);
-  check(cudaGetLastError(), "transpose kernel");
+  check_cuda(cudaGetLastError(), "transpose kernel");
   rotate_device_rows<double>(r, t.get(), ds.get(), n, false);
   transpose_square<<<tgrid, tblock>>>(t.get(), a.get(), n);
-  check(cudaGetLastError(), "transpose kernel");
-  check(cudaMemcpy(h.data(), a.get(), count * sizeof(double), cudaMemcpyDeviceToHost), "cudaMemcpy(Hessian back)");
+  check_cuda(cudaGetLastError(), "transpose kernel");
+  check_cuda(cudaMemcpy(h.data(), a.get(), count * sizeof(double), cudaMemcpyDeviceToHost), "cudaMemcpy(Hessian back)");
 }
 
 }  // namespace calq::backend
