@@ -365,6 +365,42 @@ std::vector<double> ref_linear(const std::vector<float>& x, int64_t rows, int64_
   return y;
 }
 
+// Observer::done_after: the layer stops right after the input the observer asked for; what it saw
+// is exactly the start of a full run (same groups, same bytes), for every stopping point, on a
+// dense llama and on GPT-2; a full run after a stopped one is unaffected.
+TEST(EngineObserver, DoneAfterStopsTheLayerThere) {
+  struct StopAt : Recorder {
+    std::string module;
+    bool done_after(const engine::LinearInput& in) const override {
+      return std::find(in.modules.begin(), in.modules.end(), module) != in.modules.end();
+    }
+  };
+  for (const char* fx : {"llama_gqa", "gpt2"}) {
+    Expected e = load_expected(fixture(fx));
+    auto m = engine::Model::load(fixture(fx));
+    engine::Batch b{e.B, e.T, e.tokens, e.lengths};
+    const auto h0 = m.embed(b);
+    Recorder full;
+    auto h = h0;
+    m.run_layer(0, h, &full);
+    ASSERT_EQ(full.recs.size(), 4u) << fx;
+    for (size_t k = 0; k < full.recs.size(); ++k) {
+      StopAt s;
+      s.module = full.recs[k].in.modules.back();
+      auto hs = h0;
+      m.run_layer(0, hs, &s);
+      ASSERT_EQ(s.recs.size(), k + 1) << fx << " stop at " << s.module;
+      for (size_t i = 0; i <= k; ++i) {
+        EXPECT_EQ(s.recs[i].in.modules, full.recs[i].in.modules);
+        EXPECT_EQ(s.recs[i].x, full.recs[i].x) << fx << " input " << i;
+      }
+    }
+    auto again = h0;
+    m.run_layer(0, again, nullptr);
+    EXPECT_EQ(again.data, h.data) << fx;
+  }
+}
+
 TEST(EngineObserver, DenseInputsAreTheModulesInputs) {
   Expected e = load_expected(fixture("llama_gqa"));
   auto m = engine::Model::load(fixture("llama_gqa"));

@@ -491,7 +491,7 @@ TEST(MoeCalib, ActRtnScalesEachExpertFromItsRoutedTokens) {
   const auto plan = pipeline::quantize_model(dry).plan;
   auto res = std::make_shared<pipeline::CalibratedResults>(pipeline::run_act_rtn(f.model, plan, ar, json{{"t", 1}}, report));
   q.output = f.t / "act";
-  q.quantizer = [res](const pipeline::TensorPlan& p, const std::vector<float>&) { return res->weight(p); };
+  q.quantizer = [res](const pipeline::TensorPlan& p) { return res->weight(p); };
   q.replace = [res](const pipeline::TensorPlan& p) { return res->replaced(p.name); };
   pipeline::quantize_model(q);
   res->work_dir().remove();

@@ -492,8 +492,7 @@ Command add_quantize(CLI::App& app) {
           o.config_extra["act_scale"]["seq_len"] = a->seq_len;
         }
       }
-      o.quantizer = [results](const pipeline::TensorPlan& p,
-                              const std::vector<float>&) -> std::optional<quant::QuantizedWeight> {
+      o.quantizer = [results](const pipeline::TensorPlan& p) -> std::optional<quant::QuantizedWeight> {
         return results->weight(p);
       };
       o.replace = [results](const pipeline::TensorPlan& p) { return results->replaced(p.name); };

@@ -363,6 +363,7 @@ struct Model::Impl {
       in.routing_weight = rw;
       in.routed = routed;
       obs->on_linear_input(in);
+      if (expert < 0 && obs->done_after(in)) throw gpu::LayerDone{};
     };
     if (!any_transform) {
       notify(modules, x);
@@ -765,6 +766,24 @@ Model Model::load(const std::filesystem::path& dir, const Options& opts) {
       ip->release_scratch();
       return v;
     };
+    s.raw = [ip](const std::string& n, bool linear) {
+      gpu::Source::Raw r;
+      if (linear) {
+        if (auto o = ip->overrides.find(n.substr(0, n.size() - 7)); o != ip->overrides.end()) {
+          r.data = o->second.data();
+          return r;
+        }
+        if (ip->cfg.arch == Arch::Gpt2) return r;  // Conv1D weights are transposed on loading
+      }
+      if (ip->src.entry(n).format) return r;
+      const TensorView v = ip->src.checkpoint().view(n);
+      if (v.dtype != DType::BF16 && v.dtype != DType::F32) return r;
+      r.data = v.data;
+      r.bf16 = v.dtype == DType::BF16;
+      r.checkpoint = true;
+      return r;
+    };
+    s.release = [ip](const std::string& n) { ip->src.checkpoint().release(n); };
     impl->gpu = with_context(dir.string(), [&] {
       return gpu::create(c, opts.gpu_precision, s, impl->sliding, opts.check_nan);
     });
@@ -776,7 +795,16 @@ const io::ModelConfig& Model::config() const { return impl_->cfg; }
 const native::Model& Model::source() const { return impl_->src; }
 int64_t Model::num_layers() const { return impl_->cfg.num_hidden_layers; }
 
-Activations Model::embed(const Batch& batch) const {
+namespace {
+gpu::Forward& slots_of(const std::unique_ptr<gpu::Forward>& g) {
+  CALQ_CHECK(g, "engine: activation slots need the GPU engine (--device cuda)");
+  return *g;
+}
+}  // namespace
+
+// The batch's lengths (every sequence full when none are given), after embed's checks: shapes,
+// lengths, context length, every token inside the vocabulary.
+std::vector<int64_t> Model::checked_lengths(const Batch& batch) const {
   const io::ModelConfig& c = impl_->cfg;
   CALQ_CHECK(batch.batch > 0 && batch.seq > 0, "engine: empty batch ({} x {})", batch.batch, batch.seq);
   CALQ_CHECK(static_cast<int64_t>(batch.tokens.size()) == batch.batch * batch.seq,
@@ -789,26 +817,51 @@ Activations Model::embed(const Batch& batch) const {
                c.max_position_embeddings,
                c.arch == Arch::Gpt2 ? " (gpt2 has learned positions)" : " (Options::allow_long_context)");
   }
+  std::vector<int64_t> lengths =
+      batch.lengths.empty() ? std::vector<int64_t>(static_cast<size_t>(batch.batch), batch.seq) : batch.lengths;
+  for (int64_t L : lengths)
+    CALQ_CHECK(L >= 1 && L <= batch.seq, "engine: sequence length {} outside 1..{}", L, batch.seq);
+  for (size_t r = 0; r < batch.tokens.size(); ++r) {
+    const int32_t t = batch.tokens[r];
+    CALQ_CHECK(t >= 0 && t < c.vocab_size, "engine: token {} at row {} outside the vocabulary (size {})", t, r,
+               c.vocab_size);
+  }
+  return lengths;
+}
+
+// The GPU engine's residual stream becomes the batch's embedding: gathered on the GPU where the
+// engine can (Forward::embed_tokens), else embedded on the host and uploaded.
+void Model::gpu_start(const Batch& batch) {
+  const auto lengths = checked_lengths(batch);
+  if (!impl_->gpu->embed_tokens(batch.tokens, batch.batch, batch.seq, lengths)) impl_->gpu->upload(embed(batch));
+}
+
+void Model::gpu_embed(int64_t slot, const Batch& batch) {
+  gpu::Forward& g = slots_of(impl_->gpu);
+  gpu_start(batch);
+  g.stash(slot);
+}
+
+Activations Model::embed(const Batch& batch) const {
+  const io::ModelConfig& c = impl_->cfg;
   Activations h;
   h.batch = batch.batch;
   h.seq = batch.seq;
   h.hidden = c.hidden_size;
-  h.lengths = batch.lengths.empty() ? std::vector<int64_t>(static_cast<size_t>(batch.batch), batch.seq) : batch.lengths;
-  for (int64_t L : h.lengths)
-    CALQ_CHECK(L >= 1 && L <= batch.seq, "engine: sequence length {} outside 1..{}", L, batch.seq);
+  h.lengths = checked_lengths(batch);
   h.data.assign(static_cast<size_t>(h.rows() * h.hidden), 0.0f);
   const std::string emb = c.arch == Arch::Gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight";
   const native::Model& src = impl_->src;
-  const int64_t H = c.hidden_size, V = c.vocab_size;
+  const int64_t H = c.hidden_size;
   std::vector<float> full;
   std::optional<TensorView> view;
   if (src.entry(emb).format)
     full = src.load_f32(emb);
   else
     view = src.checkpoint().view(emb);
+#pragma omp parallel for schedule(static) if (h.rows() * H >= kParallelMin)
   for (int64_t r = 0; r < h.rows(); ++r) {
     const int32_t t = batch.tokens[static_cast<size_t>(r)];
-    CALQ_CHECK(t >= 0 && t < V, "engine: token {} at row {} outside the vocabulary (size {})", t, r, V);
     if (view)
       to_f32(view->data + static_cast<size_t>(t) * H * dtype_size(view->dtype), view->dtype, h.row(r),
              static_cast<size_t>(H));
@@ -817,6 +870,7 @@ Activations Model::embed(const Batch& batch) const {
   }
   if (c.arch == Arch::Gpt2) {
     auto wpe = src.load_f32("transformer.wpe.weight");
+#pragma omp parallel for schedule(static) if (h.rows() * H >= kParallelMin)
     for (int64_t r = 0; r < h.rows(); ++r) {
       const int64_t pos = r % h.seq;
       float* hr = h.row(r);
@@ -828,12 +882,6 @@ Activations Model::embed(const Batch& batch) const {
 
 bool Model::on_gpu() const { return impl_->gpu != nullptr; }
 
-namespace {
-gpu::Forward& slots_of(const std::unique_ptr<gpu::Forward>& g) {
-  CALQ_CHECK(g, "engine: activation slots need the GPU engine (--device cuda)");
-  return *g;
-}
-}  // namespace
 
 void Model::gpu_put(int64_t slot, const Activations& h) {
   gpu::Forward& g = slots_of(impl_->gpu);
@@ -849,7 +897,12 @@ void Model::gpu_run(int64_t layer, int64_t in, int64_t out, Observer* observer) 
   CALQ_CHECK(layer >= 0 && layer < impl_->cfg.num_hidden_layers, "engine: layer {} outside 0..{}", layer,
              impl_->cfg.num_hidden_layers - 1);
   g.restore(in);
-  g.run_layer(layer, observer, impl_->transforms);
+  try {
+    g.run_layer(layer, observer, impl_->transforms);
+  } catch (const gpu::LayerDone&) {
+    CALQ_CHECK(out < 0, "engine: layer {} stopped early by its observer, but its output was asked for", layer);
+    return;
+  }
   if (out >= 0) g.stash(out);
 }
 
@@ -872,7 +925,11 @@ void Model::run_layer(int64_t layer, Activations& h, Observer* observer) {
              c.hidden_size);
   if (impl_->gpu) {
     impl_->gpu->upload(h);
-    impl_->gpu->run_layer(layer, observer, impl_->transforms);
+    try {
+      impl_->gpu->run_layer(layer, observer, impl_->transforms);
+    } catch (const gpu::LayerDone&) {
+      return;  // an observation pass: h is left as it came in
+    }
     impl_->gpu->download(h);
     return;
   }
@@ -881,6 +938,9 @@ void Model::run_layer(int64_t layer, Activations& h, Observer* observer) {
       impl_->run_gpt2_layer(layer, h, observer);
     else
       impl_->run_llama_layer(layer, h, observer);
+  } catch (const gpu::LayerDone&) {
+    impl_->release_scratch();  // an observation pass: h is left part-way through the layer
+    return;
   } catch (...) {
     impl_->release_scratch();
     throw;
@@ -931,28 +991,28 @@ std::vector<float> Model::head(const Activations& h, Observer* observer) {
 }
 
 std::vector<float> Model::forward(const Batch& batch, Observer* observer) {
-  Activations h = embed(batch);
   if (impl_->gpu) {  // the residual stream stays on the GPU
-    impl_->gpu->upload(h);
+    gpu_start(batch);
     for (int64_t l = 0; l < num_layers(); ++l) impl_->gpu->run_layer(l, observer, impl_->transforms);
     return impl_->gpu->head({}, observer);
   }
+  Activations h = embed(batch);
   for (int64_t l = 0; l < num_layers(); ++l) run_layer(l, h, observer);
   return head(h, observer);
 }
 
 std::vector<float> Model::logits_from(const Batch& batch, int64_t first) {
   CALQ_CHECK(first >= 0 && first < batch.seq, "engine: logits from position {} of sequences of {}", first, batch.seq);
-  Activations h = embed(batch);
   if (impl_->gpu) {
-    impl_->gpu->upload(h);
+    gpu_start(batch);
     for (int64_t l = 0; l < num_layers(); ++l) impl_->gpu->run_layer(l, nullptr, impl_->transforms);
     std::vector<int64_t> rows;
-    rows.reserve(static_cast<size_t>(h.batch * (h.seq - first)));
-    for (int64_t s = 0; s < h.batch; ++s)
-      for (int64_t t = first; t < h.seq; ++t) rows.push_back(s * h.seq + t);
+    rows.reserve(static_cast<size_t>(batch.batch * (batch.seq - first)));
+    for (int64_t s = 0; s < batch.batch; ++s)
+      for (int64_t t = first; t < batch.seq; ++t) rows.push_back(s * batch.seq + t);
     return impl_->gpu->head(rows, nullptr);
   }
+  Activations h = embed(batch);
   for (int64_t l = 0; l < num_layers(); ++l) run_layer(l, h);
   Activations tail;
   tail.batch = 1;

@@ -91,6 +91,12 @@ class Observer {
   // them there (the GPU engine, for inputs without an input transform); otherwise, and always on
   // the CPU engine, it gets host inputs (LinearInput::x). false (default): host inputs only.
   virtual bool device_input() const { return false; }
+  // true: after `in` (a dense input: LinearInput::expert < 0) the observer needs nothing more from
+  // this run of the layer, and the run's output will not be used (an observation pass). The engine
+  // then stops the layer there, skipping the rest of its work and leaving the activations
+  // undefined (Model::run_layer, Model::gpu_run with no output slot). false (default): the layer
+  // always runs to its end.
+  virtual bool done_after(const LinearInput& in) const { return false; }
 };
 
 // Applied in place to a copy of a module's input [rows, cols] before its matmul (the slot for
@@ -149,6 +155,9 @@ class Model {
   // that only feeds `observer`); gpu_get downloads a slot; gpu_drop_slots frees them all.
   bool on_gpu() const;
   void gpu_put(int64_t slot, const Activations& h);
+  // The embedding of `batch` into a slot (embed's checks): gathered on the GPU, without the host
+  // copy of gpu_put(slot, embed(batch)), where the embedding table can be read there.
+  void gpu_embed(int64_t slot, const Batch& batch);
   void gpu_run(int64_t layer, int64_t in, int64_t out, Observer* observer = nullptr);
   void gpu_get(int64_t slot, Activations& h);
   void gpu_drop_slots();
@@ -168,6 +177,8 @@ class Model {
  private:
   struct Impl;
   explicit Model(std::unique_ptr<Impl> impl);
+  std::vector<int64_t> checked_lengths(const Batch& batch) const;
+  void gpu_start(const Batch& batch);
   std::unique_ptr<Impl> impl_;
 };
 

@@ -16,6 +16,10 @@
 
 namespace calq::engine::gpu {
 
+// Thrown by a layer run (CPU or GPU engine) when its observer's Observer::done_after says the
+// rest of the layer is not needed; Model::run_layer / gpu_run catch it and return.
+struct LayerDone {};
+
 // Where the GPU forward pass reads the model from (the CPU engine's own loading code).
 struct Source {
   // Whether the checkpoint has this tensor.
@@ -25,6 +29,17 @@ struct Source {
   // The fp32 tensor by HF name; linear weights ("<module>.weight", linear = true) as [out, in]
   // with any set_weight override applied.
   std::function<std::vector<float>(const std::string& name, bool linear)> load;
+  // The bytes of a tensor when they are exactly what `load` would return, without a copy: a
+  // set_weight override (fp32), or the checkpoint's own tensor (no transpose, stored bf16 or
+  // fp32); data = null otherwise. The upload then skips the host conversion (bf16 goes to the GPU
+  // as it is stored). `release` drops a checkpoint tensor's pages after use.
+  struct Raw {
+    const void* data = nullptr;
+    bool bf16 = false;
+    bool checkpoint = false;  // a view of the checkpoint (release it after use)
+  };
+  std::function<Raw(const std::string& name, bool linear)> raw;
+  std::function<void(const std::string& name)> release;
 };
 
 // The device-resident forward pass of one model: weights uploaded once at creation, the residual
@@ -34,6 +49,13 @@ class Forward {
   virtual ~Forward() = default;
   // Copies host activations to the device residual stream (its shape becomes the current batch).
   virtual void upload(const Activations& h) = 0;
+  // The residual stream becomes the embedding rows of `tokens` [batch · seq] (checked by the
+  // caller: inside the vocabulary; lengths as Activations::lengths), gathered on the GPU from a
+  // device copy of the embedding table (made on first use). false, with nothing changed, where
+  // that cannot be done (GPT-2's learned positions, a table stored in another dtype than bf16 or
+  // fp32, too little free memory for the table): the caller then embeds on the host and uploads.
+  virtual bool embed_tokens(const std::vector<int32_t>& tokens, int64_t batch, int64_t seq,
+                            const std::vector<int64_t>& lengths) = 0;
   // Copies the device residual stream back into h (resized to the current batch).
   virtual void download(Activations& h) = 0;
   // Activation slots on the device (calibration keeps every chunk there between passes): stash

@@ -37,22 +37,25 @@ double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+// Calibration sequences [s0, s0 + batch) (fewer at the end) as one batch.
+engine::Batch chunk_batch(const data::CalibrationSet& cs, int64_t s0, int64_t batch) {
+  const int64_t nb = std::min(batch, static_cast<int64_t>(cs.tokens.size()) - s0);
+  engine::Batch b;
+  b.batch = nb;
+  b.seq = cs.seq_len;
+  for (int64_t i = 0; i < nb; ++i) {
+    b.tokens.insert(b.tokens.end(), cs.tokens[s0 + i].begin(), cs.tokens[s0 + i].end());
+    b.lengths.push_back(cs.lengths[s0 + i]);
+  }
+  return b;
+}
+
 // The calibration sequences embedded, in chunks of at most `batch` sequences.
 std::vector<engine::Activations> embed_chunks(const engine::Model& m, const data::CalibrationSet& cs, int64_t batch) {
   CALQ_CHECK(batch >= 1, "calibration batch must be at least 1");
   std::vector<engine::Activations> out;
   const int64_t n = static_cast<int64_t>(cs.tokens.size());
-  for (int64_t s0 = 0; s0 < n; s0 += batch) {
-    const int64_t nb = std::min(batch, n - s0);
-    engine::Batch b;
-    b.batch = nb;
-    b.seq = cs.seq_len;
-    for (int64_t i = 0; i < nb; ++i) {
-      b.tokens.insert(b.tokens.end(), cs.tokens[s0 + i].begin(), cs.tokens[s0 + i].end());
-      b.lengths.push_back(cs.lengths[s0 + i]);
-    }
-    out.push_back(m.embed(b));
-  }
+  for (int64_t s0 = 0; s0 < n; s0 += batch) out.push_back(m.embed(chunk_batch(cs, s0, batch)));
   return out;
 }
 
@@ -61,7 +64,9 @@ struct FnObserver : engine::Observer {
   std::function<void(const engine::LinearInput&)> fn;
   std::function<bool(int64_t, int64_t)> all;  // engine::Observer::all_tokens (null: never)
   bool device = false;                        // engine::Observer::device_input
+  std::function<bool(const engine::LinearInput&)> done;  // engine::Observer::done_after (null: never)
   void on_linear_input(const engine::LinearInput& in) override { fn(in); }
+  bool done_after(const engine::LinearInput& in) const override { return done && done(in); }
   bool all_tokens(int64_t layer, int64_t expert) const override { return all && all(layer, expert); }
   bool device_input() const override { return device; }
 };
@@ -334,23 +339,37 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
     // A host-mode run persisted them; a GPU-resident one did not (its resume recomputes them).
     const bool persisted = start > 0 && fs::is_directory(wd->acts_dir(start)) && !fs::is_empty(wd->acts_dir(start));
     const double te = now_s();
-    if (!persisted) {
+    // Both activation sets of a layer boundary (input and output) in half the free GPU memory.
+    const uint64_t set_bytes = static_cast<uint64_t>(ci->set.tokens.size()) * static_cast<uint64_t>(ci->set.seq_len) *
+                               static_cast<uint64_t>(m.config().hidden_size) * sizeof(float);
+    const bool fits_gpu = m.on_gpu() && replay && 2 * set_bytes <= backend::cuda_free_bytes() / 2;
+    if (!persisted && fits_gpu && start == 0) {
+      // A fresh GPU-resident run: each chunk is embedded into its slot (on the GPU where it can).
+      const int64_t n = static_cast<int64_t>(ci->set.tokens.size());
+      CALQ_CHECK(batch >= 1, "calibration batch must be at least 1");
+      for (int64_t s0 = 0; s0 < n; s0 += batch) m.gpu_embed(resident++, chunk_batch(ci->set, s0, batch));
+      log_info("calibration activations on the GPU: {} chunks, {} per layer boundary", resident,
+               format_bytes(static_cast<double>(set_bytes)));
+    } else if (!persisted) {
       chunks = embed_chunks(m, ci->set, batch);
       if (start > 0) {
         const double tr = now_s();
         CALQ_CHECK(replay, "--resume: the activations entering layer {} are missing from {}", start,
                    wd->path().string());
         log_info("recomputing the activations entering layer {} from the {} finished layers", start, start);
+        Progress rb("recompute", static_cast<uint64_t>(start), "layers");
         for (int64_t l = 0; l < start; ++l) {
           if (quantized_inputs) replay(*wd, l, true);
           for (auto& a : chunks) m.run_layer(l, a);
           if (quantized_inputs) replay(*wd, l, false);
+          rb.advance(1, 0, fmt::format("layer {}", l));
         }
+        rb.finish();
         tt.replay += now_s() - tr;
       }
       uint64_t bytes = 0;
       for (auto& a : chunks) bytes += static_cast<uint64_t>(a.data.size()) * sizeof(float);
-      if (m.on_gpu() && replay && 2 * bytes <= backend::cuda_free_bytes() / 2) {
+      if (fits_gpu) {
         resident = static_cast<int64_t>(chunks.size());
         for (int64_t i = 0; i < resident; ++i) m.gpu_put(i, chunks[static_cast<size_t>(i)]);
         log_info("calibration activations on the GPU: {} chunks, {} per layer boundary", resident,
@@ -701,9 +720,27 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
           acc.try_emplace(k, hprec).first->second.add(in, mask.data(), use_weight ? in.routing_weight : nullptr);
           if (opt.mr.enabled) add_moments(moments[k], in, mask.data());
         };
+        // A batch of dense groups only needs the layer up to its last input: the pass stops there
+        // (the observation passes' outputs are discarded). Expert inputs arrive in routing order,
+        // so a batch with experts runs whole.
+        {
+          size_t last_g = 0;
+          bool dense_only = true;
+          for (size_t g : batch) {
+            last_g = std::max(last_g, g);
+            dense_only = dense_only && expert_of(groups[g].front()) < 0;
+          }
+          if (dense_only) {
+            const std::string last = groups[last_g].back();
+            obs.done = [l, last](const engine::LinearInput& in) {
+              return in.layer == l && std::find(in.modules.begin(), in.modules.end(), last) != in.modules.end();
+            };
+          }
+        }
         double to = now_s();
         ctx.observe(l, obs);
         tm.observe += now_s() - to;
+        obs.done = nullptr;
         // Pass 2 (routed per-expert statistics only): experts below --moe-min-tokens also get
         // every token for a Hessian to blend with.
         std::map<std::string, int64_t> blend_n;  // key -> N of the blend

@@ -152,17 +152,19 @@ QuantizeResult quantize_model(const QuantizeOptions& opt) {
         writer.write(p.name, v.data, v.nbytes);
       }
     } else {
-      std::vector<float> w = load_linear(ck, p);
+      std::optional<quant::QuantizedWeight> provided;
+      if (opt.quantizer) provided = opt.quantizer(p);
       const quant::Rotation* rot = rotation_of(p);
+      // The weights in fp32 only where something reads them: RTN, --validate.
+      std::vector<float> w;
+      if (!provided || opt.validate) w = load_linear(ck, p);
       if (rot) {
-        rot->apply_rows(w.data(), p.rows());  // W·R: what is quantized (and validated against)
+        if (!w.empty()) rot->apply_rows(w.data(), p.rows());  // W·R: what is quantized (and validated against)
         writer.write(native::rotation_signs_name(p.module), rot->signs.data(), rot->signs.size() * sizeof(float));
         tr.rotation = native::rotation_json(*rot, p.module);
       }
       quant::RtnOptions ro = opt.rtn;
       if (!ro.global_scale) ro.global_scale = global_scale_for(p);
-      std::optional<quant::QuantizedWeight> provided;
-      if (opt.quantizer) provided = opt.quantizer(p, w);
       quant::QuantizedWeight q =
           provided ? std::move(*provided) : quant::rtn_quantize(w.data(), p.rows(), p.cols(), *p.format, ro, p.name);
       tr.saturated_scales = q.saturated_scales;
@@ -179,8 +181,8 @@ QuantizeResult quantize_model(const QuantizeOptions& opt) {
       for (auto& [suffix, t] : packed) writer.write(p.module + "." + suffix, t);
       tr.format = p.format->describe();
       tr.bits_per_weight = p.format->bits_per_weight();
-      q_params += static_cast<uint64_t>(w.size());
-      q_bits += tr.bits_per_weight * static_cast<double>(w.size());
+      q_params += static_cast<uint64_t>(p.rows() * p.cols());
+      q_bits += tr.bits_per_weight * static_cast<double>(p.rows() * p.cols());
     }
     ck.release(p.name);
     tr.seconds = now_s() - ts;

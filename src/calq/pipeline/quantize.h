@@ -30,7 +30,7 @@ struct QuantizeOptions {
   std::string command_line;              // recorded in the report
   // When set, called for every tensor the plan quantizes; a returned weight is written instead
   // of RTN's (calibrated methods: GPTQ, MR-GPTQ, activation-aware RTN). nullopt: RTN.
-  std::function<std::optional<quant::QuantizedWeight>(const TensorPlan&, const std::vector<float>& w)> quantizer;
+  std::function<std::optional<quant::QuantizedWeight>(const TensorPlan&)> quantizer;
   // When set, called for every tensor the plan keeps; a returned tensor (same dtype and shape) is
   // written instead of the input's (norm weights that absorbed activation scales).
   std::function<std::optional<Tensor>(const TensorPlan&)> replace;

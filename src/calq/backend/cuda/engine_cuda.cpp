@@ -137,6 +137,11 @@ class CudaForward final : public Forward {
     check_cublas(cublasSetAtomicsMode(blas_, CUBLAS_ATOMICS_NOT_ALLOWED), "cublasSetAtomicsMode");
     // Default math: cublasSgemm in true fp32 (no TF32); GemmEx follows its compute type.
     check_cublas(cublasSetMathMode(blas_, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+    if (const char* a = std::getenv("CALQ_CUDA_ATTENTION"); a && *a) {
+      CALQ_CHECK(std::string(a) == "tiled" || std::string(a) == "gemm",
+                 "CALQ_CUDA_ATTENTION={}: expected tiled or gemm", a);
+      tiled_attention_ = std::string(a) == "tiled";
+    }
     try {
       upload_weights();
     } catch (...) {  // the destructor does not run for a constructor that throws
@@ -167,6 +172,50 @@ class CudaForward final : public Forward {
                                cudaMemcpyHostToDevice, stream_),
                "cudaMemcpy(lengths)");
     check_cuda(cudaStreamSynchronize(stream_), "upload");
+  }
+
+  bool embed_tokens(const std::vector<int32_t>& tokens, int64_t batch, int64_t seq,
+                    const std::vector<int64_t>& lengths) override {
+    const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size, N = batch * seq;
+    if (emb_state_ == 0) {  // first use: the table goes to the GPU as stored, if it can
+      emb_state_ = -1;
+      const std::string name = "model.embed_tokens.weight";
+      Source::Raw r = !gpt2_ && src_.raw && src_.contains(name) ? src_.raw(name, false) : Source::Raw{};
+      if (r.data && r.checkpoint) {
+        const size_t bytes = static_cast<size_t>(V * H) * (r.bf16 ? sizeof(uint16_t) : sizeof(float));
+        if (bytes <= free_bytes() / 2) {
+          emb_.ensure(bytes, "the embedding table", kWeightHint);
+          h2d(emb_.as<void>(), r.data, bytes, "cudaMemcpy(embedding table)");
+          emb_bf16_ = r.bf16;
+          emb_state_ = 1;
+        }
+      }
+      if (r.checkpoint && src_.release) src_.release(name);
+    }
+    if (emb_state_ < 0) return false;
+    CALQ_CHECK(static_cast<int64_t>(tokens.size()) == N && static_cast<int64_t>(lengths.size()) == batch,
+               "engine (cuda): {} tokens and {} lengths for a batch of {} x {}", tokens.size(), lengths.size(), batch,
+               seq);
+    std::vector<int64_t> rows(tokens.begin(), tokens.end());
+    d_tokens_.ensure(rows.size() * sizeof(int64_t), "token ids", kActHint);
+    check_cuda(cudaMemcpyAsync(d_tokens_.as<int64_t>(), rows.data(), rows.size() * sizeof(int64_t),
+                               cudaMemcpyHostToDevice, stream_),
+               "cudaMemcpy(token ids)");
+    resid_.ensure(static_cast<size_t>(N * H) * sizeof(float), "the residual stream", kActHint);
+    if (emb_bf16_)
+      k::launch_gather_rows_bf16(emb_.as<uint16_t>(), d_tokens_.as<int64_t>(), N, H, resid_.as<float>(), stream_);
+    else
+      k::launch_gather_rows(emb_.as<float>(), d_tokens_.as<int64_t>(), N, H, resid_.as<float>(), stream_);
+    check_launch("embedding gather");
+    B_ = batch;
+    T_ = seq;
+    lengths_ = lengths;
+    d_lengths_.ensure(lengths_.size() * sizeof(int64_t), "sequence lengths", kActHint);
+    check_cuda(cudaMemcpyAsync(d_lengths_.as<int64_t>(), lengths_.data(), lengths_.size() * sizeof(int64_t),
+                               cudaMemcpyHostToDevice, stream_),
+               "cudaMemcpy(lengths)");
+    check_cuda(cudaStreamSynchronize(stream_), "embedding");  // rows (host) goes out of scope
+    return true;
   }
 
   void download(Activations& h) override {
@@ -248,9 +297,8 @@ class CudaForward final : public Forward {
     check_launch("rope");
     const int64_t window = sliding_[static_cast<size_t>(l)] ? cfg_.sliding_window.value_or(0) : 0;
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-    k::launch_attention(q_.as<float>(), NQ * D, k_.as<float>(), NKV * D, v_.as<float>(), NKV * D, att_.as<float>(),
-                        NQ * D, B_, T_, NQ, NKV, D, d_lengths_.as<int64_t>(), window, scale, stream_);
-    check_launch("attention");
+    attention(q_.as<float>(), NQ * D, k_.as<float>(), NKV * D, v_.as<float>(), NKV * D, att_.as<float>(), NQ * D, NQ,
+              NKV, D, window, scale);
     linears(l, {a + "o_proj"}, att_.as<float>(), N, NQ * D, obs, transforms, {o_.as<float>()});
     k::launch_add(h, o_.as<float>(), N * H, stream_);
     k::launch_rms_norm(h, xn_.as<float>(), N, H, vec(p + "post_attention_layernorm.weight"), eps, stream_);
@@ -410,9 +458,7 @@ class CudaForward final : public Forward {
     check_launch("layer_norm");
     linears(l, {p + "attn.c_attn"}, xn_.as<float>(), N, H, obs, transforms, {qkv});
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-    k::launch_attention(qkv, 3 * H, qkv + H, 3 * H, qkv + 2 * H, 3 * H, att_.as<float>(), H, B_, T_, NH, NH, D,
-                        d_lengths_.as<int64_t>(), 0, scale, stream_);
-    check_launch("attention");
+    attention(qkv, 3 * H, qkv + H, 3 * H, qkv + 2 * H, 3 * H, att_.as<float>(), H, NH, NH, D, 0, scale);
     linears(l, {p + "attn.c_proj"}, att_.as<float>(), N, H, obs, transforms, {o_.as<float>()});
     k::launch_add(h, o_.as<float>(), N * H, stream_);
     k::launch_layer_norm(h, xn_.as<float>(), N, H, vec(p + "ln_2.weight"), vec(p + "ln_2.bias"), eps, stream_);
@@ -472,10 +518,12 @@ class CudaForward final : public Forward {
   void reload(const std::string& module) override {
     if (module == "lm_head" && head_name_ == "lm_head.weight") {
       upload_linear(head_, "lm_head.weight", "lm_head", true);
+      stage_.reset();
       return;
     }
     auto it = linears_.find(module);
     if (it != linears_.end()) upload_linear(it->second, module + ".weight", module, true);
+    stage_.reset();
   }
 
   int64_t device_bytes() const override {
@@ -484,7 +532,7 @@ class CudaForward final : public Forward {
     for (const auto& [name, v] : vectors_) n += v.bytes();
     n += head_.w.bytes();
     for (const DevMem* m : {&resid_, &xn_, &q_, &k_, &v_, &att_, &o_, &g_, &u_, &xb_, &xt_, &logits_, &router_logits_,
-                            &sel_, &sel_w_, &moe_rows_, &moe_w_, &xe_})
+                            &sel_, &sel_w_, &moe_rows_, &moe_w_, &xe_, &attn_s_, &attn_ptr_, &stage_, &emb_, &d_tokens_})
       n += m->bytes();
     return static_cast<int64_t>(n);
   }
@@ -554,6 +602,83 @@ class CudaForward final : public Forward {
     rope_T_ = T;
   }
 
+  // Causal GQA attention of the current batch (the contract of k::launch_attention). Where a
+  // block of scores fits the scratch budget (kAttnScratch), through cuBLAS: for each block of
+  // kAttnBlock queries, S = K·Qᵀ over the keys the block can see (fp32 SGEMM, batched over
+  // (sequence, head) pairs), the masked softmax in place, then O = P·V; causality skips the key
+  // blocks after each query block. Otherwise (very long sequences), or with
+  // CALQ_CUDA_ATTENTION=tiled, the tiled online-softmax kernel, which holds no score matrix.
+  static constexpr int64_t kAttnBlock = 512;
+  static constexpr size_t kAttnScratch = size_t{1} << 30;
+  void attention(const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv, float* out,
+                 int64_t ldo, int64_t NQ, int64_t NKV, int64_t D, int64_t window, float scale) {
+    const int64_t T = T_, pairs = B_ * NQ, groups = NQ / NKV;
+    const int64_t bq = std::min(T, kAttnBlock);
+    const size_t per_pair = static_cast<size_t>(bq * T) * sizeof(float);
+    // At most kAttnScratch, and a quarter of what is free (the scores never crowd out the rest).
+    const size_t budget = std::min(kAttnScratch, (free_bytes() + attn_s_.bytes()) / 4);
+    const int64_t budget_pairs = static_cast<int64_t>(budget / per_pair);
+    if (tiled_attention_ || budget_pairs < 1) {
+      k::launch_attention(q, ldq, k, ldk, v, ldv, out, ldo, B_, T, NQ, NKV, D, d_lengths_.as<int64_t>(), window, scale,
+                          stream_);
+      check_launch("attention");
+      return;
+    }
+    const int64_t P = std::min<int64_t>({pairs, budget_pairs, 65535});
+    // The calls: per query block, per round of P pairs; pointers K, Q, S and V, O of each pair.
+    struct Call {
+      int64_t i0, nq, k0, nk, pair0, n;
+      size_t ptr;  // offset of its 5 · n pointers
+    };
+    std::vector<Call> calls;
+    std::vector<const float*> ptrs;
+    for (int64_t i0 = 0; i0 < T; i0 += bq) {
+      const int64_t nq = std::min(bq, T - i0), i1 = i0 + nq;
+      const int64_t k0 = window > 0 ? std::max<int64_t>(0, i0 - window + 1) : 0, nk = i1 - k0;
+      for (int64_t p0 = 0; p0 < pairs; p0 += P) {
+        const int64_t n = std::min(P, pairs - p0);
+        calls.push_back({i0, nq, k0, nk, p0, n, ptrs.size()});
+        const size_t at = ptrs.size();
+        ptrs.resize(at + 5 * static_cast<size_t>(n));
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t b = (p0 + j) / NQ, h = (p0 + j) % NQ, kvh = h / groups;
+          const size_t o = at + static_cast<size_t>(j);
+          ptrs[o] = k + (b * T + k0) * ldk + kvh * D;
+          ptrs[o + n] = q + (b * T + i0) * ldq + h * D;
+          ptrs[o + 2 * n] = nullptr;  // S: set below, once the scratch exists
+          ptrs[o + 3 * n] = v + (b * T + k0) * ldv + kvh * D;
+          ptrs[o + 4 * n] = out + (b * T + i0) * ldo + h * D;
+        }
+      }
+    }
+    attn_s_.ensure(static_cast<size_t>(P) * per_pair, "the attention scores of a block of queries", kActHint);
+    for (const Call& c : calls)
+      for (int64_t j = 0; j < c.n; ++j)
+        ptrs[c.ptr + 2 * static_cast<size_t>(c.n) + static_cast<size_t>(j)] = attn_s_.as<float>() + j * c.nq * c.nk;
+    attn_ptr_.ensure(ptrs.size() * sizeof(float*), "attention pointer arrays", kActHint);
+    h2d(attn_ptr_.as<void>(), ptrs.data(), ptrs.size() * sizeof(float*), "cudaMemcpy(attention pointers)");
+    const auto** dp = attn_ptr_.as<const float*>();
+    const float one = 1.0f, zero = 0.0f;
+    for (const Call& c : calls) {
+      const float* const* K = dp + c.ptr;
+      const float* const* Q = K + c.n;
+      float* const* S = const_cast<float* const*>(K + 2 * c.n);
+      const float* const* V = K + 3 * c.n;
+      float* const* O = const_cast<float* const*>(K + 4 * c.n);
+      const int nk = static_cast<int>(c.nk), nq = static_cast<int>(c.nq), d = static_cast<int>(D);
+      check_cublas(cublasSgemmBatched(blas_, CUBLAS_OP_T, CUBLAS_OP_N, nk, nq, d, &one, K, static_cast<int>(ldk), Q,
+                                      static_cast<int>(ldq), &zero, S, nk, static_cast<int>(c.n)),
+                   "cublasSgemmBatched (attention scores)");
+      k::launch_masked_softmax(attn_s_.as<float>(), c.n, c.nq, c.nk, c.i0, c.k0, c.pair0, NQ,
+                               d_lengths_.as<int64_t>(), window, scale, stream_);
+      check_launch("attention softmax");
+      check_cublas(cublasSgemmBatched(blas_, CUBLAS_OP_N, CUBLAS_OP_N, d, nq, nk, &one, V, static_cast<int>(ldv),
+                                      const_cast<const float* const*>(S), nk, &zero, O, static_cast<int>(ldo),
+                                      static_cast<int>(c.n)),
+                   "cublasSgemmBatched (attention output)");
+    }
+  }
+
   // Y[rows, out] = X[rows, in] · Wᵀ (+ bias), X and Y on the device.
   void gemm(const Linear& L, const float* X, int64_t rows, float* Y) {
     if (rows == 0) return;
@@ -612,6 +737,10 @@ class CudaForward final : public Forward {
       in.x = host.data();
     }
     obs->on_linear_input(in);
+    if (!expert && obs->done_after(in)) {
+      check_cuda(cudaStreamSynchronize(stream_), "decoder layer (stopped by its observer)");
+      throw LayerDone{};
+    }
   }
 
   // Observes the shared input of `modules` and multiplies it with each (the CPU engine's
@@ -632,6 +761,10 @@ class CudaForward final : public Forward {
       in.real = real_.data();
       describe_expert(in, expert);
       obs->on_linear_input(in);
+      if (!expert && obs->done_after(in)) {
+        check_cuda(cudaStreamSynchronize(stream_), "decoder layer (stopped by its observer)");
+        throw LayerDone{};
+      }
     };
     if (!any_transform) {
       if (obs) observe(obs, modules, layer, x, rows, cols, real_.data(), expert);
@@ -660,20 +793,40 @@ class CudaForward final : public Forward {
   }
 
   // `tensor`: the weight's tensor name ([out, in]); `module`: its bias is module + ".bias".
+  // The checkpoint's bytes go to the GPU as stored where they can (Source::raw: no host
+  // conversion); a width change (bf16 <-> fp32) happens on the GPU from a staging copy, with the
+  // same round-to-nearest-even as the host's f32_to_bf16.
   void upload_linear(Linear& L, const std::string& tensor, const std::string& module, bool linear_weight) {
-    const std::vector<float> w = src_.load(tensor, linear_weight);
-    CALQ_CHECK(static_cast<int64_t>(w.size()) == L.out * L.in, "engine (cuda): {} has {} values, expected {} x {}",
-               tensor, w.size(), L.out, L.in);
+    const size_t n = static_cast<size_t>(L.out * L.in);
     L.bf16 = prec_ == Precision::BF16;
-    if (L.bf16) {
-      std::vector<uint16_t> b(w.size());
-      for (size_t i = 0; i < w.size(); ++i) b[i] = f32_to_bf16(w[i]);
-      L.w.ensure(b.size() * sizeof(uint16_t), tensor.c_str(), kWeightHint);
-      h2d(L.w.as<void>(), b.data(), b.size() * sizeof(uint16_t), "cudaMemcpy(weights)");
+    const size_t wbytes = L.bf16 ? sizeof(uint16_t) : sizeof(float);
+    Source::Raw raw = src_.raw ? src_.raw(tensor, linear_weight) : Source::Raw{};
+    std::vector<float> w;
+    if (!raw.data) {
+      w = src_.load(tensor, linear_weight);
+      CALQ_CHECK(w.size() == n, "engine (cuda): {} has {} values, expected {} x {}", tensor, w.size(), L.out, L.in);
+      raw.data = w.data();
+      raw.bf16 = false;
     } else {
-      L.w.ensure(w.size() * sizeof(float), tensor.c_str(), kWeightHint);
-      h2d(L.w.as<void>(), w.data(), w.size() * sizeof(float), "cudaMemcpy(weights)");
+      CALQ_CHECK(src_.numel(tensor) == static_cast<int64_t>(n), "engine (cuda): {} has {} values, expected {} x {}",
+                 tensor, src_.numel(tensor), L.out, L.in);
     }
+    L.w.ensure(n * wbytes, tensor.c_str(), kWeightHint);
+    if (raw.bf16 == L.bf16) {
+      h2d(L.w.as<void>(), raw.data, n * wbytes, "cudaMemcpy(weights)");
+    } else {
+      const size_t sbytes = n * (raw.bf16 ? sizeof(uint16_t) : sizeof(float));
+      stage_.ensure(sbytes, "a weight's staging copy", kWeightHint);
+      check_cuda(cudaMemcpyAsync(stage_.as<void>(), raw.data, sbytes, cudaMemcpyHostToDevice, stream_),
+                 "cudaMemcpy(weights)");
+      if (raw.bf16)
+        k::launch_bf16_to_f32(stage_.as<uint16_t>(), L.w.as<float>(), static_cast<int64_t>(n), stream_);
+      else
+        k::launch_to_bf16(stage_.as<float>(), L.w.as<uint16_t>(), static_cast<int64_t>(n), stream_);
+      check_launch("weight conversion");
+      check_cuda(cudaStreamSynchronize(stream_), "weight conversion");
+    }
+    if (raw.checkpoint && src_.release) src_.release(tensor);
     const std::string bias = module + ".bias";
     L.has_bias = src_.contains(bias);
     if (L.has_bias) {
@@ -745,10 +898,14 @@ class CudaForward final : public Forward {
       if (src_.contains(it.module + ".bias")) need += static_cast<size_t>(it.out) * 4;
     }
     for (const auto& v : vecs) need += static_cast<size_t>(src_.numel(v)) * 4;
+    // A staging copy of the largest weight where its width changes on the GPU (at most fp32).
+    size_t largest = static_cast<size_t>(V * H);
+    for (const auto& it : lin) largest = std::max(largest, static_cast<size_t>(it.out * it.in));
+    need += largest * 4;
     size_t total = 0;
     const size_t avail = free_bytes(&total);
     if (need > avail)
-      fail("--device cuda: out of GPU memory: the weights need {} bytes ({} precision), {} bytes are free on GPU 0 "
+      fail("--device cuda: out of GPU memory: the weights need {} bytes ({} precision, a staging copy of the largest included), {} bytes are free on GPU 0 "
            "(of {}); {}",
            need, prec_ == Precision::BF16 ? "bf16" : "fp32", avail, total, kWeightHint);
     for (const auto& it : lin) {
@@ -764,6 +921,7 @@ class CudaForward final : public Forward {
       upload_linear(head_, head_name_, "lm_head", true);
     else
       upload_linear(head_, head_name_, head_name_.substr(0, head_name_.size() - 7), false);
+    stage_.reset();
   }
 
   io::ModelConfig cfg_;
@@ -790,6 +948,12 @@ class CudaForward final : public Forward {
   std::vector<uint8_t> real_;
   DevMem resid_, d_lengths_, d_rows_, nan_count_;
   DevMem xn_, q_, k_, v_, att_, o_, g_, u_, xb_, xt_, logits_;
+  DevMem attn_s_, attn_ptr_;  // attention through GEMMs: scores of a block of queries, pointer arrays
+  bool tiled_attention_ = false;  // CALQ_CUDA_ATTENTION=tiled
+  DevMem emb_, d_tokens_;  // embed_tokens: the embedding table as stored, the batch's token ids
+  int emb_state_ = 0;        // 0: not tried yet, 1: on the GPU, -1: host embedding
+  bool emb_bf16_ = false;
+  DevMem stage_;  // a weight's bytes before their width changes on the GPU (upload_linear)
   // MoE layers: router logits [N, E], top-k choices and weights [N, K], the rows grouped by expert
   // (Activations rows and weights, [N·K]) and the gathered expert inputs [N·K, H].
   DevMem router_logits_, sel_, sel_w_, moe_rows_, moe_w_, xe_;

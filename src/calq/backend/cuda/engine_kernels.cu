@@ -167,6 +167,13 @@ __global__ void gather_rows_kernel(const float* x, const int64_t* rows, int64_t 
     y[i] = x[rows[i / H] * H + i % H];
 }
 
+__global__ void gather_rows_bf16_kernel(const uint16_t* x, const int64_t* rows, int64_t n, int64_t H, float* y) {
+  const int64_t total = n * H;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    y[i] = __bfloat162float(__ushort_as_bfloat16(x[rows[i / H] * H + i % H]));
+}
+
 // h[rows[i], :] += w[i] * y[i, :] for n rows of H (the rows are distinct).
 __global__ void scatter_add_rows_kernel(float* h, const int64_t* rows, const float* w, const float* y, int64_t n,
                                         int64_t H) {
@@ -412,6 +419,11 @@ void launch_gather_rows(const float* x, const int64_t* rows, int64_t n, int64_t 
   gather_rows_kernel<<<blocks_for(n * H, 256), 256, 0, s>>>(x, rows, n, H, y);
 }
 
+void launch_gather_rows_bf16(const uint16_t* x, const int64_t* rows, int64_t n, int64_t H, float* y, cudaStream_t s) {
+  if (n * H == 0) return;
+  gather_rows_bf16_kernel<<<blocks_for(n * H, 256), 256, 0, s>>>(x, rows, n, H, y);
+}
+
 void launch_scatter_add_rows(float* h, const int64_t* rows, const float* w, const float* y, int64_t n, int64_t H,
                              cudaStream_t s) {
   if (n * H == 0) return;
@@ -423,6 +435,64 @@ void launch_route_topk(const float* logits, int64_t N, int64_t E, int64_t K, boo
   if (N == 0) return;
   route_topk_kernel<<<blocks_for(N, 128), 128, 0, s>>>(logits, N, static_cast<int>(E), static_cast<int>(K), renorm,
                                                        sel, wts);
+}
+
+namespace {
+
+// Block-wide max / sum of one value per thread (blockDim.x a multiple of 32, at most 1024).
+__device__ float block_max(float v, float* red) {
+  v = warp_max(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = lane < nw ? red[lane] : -INFINITY;
+  return warp_max(v);
+}
+__device__ float block_sum(float v, float* red) {
+  v = warp_sum(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = lane < nw ? red[lane] : 0.0f;
+  return warp_sum(v);
+}
+
+// One block per (query, pair): the row of nk scores of query i0 + blockIdx.x against keys
+// [k0, k0 + nk), scaled, softmaxed over the visible keys, zero elsewhere.
+__global__ void masked_softmax_kernel(float* S, int64_t nq, int64_t nk, int64_t i0, int64_t k0, int64_t pair0,
+                                      int64_t heads, const int64_t* __restrict__ lengths, int64_t window,
+                                      float scale) {
+  __shared__ float red[32];
+  const int64_t il = blockIdx.x, p = blockIdx.y;
+  const int64_t i = i0 + il, b = (pair0 + p) / heads;
+  float* row = S + (p * nq + il) * nk;
+  const int64_t len = lengths[b];
+  const int64_t hi = min(i, len - 1) - k0;  // local, inclusive
+  const int64_t lo = (window > 0 ? max(int64_t{0}, i - window + 1) : int64_t{0}) - k0;
+  float m = -INFINITY;
+  for (int64_t j = threadIdx.x; j < nk; j += blockDim.x)
+    if (j >= lo && j <= hi) m = fmaxf(m, row[j] * scale);
+  m = block_max(m, red);
+  float sum = 0.0f;
+  if (m != -INFINITY)
+    for (int64_t j = threadIdx.x; j < nk; j += blockDim.x)
+      if (j >= lo && j <= hi) sum += expf(row[j] * scale - m);
+  sum = block_sum(sum, red);
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  for (int64_t j = threadIdx.x; j < nk; j += blockDim.x)
+    row[j] = j >= lo && j <= hi && m != -INFINITY ? expf(row[j] * scale - m) * inv : 0.0f;
+}
+
+}  // namespace
+
+void launch_masked_softmax(float* S, int64_t pairs, int64_t nq, int64_t nk, int64_t i0, int64_t k0, int64_t pair0,
+                           int64_t heads, const int64_t* lengths, int64_t window, float scale, cudaStream_t s) {
+  if (pairs * nq * nk == 0) return;
+  const int threads = nk >= 1024 ? 256 : 128;
+  masked_softmax_kernel<<<dim3(static_cast<unsigned>(nq), static_cast<unsigned>(pairs)), threads, 0, s>>>(
+      S, nq, nk, i0, k0, pair0, heads, lengths, window, scale);
 }
 
 void launch_attention(const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv,

@@ -38,6 +38,8 @@ void launch_split_bf16(const float* x, uint16_t* hi, uint16_t* lo, int64_t n, cu
 void launch_bf16_to_f32(const uint16_t* x, float* y, int64_t n, cudaStream_t s);
 // *count += number of non-finite x[i] (count must be zeroed by the caller).
 void launch_count_nonfinite(const float* x, int64_t n, unsigned int* count, cudaStream_t s);
+// y[i, :] = float(x[rows[i], :]) for n rows of H, x a bf16 table (uint16 bits): exact widening.
+void launch_gather_rows_bf16(const uint16_t* x, const int64_t* rows, int64_t n, int64_t H, float* y, cudaStream_t s);
 // y[i, :] = x[rows[i], :] for n rows of H.
 void launch_gather_rows(const float* x, const int64_t* rows, int64_t n, int64_t H, float* y, cudaStream_t s);
 
@@ -51,6 +53,14 @@ void launch_scatter_add_rows(float* h, const int64_t* rows, const float* w, cons
 // whose logits are NaN gets expert -1 from the first pick that finds none.
 void launch_route_topk(const float* logits, int64_t N, int64_t E, int64_t K, bool renorm, int32_t* sel, float* wts,
                        cudaStream_t s);
+
+// The softmax step of attention through GEMMs: S holds `pairs` blocks of nq rows of nk raw scores
+// q·k (pair p = global pair pair0 + p = sequence b · heads + head; row r = query i0 + r; column c
+// = key k0 + c). Each row becomes softmax(scale · scores) over the keys its query sees (as
+// launch_attention: j <= i, j < lengths[b], i - j < window when window > 0), 0 for the others;
+// a row that sees no key becomes all zeros. pairs <= 65535.
+void launch_masked_softmax(float* S, int64_t pairs, int64_t nq, int64_t nk, int64_t i0, int64_t k0, int64_t pair0,
+                           int64_t heads, const int64_t* lengths, int64_t window, float scale, cudaStream_t s);
 
 // Causal GQA attention of B sequences of T tokens: q [B·T, NQ·D] (row stride ldq), k/v [B·T,
 // NKV·D] (strides ldk, ldv), out [B·T, NQ·D] (stride ldo). Query head h uses key head h / (NQ /
