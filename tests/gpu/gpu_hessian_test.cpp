@@ -251,6 +251,57 @@ TEST(GpuHessianAcc, HostAndDeviceInputsGiveTheSameBits) {
   }
 }
 
+// finish_on_device: the matrix left on the GPU is hessian()'s, bit for bit (all precisions,
+// weighted rows), the diagonal that comes back is its diagonal, hessian() afterwards still gives
+// the same bits, add() fails; an input with an infinity makes a non-finite Hessian, reported; an
+// accumulator that saw nothing gives no data; GPTQ on the GPU from the device Hessian gives the
+// codes of GPTQ on the GPU from the host copy.
+TEST(GpuHessianAcc, FinishOnDeviceIsHessianInPlace) {
+  REQUIRE_GPU();
+  const int n = 192, rows = 1500;
+  const auto x = calq_test::correlated_inputs(rows, n, 5, 0.2f, 12, 4.f);
+  std::vector<float> w(rows);
+  for (int r = 0; r < rows; ++r) w[r] = 0.25f + static_cast<float>(r % 7) / 3.f;
+  DevFloats dx(x);
+  for (auto p : {HessianPrecision::F32, HessianPrecision::TF32, HessianPrecision::BF16}) {
+    GpuHessian a(n, p), b(n, p);
+    a.add(dx.p, rows, nullptr, w.data());
+    b.add(dx.p, rows, nullptr, w.data());
+    const auto want = b.hessian();
+    const auto od = a.finish_on_device();
+    ASSERT_NE(od.data, nullptr);
+    EXPECT_TRUE(od.finite);
+    std::vector<double> got(want.size());
+    ASSERT_EQ(cudaMemcpy(got.data(), od.data, got.size() * sizeof(double), cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(got, want) << name(p);
+    ASSERT_EQ(od.diag.size(), static_cast<size_t>(n));
+    for (int j = 0; j < n; ++j) EXPECT_EQ(od.diag[j], want[j * n + j]) << j;
+    EXPECT_EQ(a.hessian(), want) << name(p);
+    EXPECT_THROW(a.add(dx.p, rows), Error);
+    // GPTQ int4 g32 from the device copy (diagonal on the host) = from the host copy.
+    std::vector<float> wt(static_cast<size_t>(64 * n));
+    for (size_t i = 0; i < wt.size(); ++i) wt[i] = std::sin(0.37f * static_cast<float>(i)) * 0.05f;
+    quant::GptqOptions o;
+    o.cuda = true;
+    const auto f = quant::Format::parse("int4", 32);
+    const auto from_host = quant::gptq_quantize(wt.data(), 64, n, want, f, o, "host H");
+    o.hessian_device = od.data;
+    const auto from_dev = quant::gptq_quantize(wt.data(), 64, n, od.diag, f, o, "device H");
+    EXPECT_EQ(from_dev.q.codes, from_host.q.codes) << name(p);
+    EXPECT_EQ(from_dev.proxy_loss, from_host.proxy_loss) << name(p);
+  }
+  auto xi = x;
+  xi[5 * n + 3] = INFINITY;
+  DevFloats di(xi);
+  GpuHessian inf(n);
+  inf.add(di.p, rows);
+  EXPECT_FALSE(inf.finish_on_device().finite);
+  GpuHessian none(n);
+  const auto nd = none.finish_on_device();
+  EXPECT_EQ(nd.data, nullptr);
+  EXPECT_TRUE(nd.diag.empty());
+}
+
 TEST(GpuHessianAcc, StreamOrderedInputMayBeOverwrittenAfterAdd) {
   // add() with the caller's stream: the copy of x is ordered after the upload on that stream, and
   // the memset that overwrites x right after add() waits for the gather.

@@ -74,6 +74,7 @@ double GpuHessian::weight() const { no_cuda("--device cuda"); }
 HessianPrecision GpuHessian::precision() const { no_cuda("--device cuda"); }
 std::vector<double> GpuHessian::hessian() const { no_cuda("--device cuda"); }
 double GpuHessian::gpu_seconds() const { no_cuda("--device cuda"); }
+GpuHessian::OnDevice GpuHessian::finish_on_device() { no_cuda("--device cuda"); }
 
 PowerSums cuda_power_sums(const float*, int64_t, int64_t, const uint8_t*, void*) { no_cuda("--device cuda"); }
 

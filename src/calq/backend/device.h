@@ -111,6 +111,18 @@ class GpuHessian {
   HessianPrecision precision() const;
   // Σ / weight() (full symmetric, row-major, fp64) on the host; zero matrix when nothing was added.
   std::vector<double> hessian() const;
+  // Σ / weight() finished in place on the GPU, for GPTQ on the GPU to read without a host round
+  // trip (quant::GptqOptions::hessian_device): the same values as hessian(), bit for bit, at
+  // `data` (n × n, symmetric) on GPU `device`, with the diagonal and whether every entry is
+  // finite copied to the host. After this the accumulator is finished: add() fails, hessian()
+  // still downloads. data = null (and an empty diagonal) when nothing was added.
+  struct OnDevice {
+    const double* data = nullptr;
+    int device = 0;
+    std::vector<double> diag;
+    bool finite = true;
+  };
+  OnDevice finish_on_device();
   // GPU time of the accumulation so far (seconds, CUDA events around each add's gathers and products).
   double gpu_seconds() const;
 

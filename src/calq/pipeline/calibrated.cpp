@@ -96,6 +96,9 @@ class InputHessian {
     return host_->hessian();
   }
   double gpu_seconds() const { return gpu_ ? gpu_->gpu_seconds() : 0.0; }
+  bool on_gpu() const { return gpu_.has_value(); }
+  // GpuHessian::finish_on_device (on_gpu() only).
+  backend::GpuHessian::OnDevice finish_on_device() { return gpu_->finish_on_device(); }
 
  private:
   backend::HessianPrecision prec_;
@@ -778,7 +781,8 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
         struct DenseGroup {
           size_t g;
           int64_t tokens;
-          std::vector<double> H;
+          std::vector<double> H;   // the Hessian, or its diagonal when h_device is set
+          const double* h_device;  // GPTQ on the GPU with the Hessian on the GPU: no host copy
           const MomentAccumulator* moments;
           std::vector<ModuleQuantResult> rs;
         };
@@ -813,7 +817,19 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
           const double th = now_s();
           auto mit = moments.find(mods.front());
           for (size_t i = 0; i < mods.size(); ++i) module_jobs.push_back({dense.size(), i});
-          dense.push_back({g, tokens, it->second.hessian(), mit == moments.end() ? nullptr : &mit->second,
+          std::vector<double> H;
+          const double* h_device = nullptr;
+          if (opt.gptq.cuda && !opt.mr.enabled && it->second.on_gpu()) {
+            // GPTQ on the GPU reads the Hessian where it was accumulated; only the diagonal comes
+            // to the host (dead inputs, the act-order permutation, the damping).
+            auto od = it->second.finish_on_device();
+            CALQ_CHECK(od.finite, "{}: the Hessian has a non-finite value", mods.front());
+            H = std::move(od.diag);
+            h_device = od.data;
+          } else {
+            H = it->second.hessian();
+          }
+          dense.push_back({g, tokens, std::move(H), h_device, mit == moments.end() ? nullptr : &mit->second,
                            std::vector<ModuleQuantResult>(mods.size())});
           tm.finalize += now_s() - th;
         }
@@ -829,7 +845,8 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
               DenseGroup& dg = dense[module_jobs[j].group];
               const TensorPlan& p = *by_module.at(groups[dg.g][module_jobs[j].module]);
               const int dev = opt.gptq.cuda ? devices[static_cast<size_t>(workers > 1 ? omp_get_thread_num() : 0)] : -1;
-              dg.rs[module_jobs[j].module] = quantizer.quantize(m, p, dg.H, dg.moments, global_of(p), dev);
+              dg.rs[module_jobs[j].module] =
+                  quantizer.quantize(m, p, dg.H, dg.moments, global_of(p), dev, dg.h_device);
             } catch (...) {
               errors[j] = std::current_exception();
             }

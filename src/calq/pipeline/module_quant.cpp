@@ -78,7 +78,7 @@ ModuleQuantizer::ModuleQuantizer(const quant::GptqOptions& gptq, const MrPipelin
 
 ModuleQuantResult ModuleQuantizer::quantize(engine::Model& m, const TensorPlan& p, const std::vector<double>& H,
                                             const MomentAccumulator* moments, std::optional<float> global_scale,
-                                            int device) {
+                                            int device, const double* h_device) {
   ModuleQuantResult out;
   std::unique_lock<std::mutex> lock(mu_);
   const auto w = m.weight(p.module);
@@ -86,6 +86,10 @@ ModuleQuantResult ModuleQuantizer::quantize(engine::Model& m, const TensorPlan& 
   quant::GptqOptions go = gptq_;
   go.global_scale = global_scale;
   if (device >= 0) go.device = device;
+  CALQ_CHECK(!h_device || (go.cuda && !mr_.enabled), "internal: {}: a Hessian on the GPU is for GPTQ on the GPU",
+             p.module);
+  go.hessian_device = h_device;
+  go.hessian_device_ordinal = 0;
   // The GPU work of this call (MR-GPTQ's rotations, GPTQ) on this thread goes to go.device.
   backend::CudaDeviceScope device_scope(go.cuda ? go.device : -1);
   if (!mr_.enabled) {

@@ -73,9 +73,11 @@ class ModuleQuantizer {
   // weights of every module of the group (they share the input, hence the rotation decision).
   // Safe to call from several threads at once for different modules (MoE experts); the engine is
   // only read here, under a lock. `device` >= 0: the GPU this call runs on (with GptqOptions::cuda;
-  // --devices), else GptqOptions::device.
+  // --devices), else GptqOptions::device. `h_device` (GPTQ on the GPU, not MR-GPTQ): H is on GPU
+  // 0 there (quant::GptqOptions::hessian_device) and `H` holds its diagonal only.
   ModuleQuantResult quantize(engine::Model& m, const TensorPlan& p, const std::vector<double>& H,
-                             const MomentAccumulator* moments, std::optional<float> global_scale, int device = -1);
+                             const MomentAccumulator* moments, std::optional<float> global_scale, int device = -1,
+                             const double* h_device = nullptr);
 
  private:
   quant::GptqOptions gptq_;

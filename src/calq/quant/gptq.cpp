@@ -39,8 +39,11 @@ namespace detail {
 GptqPrepared gptq_prepare(const float* w_in, int64_t rows, int64_t cols, const std::vector<double>& h_in,
                           const Format& f, const GptqOptions& o, const std::string& what, bool permuted_copies) {
   f.check_shape(rows, cols, what);
-  CALQ_CHECK(static_cast<int64_t>(h_in.size()) == cols * cols, "{}: Hessian has {} values, expected {}×{}", what,
-             h_in.size(), cols, cols);
+  // H on the GPU (o.hessian_device): h_in is its diagonal.
+  const bool diag_only = o.hessian_device != nullptr;
+  CALQ_CHECK(!diag_only || o.cuda, "{}: a Hessian on the GPU needs GPTQ on the GPU", what);
+  CALQ_CHECK(static_cast<int64_t>(h_in.size()) == (diag_only ? cols : cols * cols),
+             "{}: Hessian has {} values, expected {}×{}", what, h_in.size(), cols, diag_only ? 1 : cols);
   CALQ_CHECK(o.damp >= 0 && std::isfinite(o.damp), "--damp must be >= 0, got {}", o.damp);
   CALQ_CHECK(o.block_size >= 1, "GPTQ block size must be >= 1, got {}", o.block_size);
   const size_t R = static_cast<size_t>(rows), C = static_cast<size_t>(cols);
@@ -53,8 +56,9 @@ GptqPrepared gptq_prepare(const float* w_in, int64_t rows, int64_t cols, const s
   if (bad < rows * cols)
     fail("{}: weight {} at row {}, column {} is not finite", what, w_in[bad], bad / cols, bad % cols);
   bool h_finite = true;
-#pragma omp parallel for schedule(static) reduction(&& : h_finite) if (cols * cols >= 65536)
-  for (int64_t i = 0; i < cols * cols; ++i) h_finite = h_finite && std::isfinite(h_in[static_cast<size_t>(i)]);
+  const int64_t h_count = static_cast<int64_t>(h_in.size());
+#pragma omp parallel for schedule(static) reduction(&& : h_finite) if (h_count >= 65536)
+  for (int64_t i = 0; i < h_count; ++i) h_finite = h_finite && std::isfinite(h_in[static_cast<size_t>(i)]);
   CALQ_CHECK(h_finite, "{}: the Hessian has a non-finite value", what);
 
   GptqPrepared p;
@@ -71,7 +75,7 @@ GptqPrepared gptq_prepare(const float* w_in, int64_t rows, int64_t cols, const s
   p.dead.assign(C, 0);
   std::vector<double> diag(C);
   for (int64_t j = 0; j < cols; ++j) {
-    diag[j] = h_in[j * cols + j];
+    diag[j] = h_in[diag_only ? j : j * cols + j];
     if (diag[j] == 0.0) {
       diag[j] = 1.0;
       p.dead[j] = 1;

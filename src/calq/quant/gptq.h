@@ -46,6 +46,12 @@ struct GptqOptions {
   // With cuda: the GPU ordinal this call runs on (calq --devices; the calling thread's current
   // device is restored afterwards).
   int device = 0;
+  // With cuda: H is already on a GPU (the calibration's Hessians, backend::GpuHessian::
+  // finish_on_device): its cols × cols fp64 values at `hessian_device` on GPU
+  // `hessian_device_ordinal`, every entry finite (the caller checked). The host Hessian argument
+  // then holds only its diagonal (cols values); nothing else of H goes through the host.
+  const double* hessian_device = nullptr;
+  int hessian_device_ordinal = 0;
 };
 
 // Where the time of one CUDA GPTQ call went (seconds; all zero on the CPU path). GPU stages are

@@ -294,9 +294,18 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
   d_dead.alloc(C, "cudaMalloc(dead inputs)");
   // The inputs as given (W fp32, H fp64) and the permutation; the permuted fp64 copies Wp and Hp
   // are made on the GPU (d_u holds the raw H until the factorization needs it).
-  check_cuda(cudaMemcpyAsync(d_u.as<double>(), h_in.data(), C * C * sizeof(double), cudaMemcpyHostToDevice,
-                             hd.stream),
-             "cudaMemcpy(H)");
+  if (!o.hessian_device)
+    check_cuda(cudaMemcpyAsync(d_u.as<double>(), h_in.data(), C * C * sizeof(double), cudaMemcpyHostToDevice,
+                               hd.stream),
+               "cudaMemcpy(H)");
+  else if (o.hessian_device_ordinal == o.device)
+    check_cuda(cudaMemcpyAsync(d_u.as<double>(), o.hessian_device, C * C * sizeof(double), cudaMemcpyDeviceToDevice,
+                               hd.stream),
+               "cudaMemcpy(H, on the GPU)");
+  else
+    check_cuda(cudaMemcpyPeerAsync(d_u.as<double>(), o.device, o.hessian_device, o.hessian_device_ordinal,
+                                   C * C * sizeof(double), hd.stream),
+               "cudaMemcpyPeer(H)");
   check_cuda(cudaMemcpyAsync(d_wf.as<float>(), w_in, R * C * sizeof(float), cudaMemcpyHostToDevice, hd.stream),
              "cudaMemcpy(W)");
   check_cuda(cudaMemcpyAsync(d_dead.as<uint8_t>(), prep.dead.data(), C, cudaMemcpyHostToDevice, hd.stream),

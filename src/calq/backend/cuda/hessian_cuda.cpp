@@ -137,6 +137,8 @@ struct GpuHessian::Impl {
   size_t sum_bytes = 0, pending_bytes = 0;
   int64_t pending_rows = 0, tokens = 0;
   double weight = 0;
+  bool finished = false;  // finish_on_device: `sum` holds Σ / weight, mirrored
+  unsigned int nonfinite = 0;
   cudaEvent_t ready = nullptr, done = nullptr;  // ordering with the caller's stream
   std::vector<std::pair<cudaEvent_t, cudaEvent_t>> timing;
   double seconds = 0;
@@ -279,12 +281,14 @@ GpuHessian& GpuHessian::operator=(GpuHessian&&) noexcept = default;
 GpuHessian::~GpuHessian() = default;
 
 void GpuHessian::add(const float* x_device, int64_t rows, const uint8_t* mask, const float* weight, void* stream) {
+  CALQ_CHECK(!impl_->finished, "GpuHessian: add after finish_on_device");
   Context& c = context();
   std::lock_guard<std::mutex> lock(c.mu);
   impl_->add(c, x_device, rows, mask, weight, static_cast<cudaStream_t>(stream));
 }
 
 void GpuHessian::add_host(const float* x, int64_t rows, const uint8_t* mask, const float* weight) {
+  CALQ_CHECK(!impl_->finished, "GpuHessian: add after finish_on_device");
   Context& c = context();
   std::lock_guard<std::mutex> lock(c.mu);
   const int64_t n = impl_->n, chunk = std::max<int64_t>(impl_->block, 8192);
@@ -322,17 +326,67 @@ std::vector<double> GpuHessian::hessian() const {
     return h;
   }
   // The lower triangle is only ever overwritten from the upper one, which keeps accumulating.
-  cuda::launch_mirror_upper(im.sum, im.n, c.stream);
-  check_cuda(cudaGetLastError(), "Hessian mirror kernel");
+  if (!im.finished) {
+    cuda::launch_mirror_upper(im.sum, im.n, c.stream);
+    check_cuda(cudaGetLastError(), "Hessian mirror kernel");
+  }
   check_cuda(cudaMemcpyAsync(h.data(), im.sum, N * N * sizeof(double), cudaMemcpyDeviceToHost, c.stream),
              "cudaMemcpy(Hessian)");
   check_cuda(cudaStreamSynchronize(c.stream), "Hessian");
   im.fold_timing();
+  if (im.finished) return h;  // already Σ / weight
   // As HessianAccumulator::hessian: every entry times the same 1 / weight.
   const double inv = 1.0 / im.weight;
 #pragma omp parallel for schedule(static) if (N >= 512)
   for (size_t i = 0; i < N * N; ++i) h[i] *= inv;
   return h;
+}
+
+GpuHessian::OnDevice GpuHessian::finish_on_device() {
+  Context& c = context();
+  std::lock_guard<std::mutex> lock(c.mu);
+  Impl& im = *impl_;
+  const size_t N = static_cast<size_t>(im.n);
+  if (im.pending_rows > 0) {
+    im.begin_timing(c);
+    im.flush(c);
+    im.end_timing(c);
+  }
+  OnDevice d;
+  if (im.tokens == 0 || !(im.weight > 0)) {
+    check_cuda(cudaStreamSynchronize(c.stream), "Hessian");
+    return d;
+  }
+  if (!im.finished) {
+    cuda::launch_mirror_upper(im.sum, im.n, c.stream);
+    void* bad = nullptr;
+    check_cuda(cuda::tracked_malloc(&bad, sizeof(unsigned int)), "cudaMalloc(count)");
+    unsigned int nbad = 0;
+    try {
+      check_cuda(cudaMemsetAsync(bad, 0, sizeof(unsigned int), c.stream), "cudaMemset(count)");
+      // As hessian(): every entry times the same 1 / weight.
+      cuda::launch_scale_count_nonfinite(im.sum, static_cast<int64_t>(N * N), 1.0 / im.weight,
+                                         static_cast<unsigned int*>(bad), c.stream);
+      check_cuda(cudaGetLastError(), "Hessian scale kernel");
+      check_cuda(cudaMemcpyAsync(&nbad, bad, sizeof nbad, cudaMemcpyDeviceToHost, c.stream), "cudaMemcpy(count)");
+      check_cuda(cudaStreamSynchronize(c.stream), "Hessian");
+    } catch (...) {
+      cuda::tracked_free(bad, sizeof(unsigned int));
+      throw;
+    }
+    cuda::tracked_free(bad, sizeof(unsigned int));
+    im.finished = true;
+    im.nonfinite = nbad;
+  }
+  d.data = im.sum;
+  d.finite = im.nonfinite == 0;
+  d.diag.resize(N);
+  check_cuda(cudaMemcpy2DAsync(d.diag.data(), sizeof(double), im.sum, (N + 1) * sizeof(double), sizeof(double), N,
+                               cudaMemcpyDeviceToHost, c.stream),
+             "cudaMemcpy(Hessian diagonal)");
+  check_cuda(cudaStreamSynchronize(c.stream), "Hessian");
+  im.fold_timing();
+  return d;
 }
 
 double GpuHessian::gpu_seconds() const {

@@ -3,6 +3,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 namespace calq::backend::cuda {
 
 namespace {
@@ -58,6 +60,17 @@ __global__ void mirror_upper(double* a, int64_t n) {
   if (i < n && j < n && j > i) a[j * n + i] = a[i * n + j];
 }
 
+__global__ void scale_count_nonfinite(double* a, int64_t n, double s, unsigned int* nonfinite) {
+  unsigned int bad = 0;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const double v = a[i] * s;
+    a[i] = v;
+    bad += isfinite(v) ? 0u : 1u;
+  }
+  if (bad) atomicAdd(nonfinite, bad);
+}
+
 constexpr int kSumBlocks = 1024, kSumThreads = 256;
 
 __global__ void power_sums(const float* x, const int64_t* idx, int64_t count, int64_t n, double* partial) {
@@ -106,6 +119,12 @@ void launch_gather_rows_bf16(const float* x, const int64_t* idx, const float* w,
 
 void launch_mirror_upper(double* a, int64_t n, cudaStream_t stream) {
   mirror_upper<<<grid2d(n), dim3(kTile, kTile), 0, stream>>>(a, n);
+}
+
+void launch_scale_count_nonfinite(double* a, int64_t n, double s, unsigned int* nonfinite, cudaStream_t stream) {
+  if (n == 0) return;
+  const int64_t blocks = std::min<int64_t>((n + 255) / 256, 65535 * 8);
+  scale_count_nonfinite<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(a, n, s, nonfinite);
 }
 
 int power_sum_blocks() { return kSumBlocks; }

@@ -31,6 +31,9 @@ void launch_gather_rows_bf16(const float* x, const int64_t* idx, const float* w,
                              int64_t n, cudaStream_t stream);
 // a[j·n + i] = a[i·n + j] for j > i (the row-major upper triangle mirrored into the lower).
 void launch_mirror_upper(double* a, int64_t n, cudaStream_t stream);
+// a[i] *= s for i < n (one fp64 rounding each, as the host's h[i] *= s); *nonfinite (zeroed by
+// the caller) += the number of results that are not finite.
+void launch_scale_count_nonfinite(double* a, int64_t n, double s, unsigned int* nonfinite, cudaStream_t stream);
 // Power sums of the rows idx[0..count) of x (rows of n values): partial[b·4 + p] = Σ x^(p+1) over
 // the elements thread block b visits (fp64), b < power_sum_blocks(); summed on the host in b order.
 int power_sum_blocks();
