@@ -1058,6 +1058,13 @@ int64_t Model::out_features(const std::string& module) const {
 
 std::vector<float> Model::weight(const std::string& module) {
   CALQ_CHECK(impl_->src.contains(module + ".weight"), "engine: no linear module {}", module);
+  const std::string name = module + ".weight";
+  if (!impl_->overrides.count(module) && !impl_->cache.count(name) && impl_->cfg.arch != Arch::Gpt2) {
+    // Straight from the checkpoint into the result (no scratch copy).
+    auto w = with_context("loading " + name, [&] { return impl_->src.load_f32(name); });
+    if (!impl_->src.entry(name).format) impl_->src.checkpoint().release(name);
+    return w;
+  }
   const int64_t n = in_features(module) * out_features(module);
   const float* w = impl_->weight(module);
   std::vector<float> out(w, w + n);
