@@ -119,7 +119,7 @@ TEST(WorkDir, LayerOutputsRoundTripAndResumeChecksManifest) {
     out.report.push_back({{"module", "m.layers.0.a"}, {"proxy_loss", 1.5}});
     ActivationStore next(wd.acts_dir(1), 0, 1);
     next.put(0, random_chunk(rng, 1, 3, 2));
-    wd.finish_layer(0, out, next);
+    wd.finish_layer(0, out, &next);
     EXPECT_EQ(wd.completed_layers(), 1);
     EXPECT_TRUE(fs::exists(wd.acts_dir(1) / "chunk_00000.bin"));
   }

@@ -417,17 +417,12 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
     LayerOutput out = fn(l, ctx);
     if ((cur || resident) && quantized_inputs) forward();
     for (auto& [name, q] : out.weights) m.clear_weight(name.substr(0, name.size() - 7));
-    if (!next) next.emplace(wd->acts_dir(l + 1), 0, 0);
     const double tc = now_s();
-    wd->finish_layer(l, out, *next);
+    // GPU-resident (or no calibration pass): nothing persisted, a resumed run recomputes them.
+    wd->finish_layer(l, out, next ? &*next : nullptr);
     tt.checkpoint += now_s() - tc;
-    if (resident) {
-      std::error_code ec;
-      fs::remove_all(wd->acts_dir(l + 1), ec);  // nothing persisted: a resumed run recomputes them
-      base = out_base;
-    }
+    if (resident) base = out_base;
     cur = std::move(next);
-    if (resident) cur.reset();
     bar.advance(1, 0, fmt::format("layer {}", l));
     if (l == abort_after) {
       log_warn("CALQ_TEST_ABORT_AFTER_LAYER={}: stopping as if killed", l);

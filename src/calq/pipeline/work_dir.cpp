@@ -224,7 +224,7 @@ WorkDir::WorkDir(fs::path dir, const json& manifest, bool resume, bool overwrite
 
 fs::path WorkDir::acts_dir(int64_t layer) const { return dir_ / layer_name("acts", layer); }
 
-void WorkDir::finish_layer(int64_t layer, const LayerOutput& out, ActivationStore& next) {
+void WorkDir::finish_layer(int64_t layer, const LayerOutput& out, ActivationStore* next) {
   const fs::path ldir = dir_ / layer_name("layer", layer);
   layer_json_.erase(layer);
   open_.erase(layer);
@@ -252,7 +252,7 @@ void WorkDir::finish_layer(int64_t layer, const LayerOutput& out, ActivationStor
                                   .dump(1) + "\n");
     ad.commit();
   }
-  next.persist();
+  if (next) next->persist();
   io::write_file_atomic(dir_ / "state.json", json({{"completed_layers", layer + 1}}).dump() + "\n");
   completed_ = layer + 1;
   std::error_code ec;

@@ -82,8 +82,10 @@ class WorkDir {
   std::filesystem::path acts_dir(int64_t layer) const;
 
   // Saves layer `layer`'s output, then (once `next` is persisted) records it as completed and
-  // removes the activations of the layer before.
-  void finish_layer(int64_t layer, const LayerOutput& out, ActivationStore& next);
+  // removes the activations of the layer before. next = null: nothing is persisted for layer + 1
+  // (GPU-resident activations, or a method without calibration passes; a resumed run recomputes
+  // what it needs).
+  void finish_layer(int64_t layer, const LayerOutput& out, ActivationStore* next);
   // Reading finished layers back: which layer holds each tensor, and the tensors themselves.
   std::map<std::string, int64_t> weight_index() const;
   std::map<std::string, int64_t> replaced_index() const;
