@@ -744,8 +744,14 @@ class CudaForward final : public Forward {
       host = to_host(x, rows * cols);
       in.x = host.data();
     }
+    hand_over(obs, in);
+  }
+
+  // The observer call: on_linear_input, then, for a dense input the observer is done after, the
+  // end of the layer (LayerDone, after the stream's work so far).
+  void hand_over(Observer* obs, const LinearInput& in) {
     obs->on_linear_input(in);
-    if (!expert && obs->done_after(in)) {
+    if (in.expert < 0 && obs->done_after(in)) {
       check_cuda(cudaStreamSynchronize(stream_), "decoder layer (stopped by its observer)");
       throw LayerDone{};
     }
@@ -768,11 +774,7 @@ class CudaForward final : public Forward {
       in.cols = cols;
       in.real = real_.data();
       describe_expert(in, expert);
-      obs->on_linear_input(in);
-      if (!expert && obs->done_after(in)) {
-        check_cuda(cudaStreamSynchronize(stream_), "decoder layer (stopped by its observer)");
-        throw LayerDone{};
-      }
+      hand_over(obs, in);
     };
     if (!any_transform) {
       if (obs) observe(obs, modules, layer, x, rows, cols, real_.data(), expert);

@@ -439,24 +439,23 @@ void launch_route_topk(const float* logits, int64_t N, int64_t E, int64_t K, boo
 
 namespace {
 
-// Block-wide max / sum of one value per thread (blockDim.x a multiple of 32, at most 1024).
-__device__ float block_max(float v, float* red) {
-  v = warp_max(v);
+// Block-wide reduction of one value per thread (blockDim.x a multiple of 32, at most 1024):
+// `warp_op` reduces a warp, `identity` fills the lanes past the last warp.
+template <typename WarpOp>
+__device__ float block_reduce(float v, float* red, float identity, WarpOp warp_op) {
+  v = warp_op(v);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
   __syncthreads();
   if (lane == 0) red[warp] = v;
   __syncthreads();
-  v = lane < nw ? red[lane] : -INFINITY;
-  return warp_max(v);
+  v = lane < nw ? red[lane] : identity;
+  return warp_op(v);
+}
+__device__ float block_max(float v, float* red) {
+  return block_reduce(v, red, -INFINITY, [](float x) { return warp_max(x); });
 }
 __device__ float block_sum(float v, float* red) {
-  v = warp_sum(v);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  v = lane < nw ? red[lane] : 0.0f;
-  return warp_sum(v);
+  return block_reduce(v, red, 0.0f, [](float x) { return warp_sum(x); });
 }
 
 // One block per (query, pair): the row of nk scores of query i0 + blockIdx.x against keys

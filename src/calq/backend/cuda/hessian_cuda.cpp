@@ -211,6 +211,14 @@ struct GpuHessian::Impl {
     check_cuda(cudaEventRecord(a, c.stream), "cudaEventRecord");
   }
   void end_timing(Context& c) { check_cuda(cudaEventRecord(timing.back().second, c.stream), "cudaEventRecord"); }
+  // The rows still buffered go into the sum (timed); under the context lock.
+  void flush_pending(Context& c) {
+    if (pending_rows == 0) return;
+    begin_timing(c);
+    flush(c);
+    end_timing(c);
+  }
+  bool empty() const { return tokens == 0 || !(weight > 0); }
 
   // add() under the context lock.
   void add(Context& c, const float* x, int64_t rows, const uint8_t* mask, const float* w, cudaStream_t s) {
@@ -315,13 +323,9 @@ std::vector<double> GpuHessian::hessian() const {
   std::lock_guard<std::mutex> lock(c.mu);
   Impl& im = *impl_;
   const size_t N = static_cast<size_t>(im.n);
-  if (im.pending_rows > 0) {
-    im.begin_timing(c);
-    im.flush(c);
-    im.end_timing(c);
-  }
+  im.flush_pending(c);
   std::vector<double> h(N * N, 0.0);
-  if (im.tokens == 0 || !(im.weight > 0)) {
+  if (im.empty()) {
     check_cuda(cudaStreamSynchronize(c.stream), "Hessian");
     return h;
   }
@@ -347,13 +351,9 @@ GpuHessian::OnDevice GpuHessian::finish_on_device() {
   std::lock_guard<std::mutex> lock(c.mu);
   Impl& im = *impl_;
   const size_t N = static_cast<size_t>(im.n);
-  if (im.pending_rows > 0) {
-    im.begin_timing(c);
-    im.flush(c);
-    im.end_timing(c);
-  }
+  im.flush_pending(c);
   OnDevice d;
-  if (im.tokens == 0 || !(im.weight > 0)) {
+  if (im.empty()) {
     check_cuda(cudaStreamSynchronize(c.stream), "Hessian");
     return d;
   }
