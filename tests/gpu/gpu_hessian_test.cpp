@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdio>
 #include <map>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -21,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include "calq/backend/device.h"
+#include "calq/core/dtype.h"
 #include "calq/core/error.h"
 #include "calq/engine/engine.h"
 #include "calq/pipeline/module_quant.h"
@@ -215,6 +217,44 @@ TEST(GpuHessianAcc, BatchedTokensLikeCalibration) {
                 name(p), e.fro, e.max, g.gpu_seconds());
     EXPECT_LT(e.max, bound_max(p)) << name(p);
     EXPECT_LT(e.fro, bound_fro(p)) << name(p);
+  }
+}
+
+TEST(GpuHessianAcc, PanelsAndLargeBlocksMatchFp64Reference) {
+  // Widths from 1024 up take the lower triangle in column panels (an eighth of the width,
+  // rounded up to 128 columns; here 1100 → 9 panels, the last one narrow); explicit blocks of
+  // 1024 rows make 3 block products (the last partial), the default block one; split adds with
+  // padding and routing weights cross the block edges.
+  REQUIRE_GPU();
+  const int64_t n = 1100, rows = 2600;
+  const auto x = calq_test::correlated_inputs(rows, n, 77, 0.3f, 11, 4.f);
+  std::vector<uint8_t> mask(rows, 1);
+  std::vector<float> w(rows);
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> uw(0.f, 2.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    w[r] = uw(rng);
+    if (r % 7 == 3) mask[r] = 0;
+  }
+  const auto ref = reference(x, rows, n, mask, w);
+  DevFloats dx(x);
+  for (auto p : {HessianPrecision::TF32, HessianPrecision::BF16}) {
+    for (int64_t block : {int64_t{1024}, int64_t{0}}) {
+      GpuHessian g(n, p, block);
+      for (int64_t r0 = 0; r0 < rows; r0 += 900) {
+        const int64_t k = std::min<int64_t>(900, rows - r0);
+        g.add(dx.p + r0 * n, k, mask.data() + r0, w.data() + r0);
+      }
+      const auto h = g.hessian();
+      for (int64_t i = 0; i < n; i += 37)
+        for (int64_t j = 0; j < i; ++j) ASSERT_EQ(h[i * n + j], h[j * n + i]) << "not symmetric";
+      const Err e = error_of(h, ref, n);
+      std::printf("[ hessian ] %-62s %-4s rel_fro %.3g rel_max %.3g\n",
+                  block ? "1100 features, 2600 rows, blocks of 1024, panels" : "1100 features, 2600 rows, default block",
+                  name(p), e.fro, e.max);
+      EXPECT_LT(e.max, bound_max(p)) << name(p) << " block " << block;
+      EXPECT_LT(e.fro, bound_fro(p)) << name(p) << " block " << block;
+    }
   }
 }
 
@@ -544,5 +584,117 @@ INSTANTIATE_TEST_SUITE_P(Models, DeviceInputs, ::testing::Values("llama_gqa", "q
                              if (ch == '-') ch = '_';
                            return s;
                          });
+
+}  // namespace
+
+namespace {
+
+// GPTQ on the GPU reading the weights from device memory (quant::GptqOptions::weight_device, the
+// GPU engine's copy): fp32 or bf16 bits, against the same values given on the host — identical
+// codes, group parameters and loss; Ŵ left on the GPU (w_hat_on_device) is q.dequantize() bit
+// for bit, also with static groups and per-channel; and a non-finite device weight names itself
+// as on the host.
+TEST(GptqDeviceWeights, SameCodesAsHostWeights) {
+  REQUIRE_GPU();
+  const int64_t rows = 96, cols = 256;
+  std::mt19937 rng(17);
+  std::normal_distribution<float> nd(0.f, 0.05f);
+  std::vector<float> w(static_cast<size_t>(rows * cols));
+  for (auto& v : w) v = nd(rng);
+  for (int64_t r = 0; r < rows; ++r) w[static_cast<size_t>(r * cols + 7)] *= 40.f;  // an outlier column
+  const auto x = calq_test::correlated_inputs(2000, cols, 31, 0.3f, 11, 4.f);
+  quant::HessianAccumulator acc(cols);
+  acc.add(x.data(), 2000, nullptr);
+  const auto H = acc.hessian();
+  struct Fmt {
+    const char* spec;
+    int group;
+    std::optional<float> global;
+  };
+  for (const Fmt& fm : {Fmt{"int4", 32, {}}, Fmt{"int4", 128, {}}, Fmt{"mxfp4", 32, {}}, Fmt{"nvfp4", 16, 0.002f}}) {
+    const auto f = quant::Format::parse(fm.spec, fm.group);
+    for (bool bf16 : {false, true}) {
+      std::vector<float> host = w;
+      std::vector<uint16_t> bits(w.size());
+      for (size_t i = 0; i < w.size(); ++i) {
+        bits[i] = f32_to_bf16(w[i]);
+        if (bf16) host[i] = bf16_to_f32(bits[i]);
+      }
+      void* d = nullptr;
+      const size_t bytes = w.size() * (bf16 ? 2 : 4);
+      ASSERT_EQ(cudaMalloc(&d, bytes), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(d, bf16 ? static_cast<const void*>(bits.data()) : static_cast<const void*>(host.data()),
+                           bytes, cudaMemcpyHostToDevice),
+                cudaSuccess);
+      for (bool act_order : {false, true}) {
+        quant::GptqOptions o;
+        o.cuda = true;
+        o.act_order = act_order;
+        o.static_groups = false;  // static groups read the host weights
+        o.global_scale = fm.global;
+        const auto want = quant::gptq_quantize(host.data(), rows, cols, H, f, o, "host W");
+        o.weight_device = d;
+        o.weight_device_bf16 = bf16;
+        o.w_hat_on_device = true;
+        const auto got = quant::gptq_quantize(nullptr, rows, cols, H, f, o, "device W");
+        const std::string what = std::string(fm.spec) + (bf16 ? " bf16" : " fp32") + (act_order ? " act-order" : "");
+        EXPECT_EQ(got.q.codes, want.q.codes) << what;
+        ASSERT_EQ(got.q.params.size(), want.q.params.size()) << what;
+        for (size_t i = 0; i < want.q.params.size(); ++i) {
+          ASSERT_EQ(got.q.params[i].scale, want.q.params[i].scale) << what << " group " << i;
+          ASSERT_EQ(got.q.params[i].zero, want.q.params[i].zero) << what << " group " << i;
+        }
+        EXPECT_EQ(got.q.g_idx, want.q.g_idx) << what;
+        EXPECT_EQ(got.proxy_loss, want.proxy_loss) << what;
+        ASSERT_TRUE(got.w_hat_device) << what;
+        EXPECT_EQ(got.w_hat_device_ordinal, 0);
+        std::vector<float> w_hat(w.size());
+        ASSERT_EQ(cudaMemcpy(w_hat.data(), got.w_hat_device.get(), w_hat.size() * 4, cudaMemcpyDeviceToHost),
+                  cudaSuccess);
+        const auto ref = got.q.dequantize();
+        for (size_t i = 0; i < ref.size(); ++i)
+          ASSERT_EQ(quant::elem::f32_bits(w_hat[i]), quant::elem::f32_bits(ref[i])) << what << " element " << i;
+      }
+      // Static parameters (act-order with static groups; per-channel) read host weights; Ŵ on
+      // the GPU follows their original-order groups.
+      for (const auto& [fs, act] : {std::pair{f, true}, std::pair{quant::Format::parse("int4", -1), false}}) {
+        quant::GptqOptions o;
+        o.cuda = true;
+        o.act_order = act;
+        o.static_groups = true;
+        o.global_scale = fm.global;
+        o.w_hat_on_device = true;
+        const auto got = quant::gptq_quantize(host.data(), rows, cols, H, fs, o, "static");
+        ASSERT_TRUE(got.w_hat_device);
+        std::vector<float> w_hat(w.size());
+        ASSERT_EQ(cudaMemcpy(w_hat.data(), got.w_hat_device.get(), w_hat.size() * 4, cudaMemcpyDeviceToHost),
+                  cudaSuccess);
+        const auto ref = got.q.dequantize();
+        for (size_t i = 0; i < ref.size(); ++i)
+          ASSERT_EQ(quant::elem::f32_bits(w_hat[i]), quant::elem::f32_bits(ref[i])) << fm.spec << " static, element " << i;
+      }
+      cudaFree(d);
+    }
+  }
+  // A NaN at row 3, column 5 (bf16 bits 0x7FC0): the host path's message.
+  std::vector<uint16_t> bits(w.size());
+  for (size_t i = 0; i < w.size(); ++i) bits[i] = f32_to_bf16(w[i]);
+  bits[static_cast<size_t>(3 * cols + 5)] = 0x7FC0;
+  void* d = nullptr;
+  ASSERT_EQ(cudaMalloc(&d, bits.size() * 2), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d, bits.data(), bits.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  quant::GptqOptions o;
+  o.cuda = true;
+  o.weight_device = d;
+  o.weight_device_bf16 = true;
+  try {
+    quant::gptq_quantize(nullptr, rows, cols, H, quant::Format::parse("int4", 32), o, "m.nan");
+    ADD_FAILURE() << "a NaN weight was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("m.nan: weight nan at row 3, column 5 is not finite"), std::string::npos)
+        << e.what();
+  }
+  cudaFree(d);
+}
 
 }  // namespace

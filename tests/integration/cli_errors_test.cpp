@@ -201,9 +201,11 @@ TEST_F(CliErrors, BadOptions) {
   if (!gpu)
     expect_failure(quantize(model(), out, "--method gptq --forward-device cuda"), {"--forward-device cuda:", "--device cpu"},
                    out);
-  // --forward-precision: fp32|bf16, only for GPU forward passes.
+  // --forward-precision: fp32|bf16|bf16-fast, only for GPU forward passes.
   expect_failure(quantize(model(), out, "--method gptq --forward-precision fp16"), {"--forward-precision", "fp16"}, out);
   expect_failure(quantize(model(), out, "--method gptq --forward-precision bf16"),
+                 {"--forward-precision applies to GPU forward passes"}, out);
+  expect_failure(quantize(model(), out, "--method gptq --forward-precision bf16-fast"),
                  {"--forward-precision applies to GPU forward passes"}, out);
   // --devices: only with --device cuda; ordinals only, each a visible GPU.
   expect_failure(quantize(model(), out, "--method gptq --devices 0,1"), {"--devices applies to --device cuda"}, out);
@@ -247,7 +249,7 @@ TEST_F(CliErrors, EvalDevice) {
     return run(calq_bin() + " eval -q --offline --model " + model().string() + " --dataset /nonexistent " + extra);
   };
   expect_failure(eval("--device gpu"), {"--device must be cpu or cuda, got 'gpu'"}, none);
-  expect_failure(eval("--device cuda --gpu-precision fp16"), {"--gpu-precision must be fp32 or bf16, got 'fp16'"},
+  expect_failure(eval("--device cuda --gpu-precision fp16"), {"--gpu-precision must be fp32, bf16 or bf16-fast, got 'fp16'"},
                  none);
   expect_failure(eval("--gpu-precision bf16"), {"--gpu-precision bf16 applies to --device cuda only"}, none);
   std::string why;
@@ -262,6 +264,32 @@ TEST_F(CliErrors, EvalDevice) {
   else
     expect_failure(eval("--device cuda --gpu-precision bf16"), {"--device cuda: no CUDA GPU is visible", "--device cpu"},
                    none);
+}
+
+}  // namespace
+
+namespace {
+
+// calq re-executes itself with glibc.malloc.hugetlb=1 added to GLIBC_TUNABLES (huge pages for its
+// large host allocations; docs/cli.md "Memory"): the debug log shows what the process runs with.
+TEST_F(CliErrors, HugePageTunableIsAddedOnce) {
+  const std::string cmd = calq_bin() + " -v inspect " + model().string();
+  auto tunables = [](const std::string& out) {
+    const size_t p = out.find("GLIBC_TUNABLES=");
+    return p == std::string::npos ? std::string("(none)") : out.substr(p + 15, out.find('\n', p) - p - 15);
+  };
+  auto r = run("env -u GLIBC_TUNABLES -u CALQ_THP " + cmd);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(tunables(r.output), "glibc.malloc.hugetlb=1") << r.output;
+  r = run("env -u CALQ_THP GLIBC_TUNABLES=glibc.malloc.check=0 " + cmd);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(tunables(r.output), "glibc.malloc.check=0:glibc.malloc.hugetlb=1") << r.output;
+  r = run("env -u CALQ_THP GLIBC_TUNABLES=glibc.malloc.hugetlb=0 " + cmd);  // the user's choice stays
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(tunables(r.output), "glibc.malloc.hugetlb=0") << r.output;
+  r = run("env -u GLIBC_TUNABLES CALQ_THP=0 " + cmd);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(tunables(r.output), "(none)") << r.output;
 }
 
 }  // namespace

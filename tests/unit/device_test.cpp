@@ -37,6 +37,16 @@ TEST(Device, ParsesHessianPrecision) {
               std::string::npos)
         << e.what();
   }
+  // The default block of a GPU Hessian is plain arithmetic, the same with or without CUDA: the
+  // CPU's 512 rows in fp32; for TF32 / BF16 the multiple of 512 whose rows fit 256 MiB, in [512, 8192].
+  using backend::GpuHessian;
+  using backend::HessianPrecision;
+  EXPECT_EQ(GpuHessian::default_block(12288, HessianPrecision::F32), 512);
+  EXPECT_EQ(GpuHessian::default_block(4096, HessianPrecision::TF32), 8192);    // 16384 rows fit
+  EXPECT_EQ(GpuHessian::default_block(12288, HessianPrecision::TF32), 5120);   // 5461 rows fit
+  EXPECT_EQ(GpuHessian::default_block(12288, HessianPrecision::BF16), 8192);   // 10922 rows fit
+  EXPECT_EQ(GpuHessian::default_block(25600, HessianPrecision::BF16), 5120);   // 5242 rows fit
+  EXPECT_EQ(GpuHessian::default_block(1 << 20, HessianPrecision::TF32), 512);  // 64 rows fit: at least 512
 }
 
 TEST(Device, CudaWithoutCudaBuildIsAClearError) {

@@ -16,11 +16,14 @@ namespace {
 TEST(EngineDevice, ParsePrecision) {
   EXPECT_EQ(engine::parse_precision("fp32"), engine::Precision::F32);
   EXPECT_EQ(engine::parse_precision("bf16"), engine::Precision::BF16);
+  EXPECT_EQ(engine::parse_precision("bf16-fast"), engine::Precision::BF16_FAST);
+  for (auto p : {engine::Precision::F32, engine::Precision::BF16, engine::Precision::BF16_FAST})
+    EXPECT_EQ(engine::parse_precision(engine::precision_name(p)), p);
   try {
     engine::parse_precision("fp16");
     ADD_FAILURE() << "fp16 accepted";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("--gpu-precision must be fp32 or bf16, got 'fp16'"), std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("--gpu-precision must be fp32, bf16 or bf16-fast, got 'fp16'"), std::string::npos)
         << e.what();
   }
 }

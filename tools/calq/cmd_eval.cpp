@@ -271,8 +271,9 @@ Command add_eval(CLI::App& app) {
                 "mistral, qwen2, qwen3, gpt2; not MoE; docs/cuda.md)")
       ->capture_default_str();
   c->add_option("--gpu-precision", a->gpu_precision,
-                "With --device cuda: fp32 (fp32 weights and products, default) or bf16 (bf16 weights, half the "
-                "GPU memory; products on the tensor cores with fp32 accumulation)");
+                "With --device cuda: fp32 (fp32 weights and products, default), bf16 (bf16 weights, half the "
+                "GPU memory; products on the tensor cores with fp32 accumulation, each input as two bf16 terms) or "
+                "bf16-fast (each decoder-layer product's input rounded to one bf16 term: one GEMM instead of two)");
   c->add_flag("--allow-long-context", a->allow_long, "Allow --ctx beyond max_position_embeddings");
   c->add_flag("--offline", a->offline, "Never download datasets (also CALQ_OFFLINE=1)");
   return {c, [a]() { return run_eval(*a); }};

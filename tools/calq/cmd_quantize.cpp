@@ -103,10 +103,12 @@ Command add_quantize(CLI::App& app) {
       ->check(CLI::IsMember({"cpu", "cuda"}));
   sub->add_option("--forward-precision", a->forward_precision,
                   "Arithmetic of the GPU calibration forward passes (--forward-device cuda): fp32 (default; the "
-                  "CPU engine's within 1e-5) or bf16 (weights stored in bf16, each activation split into two bf16 "
+                  "CPU engine's within 1e-5), bf16 (weights stored in bf16, each activation split into two bf16 "
                   "terms on the tensor cores with fp32 accumulation: 2.3x faster forward passes on Qwen3-8B shapes; "
-                  "dequantized weights of finished layers are rounded to bf16). docs/cuda.md")
-      ->check(CLI::IsMember({"fp32", "bf16"}));
+                  "dequantized weights of finished layers are rounded to bf16) or bf16-fast (as bf16, but each "
+                  "decoder-layer product's input rounded to one bf16 term: one GEMM instead of two, the "
+                  "arithmetic of an fp16/bf16 PyTorch forward; logits ~1e-2 from fp32). docs/cuda.md")
+      ->check(CLI::IsMember({"fp32", "bf16", "bf16-fast"}));
   sub->add_option("--hessian-precision", a->hessian_precision,
                   "Input precision of the Hessians' block products on the GPU (gptq, mr-gptq with --device cuda "
                   "and the forward passes on the GPU): fp32 (default; the CPU's arithmetic), tf32 or bf16 (tensor "
@@ -445,9 +447,8 @@ Command add_quantize(CLI::App& app) {
                             {"true_sequential", g.true_sequential},
                             {"quantized_inputs", g.quantized_inputs},
                             {"forward_device", forward_cuda ? "cuda" : "cpu"},
-                            {"forward_precision", !forward_cuda                                          ? "fp32"
-                                                  : g.forward_precision == engine::Precision::BF16 ? "bf16"
-                                                                                                     : "fp32"},
+                            {"forward_precision",
+                             engine::precision_name(forward_cuda ? g.forward_precision : engine::Precision::F32)},
                             {"hessian_precision", a->hessian_precision}};
         identity["moe"] = {{"calibration", a->moe_calibration},
                            {"hessian", a->moe_hessian},

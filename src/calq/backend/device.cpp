@@ -1,5 +1,7 @@
 #include "calq/backend/device.h"
 
+#include <algorithm>
+
 #include "calq/core/error.h"
 
 namespace calq::backend {
@@ -24,6 +26,13 @@ const char* hessian_precision_name(HessianPrecision p) {
     case HessianPrecision::BF16: return "bf16";
   }
   return "?";
+}
+
+int64_t GpuHessian::default_block(int64_t features, HessianPrecision precision) {
+  if (precision == HessianPrecision::F32 || features <= 0) return 512;
+  const int64_t elem = precision == HessianPrecision::BF16 ? 2 : 4;
+  const int64_t fit = (int64_t{256} << 20) / (features * elem) / 512 * 512;
+  return std::clamp<int64_t>(fit, 512, 8192);
 }
 
 #ifndef CALQ_HAVE_CUDA

@@ -85,13 +85,18 @@ const char* hessian_precision_name(HessianPrecision p);
 
 // quant::HessianAccumulator on GPU 0: Σ xᵀx of a linear module's input rows in fp64 on the
 // device, from block products of at most `block` rows (the rows are gathered into a device
-// buffer, padding rows left out, so the blocks are the CPU's), and hessian() = Σ / weight() as a
-// full symmetric host matrix, the CPU accumulator's contract. Without CUDA the constructor throws
+// buffer, padding rows left out), and hessian() = Σ / weight() as a full symmetric host matrix,
+// the CPU accumulator's contract. block 0 = default_block(features, precision): for F32 the
+// CPU's 512-row blocks (the same arithmetic); for TF32 / BF16 up to 8192 rows (fewer fp64
+// additions; the fp32 accumulation of 8192 rounded products stays far below the input rounding). Without CUDA the constructor throws
 // the "built without CUDA" error. Not thread-safe per object; objects share one stream and one
 // cuBLAS handle (guarded by a lock).
 class GpuHessian {
  public:
-  explicit GpuHessian(int64_t features, HessianPrecision precision = HessianPrecision::F32, int64_t block = 512);
+  explicit GpuHessian(int64_t features, HessianPrecision precision = HessianPrecision::F32, int64_t block = 0);
+  // The rows of one block product when the constructor's block is 0: 512 for F32; for TF32 /
+  // BF16 the largest multiple of 512 up to 8192 whose row buffer stays within 256 MiB (≥ 512).
+  static int64_t default_block(int64_t features, HessianPrecision precision);
   GpuHessian(GpuHessian&&) noexcept;
   GpuHessian& operator=(GpuHessian&&) noexcept;
   ~GpuHessian();

@@ -230,6 +230,18 @@ struct Model::Impl {
   io::ModelConfig cfg;
   Options opts;
   std::map<std::string, std::vector<float>> overrides;  // module -> [out, in]
+  // set_weight_device: module -> its host copy, made when first needed (then moved to overrides).
+  std::map<std::string, std::function<std::vector<float>()>> lazy;
+  bool has_override(const std::string& module) const { return overrides.count(module) || lazy.count(module); }
+  // The module's override (materializing a lazy one), or overrides.end().
+  std::map<std::string, std::vector<float>>::iterator find_override(const std::string& module) {
+    if (auto l = lazy.find(module); l != lazy.end()) {
+      std::vector<float> w = l->second();
+      lazy.erase(l);
+      overrides[module] = std::move(w);
+    }
+    return overrides.find(module);
+  }
   std::map<std::string, std::vector<float>> cache;      // tensor name -> fp32 (weights [out, in])
   std::map<std::string, InputTransform> transforms;
   std::vector<uint8_t> sliding;  // per layer
@@ -247,7 +259,7 @@ struct Model::Impl {
   const float* tensor(const std::string& name, bool is_linear_weight) {
     if (is_linear_weight) {
       const std::string module = name.substr(0, name.size() - 7);
-      auto o = overrides.find(module);
+      auto o = find_override(module);
       if (o != overrides.end()) return o->second.data();
     }
     if (auto c = cache.find(name); c != cache.end()) return c->second.data();
@@ -288,7 +300,7 @@ struct Model::Impl {
   WeightRef weight_ref(const std::string& name, const std::string& module, bool stored_in_out) {
     WeightRef w;
     w.bias = bias(module);
-    if (auto o = overrides.find(module); o != overrides.end()) {
+    if (auto o = find_override(module); o != overrides.end()) {
       w.data = o->second.data();
       return w;
     }
@@ -713,7 +725,7 @@ Model& Model::operator=(Model&&) noexcept = default;
 Model::~Model() = default;
 
 Model Model::load(const std::filesystem::path& dir, const Options& opts) {
-  auto impl = std::make_unique<Impl>(Impl{native::Model::open(dir), {}, opts, {}, {}, {}, {}, {}, {}, {}, {}});
+  auto impl = std::make_unique<Impl>(Impl{native::Model::open(dir), {}, opts, {}, {}, {}, {}, {}, {}, {}, {}, {}});
   impl->cfg = impl->src.config();
   const io::ModelConfig& c = impl->cfg;
   if (c.arch == Arch::Gpt2) {
@@ -769,7 +781,7 @@ Model Model::load(const std::filesystem::path& dir, const Options& opts) {
     s.raw = [ip](const std::string& n, bool linear) {
       gpu::Source::Raw r;
       if (linear) {
-        if (auto o = ip->overrides.find(n.substr(0, n.size() - 7)); o != ip->overrides.end()) {
+        if (auto o = ip->find_override(n.substr(0, n.size() - 7)); o != ip->overrides.end()) {
           r.data = o->second.data();
           return r;
         }
@@ -1029,7 +1041,17 @@ std::vector<float> Model::logits_from(const Batch& batch, int64_t first) {
 Precision parse_precision(std::string_view name, std::string_view option) {
   if (name == "fp32") return Precision::F32;
   if (name == "bf16") return Precision::BF16;
-  fail("{} must be fp32 or bf16, got '{}'", option, name);
+  if (name == "bf16-fast") return Precision::BF16_FAST;
+  fail("{} must be fp32, bf16 or bf16-fast, got '{}'", option, name);
+}
+
+const char* precision_name(Precision p) {
+  switch (p) {
+    case Precision::F32: return "fp32";
+    case Precision::BF16: return "bf16";
+    case Precision::BF16_FAST: return "bf16-fast";
+  }
+  return "?";
 }
 
 std::vector<std::string> Model::linear_modules() const {
@@ -1059,7 +1081,7 @@ int64_t Model::out_features(const std::string& module) const {
 std::vector<float> Model::weight(const std::string& module) {
   CALQ_CHECK(impl_->src.contains(module + ".weight"), "engine: no linear module {}", module);
   const std::string name = module + ".weight";
-  if (!impl_->overrides.count(module) && !impl_->cache.count(name) && impl_->cfg.arch != Arch::Gpt2) {
+  if (!impl_->has_override(module) && !impl_->cache.count(name) && impl_->cfg.arch != Arch::Gpt2) {
     // Straight from the checkpoint into the result (no scratch copy).
     auto w = with_context("loading " + name, [&] { return impl_->src.load_f32(name); });
     if (!impl_->src.entry(name).format) impl_->src.checkpoint().release(name);
@@ -1072,17 +1094,41 @@ std::vector<float> Model::weight(const std::string& module) {
   return out;
 }
 
+Model::DeviceWeight Model::device_weight(const std::string& module) const {
+  if (!impl_->gpu || impl_->cfg.arch == Arch::Gpt2 || impl_->has_override(module)) return {};
+  const std::string name = module + ".weight";
+  if (!impl_->src.contains(name) || impl_->src.entry(name).format) return {};
+  const DType stored = impl_->src.entry(name).dtype;
+  DeviceWeight d = impl_->gpu->device_weight(module);
+  if (!d.data) return {};
+  const bool exact = d.bf16 ? stored == DType::BF16 : stored == DType::F32 || stored == DType::BF16 || stored == DType::F16;
+  return exact ? d : DeviceWeight{};
+}
+
 void Model::set_weight(const std::string& module, std::vector<float> w) {
   CALQ_CHECK(impl_->src.contains(module + ".weight"), "engine: set_weight: no linear module {}", module);
   const int64_t in = in_features(module), out = out_features(module);
   CALQ_CHECK(static_cast<int64_t>(w.size()) == in * out,
              "engine: set_weight {}: {} values, expected [{}, {}] = {}", module, w.size(), out, in, in * out);
+  impl_->lazy.erase(module);
   impl_->overrides[module] = std::move(w);
   if (impl_->gpu) impl_->gpu->reload(module);
 }
 
+void Model::set_weight_device(const std::string& module, const float* w, int device,
+                              std::function<std::vector<float>()> host) {
+  CALQ_CHECK(impl_->src.contains(module + ".weight"), "engine: set_weight_device: no linear module {}", module);
+  CALQ_CHECK(impl_->gpu && impl_->cfg.arch != Arch::Gpt2 && w && host,
+             "engine: set_weight_device {}: needs the GPU engine (not GPT-2), a device weight and its host copy",
+             module);
+  impl_->gpu->set_weight_device(module, w, device);
+  impl_->overrides.erase(module);
+  impl_->lazy[module] = std::move(host);
+}
+
 void Model::clear_weight(const std::string& module) {
   impl_->overrides.erase(module);
+  impl_->lazy.erase(module);
   if (impl_->gpu && impl_->src.contains(module + ".weight")) impl_->gpu->reload(module);
 }
 

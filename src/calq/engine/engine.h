@@ -108,10 +108,13 @@ using InputTransform = std::function<void(float* x, int64_t rows, int64_t cols)>
 // activations, fp32 GEMMs (no TF32); BF16 = linear weights stored as bf16 (half the memory), each
 // product's fp32 input split into two bf16 terms (hi + lo, 16 significant bits) and multiplied on
 // the tensor cores with fp32 accumulation (cublasGemmEx); norms, RoPE, attention and the residual
-// stream stay fp32. docs/cuda.md, "Forward pass".
-enum class Precision { F32, BF16 };
-// "fp32" | "bf16"; anything else throws calq::Error naming `option`.
+// stream stay fp32. BF16_FAST = BF16 with each decoder-layer product's input rounded to one bf16
+// term (8 significant bits, one GEMM instead of two: the arithmetic of an fp16/bf16 forward such
+// as the reference GPTQ code's); the head keeps two terms. docs/cuda.md, "Forward pass".
+enum class Precision { F32, BF16, BF16_FAST };
+// "fp32" | "bf16" | "bf16-fast"; anything else throws calq::Error naming `option`.
 Precision parse_precision(std::string_view name, std::string_view option = "--gpu-precision");
+const char* precision_name(Precision p);  // parse_precision's names
 
 struct Options {
   // Cpu: this file's fp32 engine. Cuda: the decoder layers and the head run on GPU 0 (llama,
@@ -167,6 +170,21 @@ class Model {
   // The fp32 weight of a linear module as [out, in] (GPT-2 Conv1D: the transpose of the stored
   // [in, out] tensor), including any set_weight override.
   std::vector<float> weight(const std::string& module);
+  // The GPU engine's device copy of a linear module's weight ([out, in], row-major, on the
+  // engine's GPU: bf16 bits when bf16, else fp32) when its values are exactly weight(module): a
+  // GPU engine, no set_weight override, not GPT-2, and a bf16 device copy only of a bf16
+  // checkpoint tensor (fp32 copies widen exactly). data = null otherwise. Valid until the next
+  // set_weight / clear_weight of the module. GPTQ on the GPU reads it instead of a host copy.
+  struct DeviceWeight {
+    const void* data = nullptr;
+    bool bf16 = false;
+  };
+  DeviceWeight device_weight(const std::string& module) const;
+  // set_weight with the new weight already on a GPU (fp32 [out, in] on GPU `device`, e.g. GPTQ's
+  // Ŵ): the GPU engine takes it there; the host copy that weight() and the CPU paths read is made
+  // only when first asked for, by `host` (which must return those same values). GPU engine only.
+  void set_weight_device(const std::string& module, const float* w, int device,
+                         std::function<std::vector<float>()> host);
   int64_t in_features(const std::string& module) const;
   int64_t out_features(const std::string& module) const;
   // Replaces a linear module's weight ([out, in] fp32) for every later run; clear_weight undoes it.

@@ -73,6 +73,13 @@ class Forward {
   virtual std::vector<float> head(const std::vector<int64_t>& rows, Observer* obs) = 0;
   // Re-uploads a linear module's weight (after set_weight / clear_weight).
   virtual void reload(const std::string& module) = 0;
+  // The device copy of a decoder-layer linear module's weight as uploaded (bf16 bits or fp32,
+  // [out, in]); data = null when the module has no such copy (GPT-2, the head, unknown names).
+  virtual Model::DeviceWeight device_weight(const std::string& module) const = 0;
+  // A decoder-layer linear module's weight from fp32 [out, in] on GPU `device` (peer copy when
+  // that is not the engine's): stored as the upload of the same host values would store it (bf16
+  // rounded to nearest even, or fp32). The bias is unchanged.
+  virtual void set_weight_device(const std::string& module, const float* w, int device) = 0;
   // Bytes of device memory held (weights + buffers).
   virtual int64_t device_bytes() const = 0;
 };

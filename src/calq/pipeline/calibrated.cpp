@@ -503,7 +503,7 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
   if (device_h) log_info("Hessians on the GPU ({} block products)", backend::hessian_precision_name(hprec));
   // Where the time went (this run's layers; calq_report.json gptq.stages).
   struct {
-    double probe = 0, observe = 0, accumulate = 0, accumulate_gpu = 0, finalize = 0, quantize = 0;
+    double probe = 0, observe = 0, accumulate = 0, accumulate_gpu = 0, finalize = 0, quantize = 0, set_weights = 0;
   } tm;
   double load_s = now_s();
   auto m = engine::Model::load(model_dir, eo);
@@ -617,19 +617,22 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
     // The engine gets a step's quantized weights when the step ends: every pass of the step (a
     // batch of experts, the blend pass) sees the same weights as an unbatched one would.
     std::vector<std::pair<std::string, std::vector<float>>> pending;
+    std::vector<std::pair<std::string, ModuleQuantResult>> pending_device;  // Ŵ on the GPU (w_hat_device)
     // Records the results of `mods` (one shared input).
     auto finish_group = [&](const std::vector<std::string>& mods, std::vector<ModuleQuantResult> rs, int64_t tokens,
                             const json& extra) {
       for (size_t i = 0; i < mods.size(); ++i) {
         const TensorPlan& p = *by_module.at(mods[i]);
         ModuleQuantResult& r = rs[i];
-        pending.emplace_back(mods[i], std::move(r.w_hat));  // Ŵ in the original basis: no input transform needed
         json entry = {{"module", mods[i]}, {"tokens", tokens}};
         entry.update(r.report);
         entry.update(extra);
         out.report.push_back(entry);
         out.weights.emplace(p.name, std::move(r.q));
         if (r.rotation) out.rotations.emplace(p.name, std::move(*r.rotation));
+        // Ŵ in the original basis: no input transform needed.
+        if (r.w_hat_device) pending_device.emplace_back(mods[i], std::move(r));
+        else pending.emplace_back(mods[i], std::move(r.w_hat));
       }
     };
     auto global_of = [&](const TensorPlan& p) {
@@ -926,8 +929,13 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
         for (const auto* mp : {&acc, &every})
           for (const auto& [k, h] : *mp) tm.accumulate_gpu += h.gpu_seconds();
       }
+      const double ts = now_s();
       for (auto& [mod, w] : pending) m.set_weight(mod, std::move(w));
       pending.clear();
+      for (auto& [mod, r] : pending_device)
+        m.set_weight_device(mod, r.w_hat_device.get(), r.w_hat_device_ordinal, std::move(r.w_hat_host));
+      pending_device.clear();
+      tm.set_weights += now_s() - ts;
     }
     return out;
   };
@@ -976,6 +984,7 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
                  {"hessian_accumulate_gpu", tm.accumulate_gpu},
                  {"hessian_finalize", tm.finalize},
                  {"quantize", tm.quantize},
+                 {"set_weights", tm.set_weights},  // inside "other": Ŵ handed to the engine
                  {"output_forward", lt.output},
                  {"checkpoint", lt.checkpoint},
                  {"other", total - load_s - text_s - lt.embed - lt.replay - tm.probe - tm.observe - tm.finalize -
@@ -997,8 +1006,8 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
                     {"devices", opt.gptq.cuda ? json(devices) : json::array()},
                     {"forward_device", eo.device == backend::Device::Cuda ? "cuda" : "cpu"},
                     {"forward_precision",
-                     eo.device == backend::Device::Cuda && opt.forward_precision == engine::Precision::BF16 ? "bf16"
-                                                                                                          : "fp32"},
+                     engine::precision_name(eo.device == backend::Device::Cuda ? opt.forward_precision
+                                                                               : engine::Precision::F32)},
                     {"hessian_device", device_h ? "cuda" : "cpu"},
                     {"hessian_precision", backend::hessian_precision_name(hprec)},
                     {"seconds", total},

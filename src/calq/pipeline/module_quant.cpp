@@ -1,5 +1,6 @@
 #include "calq/pipeline/module_quant.h"
 
+#include <chrono>
 #include <cmath>
 
 #include "calq/backend/device.h"
@@ -80,11 +81,27 @@ ModuleQuantResult ModuleQuantizer::quantize(engine::Model& m, const TensorPlan& 
                                             const MomentAccumulator* moments, std::optional<float> global_scale,
                                             int device, const double* h_device) {
   ModuleQuantResult out;
-  std::unique_lock<std::mutex> lock(mu_);
-  const auto w = m.weight(p.module);
-  lock.unlock();
+  const auto t0 = std::chrono::steady_clock::now();
+  auto since = [](std::chrono::steady_clock::time_point a) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
+  };
   quant::GptqOptions go = gptq_;
   go.global_scale = global_scale;
+  // GPTQ on the GPU reads the GPU engine's copy of the weights where it can (no host copy);
+  // static group parameters and an nvfp4 scale of the tensor itself read them on the host.
+  const quant::Format& f = *p.format;
+  const bool device_ok = go.cuda && !mr_.enabled && f.group_size > 0 && !(go.act_order && go.static_groups) &&
+                         !(f.family == quant::Family::NVFP4 && !go.global_scale);
+  std::unique_lock<std::mutex> lock(mu_);
+  const engine::Model::DeviceWeight dw = device_ok ? m.device_weight(p.module) : engine::Model::DeviceWeight{};
+  std::vector<float> w;
+  if (!dw.data) w = m.weight(p.module);
+  lock.unlock();
+  go.weight_device = dw.data;
+  go.weight_device_bf16 = dw.bf16;
+  // The engine then also takes Ŵ on the GPU (Model::set_weight_device): no host dequantization.
+  go.w_hat_on_device = dw.data != nullptr;
+  const double weights_in = since(t0);
   if (device >= 0) go.device = device;
   CALQ_CHECK(!h_device || (go.cuda && !mr_.enabled), "internal: {}: a Hessian on the GPU is for GPTQ on the GPU",
              p.module);
@@ -93,11 +110,29 @@ ModuleQuantResult ModuleQuantizer::quantize(engine::Model& m, const TensorPlan& 
   // The GPU work of this call (MR-GPTQ's rotations, GPTQ) on this thread goes to go.device.
   backend::CudaDeviceScope device_scope(go.cuda ? go.device : -1);
   if (!mr_.enabled) {
-    auto r = quant::gptq_quantize(w.data(), p.rows(), p.cols(), H, *p.format, go, p.module);
-    out.w_hat = r.q.dequantize();
+    const auto t1 = std::chrono::steady_clock::now();
+    auto r = quant::gptq_quantize(w.empty() ? nullptr : w.data(), p.rows(), p.cols(), H, *p.format, go, p.module);
+    const double call = since(t1);
+    const auto t2 = std::chrono::steady_clock::now();
+    if (r.w_hat_device) {
+      out.w_hat_device = std::move(r.w_hat_device);
+      out.w_hat_device_ordinal = r.w_hat_device_ordinal;
+      auto q = std::make_shared<const quant::QuantizedWeight>(r.q);
+      out.w_hat_host = [q] { return q->dequantize(); };
+    } else {
+      out.w_hat = r.q.dequantize();
+    }
     out.report = {{"proxy_loss", r.proxy_loss}, {"seconds", r.seconds}, {"damp", r.damp_used},
                   {"dead_inputs", r.dead_inputs}};
-    if (go.cuda) out.report["stages"] = stage_json(r.stages);
+    if (go.cuda) {
+      // The host work around the GPU call, beside its own stages: reading the weights, the
+      // call's wall time outside its stages, the dequantized copy for the engine.
+      auto st = stage_json(r.stages);
+      st["weights_in"] = weights_in;
+      st["call_other"] = call - r.seconds;
+      st["dequantize"] = since(t2);
+      out.report["stages"] = std::move(st);
+    }
     out.q = std::move(r.q);
     return out;
   }

@@ -5,6 +5,8 @@
 
 #include <map>
 #include <mutex>
+#include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -61,6 +63,11 @@ struct ModuleQuantResult {
   quant::QuantizedWeight q;               // in the rotated basis when `rotation` is set
   std::optional<quant::Rotation> rotation;
   std::vector<float> w_hat;               // the dequantized weight in the original basis (Q·Rᵀ)
+  // Instead of w_hat, when GPTQ ran on the GPU from the GPU engine's weights: Ŵ on GPU
+  // w_hat_device_ordinal (for engine::Model::set_weight_device) and the host copy's maker.
+  std::shared_ptr<const float> w_hat_device;
+  int w_hat_device_ordinal = -1;
+  std::function<std::vector<float>()> w_hat_host;
   nlohmann::json report;                  // proxy_loss, seconds, damp, dead_inputs (+ kurtosis, rotation)
 };
 

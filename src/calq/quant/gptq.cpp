@@ -48,11 +48,19 @@ GptqPrepared gptq_prepare(const float* w_in, int64_t rows, int64_t cols, const s
   CALQ_CHECK(o.block_size >= 1, "GPTQ block size must be >= 1, got {}", o.block_size);
   const size_t R = static_cast<size_t>(rows), C = static_cast<size_t>(cols);
   const bool big = rows * cols >= 65536;
+  // Weights on the GPU (o.weight_device): checked there; nothing below may read w_in.
+  CALQ_CHECK(w_in || (o.cuda && o.weight_device), "internal: {}: no weights", what);
+  const bool host_w = w_in != nullptr;
+  CALQ_CHECK(host_w || !(f.group_size < 0 || (o.act_order && o.static_groups) ||
+                         (f.family == Family::NVFP4 && !o.global_scale)),
+             "internal: {}: static group parameters or an nvfp4 global scale need the weights on the host", what);
   // The first non-finite weight (in memory order) names itself in the error.
   int64_t bad = rows * cols;
+  if (host_w) {
 #pragma omp parallel for schedule(static) reduction(min : bad) if (big)
-  for (int64_t i = 0; i < rows * cols; ++i)
-    if (!std::isfinite(w_in[i])) bad = std::min(bad, i);
+    for (int64_t i = 0; i < rows * cols; ++i)
+      if (!std::isfinite(w_in[i])) bad = std::min(bad, i);
+  }
   if (bad < rows * cols)
     fail("{}: weight {} at row {}, column {} is not finite", what, w_in[bad], bad / cols, bad % cols);
   bool h_finite = true;

@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -52,6 +53,16 @@ struct GptqOptions {
   // then holds only its diagonal (cols values); nothing else of H goes through the host.
   const double* hessian_device = nullptr;
   int hessian_device_ordinal = 0;
+  // With cuda: the weights already on a GPU (engine::Model::device_weight: rows × cols, row-major,
+  // bf16 bits when weight_device_bf16, else fp32), read there instead of w_in, which may then be
+  // null: copied (a peer copy from another GPU), widened and checked for non-finite values on the
+  // GPU. Not with static group parameters (per-channel formats, act-order with static groups) or
+  // nvfp4 without global_scale: those read the weights on the host.
+  const void* weight_device = nullptr;
+  bool weight_device_bf16 = false;
+  // With cuda: also leave Ŵ = q.dequantize() (rows × cols fp32, bit for bit) on the GPU
+  // (GptqResult::w_hat_device), for the GPU engine to take without a host round trip.
+  bool w_hat_on_device = false;
 };
 
 // Where the time of one CUDA GPTQ call went (seconds; all zero on the CPU path). GPU stages are
@@ -75,6 +86,9 @@ struct GptqResult {
   double damp_used = 0;   // the damp factor that gave a positive definite H (after retries)
   double seconds = 0;
   GptqStageTimes stages;  // CUDA path only
+  // GptqOptions::w_hat_on_device: Ŵ on GPU w_hat_device_ordinal (freed with the last reference).
+  std::shared_ptr<const float> w_hat_device;
+  int w_hat_device_ordinal = -1;
 };
 
 // w: rows×cols fp32 row-major; h: cols×cols fp64 row-major (symmetric). The column updates run in

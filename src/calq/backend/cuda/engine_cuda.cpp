@@ -515,6 +515,37 @@ class CudaForward final : public Forward {
     return to_host(logits_.as<float>(), M * V);
   }
 
+  Model::DeviceWeight device_weight(const std::string& module) const override {
+    if (gpt2_) return {};
+    auto it = linears_.find(module);
+    if (it == linears_.end() || !it->second.w.as<void>()) return {};
+    return {it->second.w.as<void>(), it->second.bf16};
+  }
+
+  void set_weight_device(const std::string& module, const float* w, int device) override {
+    CALQ_CHECK(!gpt2_, "engine (cuda): set_weight_device is not for GPT-2");
+    auto it = linears_.find(module);
+    CALQ_CHECK(it != linears_.end(), "engine (cuda): set_weight_device: linear module {} was not uploaded", module);
+    Linear& L = it->second;
+    const size_t n = static_cast<size_t>(L.out * L.in);
+    int here = 0;
+    check_cuda(cudaGetDevice(&here), "cudaGetDevice");
+    const float* src = w;
+    if (device != here) {  // another GPU's Ŵ: a peer copy into the staging buffer first
+      stage_.ensure(n * sizeof(float), "a weight's staging copy", kWeightHint);
+      check_cuda(cudaMemcpyPeerAsync(stage_.as<void>(), here, w, device, n * sizeof(float), stream_),
+                 "cudaMemcpyPeer(weights)");
+      src = stage_.as<float>();
+    }
+    if (L.bf16)
+      k::launch_to_bf16(src, L.w.as<uint16_t>(), static_cast<int64_t>(n), stream_);
+    else
+      check_cuda(cudaMemcpyAsync(L.w.as<void>(), src, n * sizeof(float), cudaMemcpyDeviceToDevice, stream_),
+                 "cudaMemcpy(weights)");
+    check_launch("set_weight_device");
+    check_cuda(cudaStreamSynchronize(stream_), "set_weight_device");
+  }
+
   void reload(const std::string& module) override {
     if (module == "lm_head" && head_name_ == "lm_head.weight") {
       upload_linear(head_, "lm_head.weight", "lm_head", true);
@@ -542,6 +573,7 @@ class CudaForward final : public Forward {
     DevMem w, bias;
     int64_t out = 0, in = 0;
     bool bf16 = false, has_bias = false;
+    bool one_term = false;  // BF16_FAST: the input rounded to one bf16 term (decoder layers only)
   };
 
 
@@ -696,6 +728,16 @@ class CudaForward final : public Forward {
       check_cublas(cublasSgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &one, L.w.as<float>(), in, X, in, &zero,
                                Y, out),
                    "cublasSgemm");
+    } else if (L.one_term) {
+      // BF16_FAST: the input rounded to bf16 (round to nearest even), one product.
+      const size_t n_in = static_cast<size_t>(rows * L.in);
+      xb_.ensure(n_in * sizeof(uint16_t), "bf16 inputs of a product", kActHint);
+      k::launch_to_bf16(X, xb_.as<uint16_t>(), static_cast<int64_t>(n_in), stream_);
+      check_launch("to_bf16");
+      check_cublas(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &one, L.w.as<void>(), CUDA_R_16BF, in,
+                                xb_.as<void>(), CUDA_R_16BF, in, &zero, Y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F,
+                                CUBLAS_GEMM_DEFAULT),
+                   "cublasGemmEx (bf16, one term)");
     } else {
       // The fp32 input as two bf16 terms, x ≈ hi + lo (16 significant bits): Y = W·hi + W·lo, both
       // on the tensor cores with fp32 accumulation. One bf16 term alone (8 bits) costs ~1e-2
@@ -808,7 +850,8 @@ class CudaForward final : public Forward {
   // same round-to-nearest-even as the host's f32_to_bf16.
   void upload_linear(Linear& L, const std::string& tensor, const std::string& module, bool linear_weight) {
     const size_t n = static_cast<size_t>(L.out * L.in);
-    L.bf16 = prec_ == Precision::BF16;
+    L.bf16 = prec_ != Precision::F32;
+    L.one_term = prec_ == Precision::BF16_FAST && &L != &head_;
     const size_t wbytes = L.bf16 ? sizeof(uint16_t) : sizeof(float);
     Source::Raw raw = src_.raw ? src_.raw(tensor, linear_weight) : Source::Raw{};
     std::vector<float> w;
@@ -901,7 +944,7 @@ class CudaForward final : public Forward {
         vecs.push_back(a + "k_norm.weight");
       }
     }
-    const size_t wbytes = prec_ == Precision::BF16 ? 2 : 4;
+    const size_t wbytes = prec_ != Precision::F32 ? 2 : 4;
     size_t need = static_cast<size_t>(V * H) * wbytes;
     for (const auto& it : lin) {
       need += static_cast<size_t>(it.out * it.in) * wbytes;
@@ -917,7 +960,7 @@ class CudaForward final : public Forward {
     if (need > avail)
       fail("--device cuda: out of GPU memory: the weights need {} bytes ({} precision, a staging copy of the largest included), {} bytes are free on GPU 0 "
            "(of {}); {}",
-           need, prec_ == Precision::BF16 ? "bf16" : "fp32", avail, total, kWeightHint);
+           need, prec_ != Precision::F32 ? "bf16" : "fp32", avail, total, kWeightHint);
     for (const auto& it : lin) {
       Linear& L = linears_[it.module];
       L.out = it.out;

@@ -25,6 +25,7 @@
 #include <cstring>
 #include <numeric>
 
+#include "calq/backend/cuda/engine_kernels.h"
 #include "calq/backend/cuda/gptq_kernel.h"
 #include "calq/backend/cuda/kernels.h"
 #include "calq/backend/cuda/check.h"
@@ -255,7 +256,8 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
   const int64_t B = o.block_size;
   int64_t lwork_potrf = 0;
   size_t trtri_dev = 0, trtri_host = 0;
-  DeviceBuffer d_h, d_u, d_w, d_e, d_work, d_info, d_codes_k, d_codes, d_params, d_loss, d_perm, d_stage, d_wf, d_dead;
+  DeviceBuffer d_h, d_u, d_w, d_e, d_work, d_info, d_codes_k, d_codes, d_params, d_loss, d_perm, d_stage, d_wf, d_dead,
+      d_wb, d_bad;
   {
     const int n32 = static_cast<int>(cols);
     int lw = 0;
@@ -275,7 +277,8 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
                       R * static_cast<size_t>(B) * sizeof(double) + 2 * R * C + R * NG * sizeof(GroupParams) +
                       R * sizeof(double) + C * (sizeof(int32_t) + 1) +
                       (staged_global ? R * static_cast<size_t>(width_max) * sizeof(double) : 0) + work_bytes +
-                      sizeof(int);
+                      sizeof(int) + (o.weight_device && o.weight_device_bf16 ? R * C * sizeof(uint16_t) : 0) +
+                      (o.w_hat_on_device ? R * C * sizeof(float) : 0);
   require_memory(need, what);
   d_h.alloc(C * C * sizeof(double), "cudaMalloc(H)");
   d_u.alloc(C * C * sizeof(double), "cudaMalloc(U)");
@@ -306,8 +309,48 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
     check_cuda(cudaMemcpyPeerAsync(d_u.as<double>(), o.device, o.hessian_device, o.hessian_device_ordinal,
                                    C * C * sizeof(double), hd.stream),
                "cudaMemcpyPeer(H)");
-  check_cuda(cudaMemcpyAsync(d_wf.as<float>(), w_in, R * C * sizeof(float), cudaMemcpyHostToDevice, hd.stream),
-             "cudaMemcpy(W)");
+  if (o.weight_device) {
+    // The weights on a GPU already (the engine's copy, as stored): copied here (peer copy from
+    // another GPU), widened from bf16, and checked for non-finite values on the device.
+    cudaPointerAttributes at{};
+    check_cuda(cudaPointerGetAttributes(&at, o.weight_device), "cudaPointerGetAttributes(W)");
+    CALQ_CHECK(at.type == cudaMemoryTypeDevice, "internal: {}: the device weights are not device memory", what);
+    const size_t wbytes = R * C * (o.weight_device_bf16 ? sizeof(uint16_t) : sizeof(float));
+    void* dst = d_wf.as<void>();
+    if (o.weight_device_bf16) {
+      d_wb.alloc(wbytes, "cudaMalloc(W, bf16)");
+      dst = d_wb.as<void>();
+    }
+    if (at.device == o.device)
+      check_cuda(cudaMemcpyAsync(dst, o.weight_device, wbytes, cudaMemcpyDeviceToDevice, hd.stream),
+                 "cudaMemcpy(W, on the GPU)");
+    else
+      check_cuda(cudaMemcpyPeerAsync(dst, o.device, o.weight_device, at.device, wbytes, hd.stream),
+                 "cudaMemcpyPeer(W)");
+    if (o.weight_device_bf16)
+      cuda::launch_bf16_to_f32(d_wb.as<uint16_t>(), d_wf.as<float>(), rows * cols, hd.stream);
+    d_bad.alloc(sizeof(unsigned int), "cudaMalloc(count)");
+    check_cuda(cudaMemsetAsync(d_bad.as<unsigned int>(), 0, sizeof(unsigned int), hd.stream), "cudaMemset(count)");
+    cuda::launch_count_nonfinite(d_wf.as<float>(), rows * cols, d_bad.as<unsigned int>(), hd.stream);
+    check_cuda(cudaGetLastError(), "GPTQ weight check");
+    unsigned int nonfinite = 0;
+    check_cuda(cudaMemcpyAsync(&nonfinite, d_bad.as<unsigned int>(), sizeof nonfinite, cudaMemcpyDeviceToHost,
+                               hd.stream),
+               "cudaMemcpy(count)");
+    hd.sync("GPTQ weight check");
+    if (nonfinite) {  // the first one in memory order names itself, as on the host
+      std::vector<float> w(R * C);
+      check_cuda(cudaMemcpy(w.data(), d_wf.as<float>(), R * C * sizeof(float), cudaMemcpyDeviceToHost),
+                 "cudaMemcpy(W)");
+      const size_t bad = static_cast<size_t>(
+          std::find_if(w.begin(), w.end(), [](float v) { return !std::isfinite(v); }) - w.begin());
+      fail("{}: weight {} at row {}, column {} is not finite", what, w[bad], bad / C, bad % C);
+    }
+    d_wb.reset();
+  } else {
+    check_cuda(cudaMemcpyAsync(d_wf.as<float>(), w_in, R * C * sizeof(float), cudaMemcpyHostToDevice, hd.stream),
+               "cudaMemcpy(W)");
+  }
   check_cuda(cudaMemcpyAsync(d_dead.as<uint8_t>(), prep.dead.data(), C, cudaMemcpyHostToDevice, hd.stream),
              "cudaMemcpy(dead inputs)");
   std::vector<int32_t> perm32(C);
@@ -439,6 +482,22 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
   cuda::launch_scatter_codes(d_codes_k.as<uint8_t>(), d_codes.as<uint8_t>(), d_perm.as<int32_t>(), rows, cols,
                              hd.stream);
   check_cuda(cudaGetLastError(), "GPTQ codes kernel");
+  if (o.w_hat_on_device) {
+    // Ŵ for the GPU engine, kept past this call (freed on this device with its last reference).
+    void* p = nullptr;
+    const size_t bytes = R * C * sizeof(float);
+    check_cuda(cuda::tracked_malloc(&p, bytes), "cudaMalloc(dequantized weights)");
+    const int dev = o.device;
+    res.w_hat_device = std::shared_ptr<const float>(static_cast<const float*>(p), [bytes, dev](const float* q) {
+      CudaDeviceScope scope(dev);
+      cuda::tracked_free(const_cast<float*>(q), bytes);
+    });
+    res.w_hat_device_ordinal = dev;
+    cuda::launch_dequantize(d_codes_k.as<uint8_t>(), d_params.as<GroupParams>(), d_perm.as<int32_t>(),
+                            static_cast<float*>(p), rows, cols, gs, f.spec(), prep.global, prep.dynamic_act,
+                            prep.per_channel, hd.stream);
+    check_cuda(cudaGetLastError(), "GPTQ dequantization kernel");
+  }
   hd.sync("GPTQ blocks");
   const auto t_loop = clock::now();
   for (int64_t b = 0; b < nblocks; ++b) {

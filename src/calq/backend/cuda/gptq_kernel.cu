@@ -125,7 +125,27 @@ __global__ void scatter_codes(const uint8_t* in, uint8_t* out, const int32_t* pe
   for (int64_t k = blockIdx.y; k < cols; k += gridDim.y) out[r * cols + perm[k]] = in[k * rows + r];
 }
 
+__global__ void dequantize_kernel(const uint8_t* in, const quant::GroupParams* params, const int32_t* perm, float* out,
+                                  int64_t rows, int64_t cols, int64_t gs, quant::elem::Spec spec, float global,
+                                  bool dynamic_act, bool per_channel) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  for (int64_t k = blockIdx.y; k < cols; k += gridDim.y) {
+    const int64_t c = perm[k];
+    const int64_t g = dynamic_act ? k / gs : per_channel ? 0 : c / gs;
+    out[r * cols + c] = quant::elem::value(spec, in[k * rows + r], params[g * rows + r], global);
+  }
+}
+
 }  // namespace
+
+void launch_dequantize(const uint8_t* in, const quant::GroupParams* params, const int32_t* perm, float* out,
+                       int64_t rows, int64_t cols, int64_t group_len, quant::elem::Spec spec, float global,
+                       bool dynamic_act, bool per_channel, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((rows + 255) / 256), static_cast<unsigned>(cols < 65535 ? cols : 65535));
+  dequantize_kernel<<<grid, 256, 0, stream>>>(in, params, perm, out, rows, cols, group_len, spec, global, dynamic_act,
+                                              per_channel);
+}
 
 size_t gptq_block_shared_limit() {
   static const size_t limit = [] {

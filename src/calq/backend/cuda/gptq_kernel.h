@@ -61,6 +61,14 @@ void launch_permute_weights(const float* w, const uint8_t* dead, const int32_t* 
 void launch_permute_hessian(const double* h, const uint8_t* dead, const int32_t* perm, double* hp, int64_t cols,
                             cudaStream_t stream);
 
+// Ŵ in the weight's layout from the codes in processing order (in[k·rows + r]) and the group
+// parameters (params[g·rows + r]): out[r·cols + perm[k]] = elem::value(code, params of its group,
+// global), the group g = k / group_len when groups follow the processing order (dynamic_act), 0
+// per channel, else perm[k] / group_len; the value function of QuantizedWeight::dequantize.
+void launch_dequantize(const uint8_t* in, const quant::GroupParams* params, const int32_t* perm, float* out,
+                       int64_t rows, int64_t cols, int64_t group_len, quant::elem::Spec spec, float global,
+                       bool dynamic_act, bool per_channel, cudaStream_t stream);
+
 // out[r·cols + perm[k]] = in[k·rows + r]: the codes from processing order to the weight's layout.
 void launch_scatter_codes(const uint8_t* in, uint8_t* out, const int32_t* perm, int64_t rows, int64_t cols,
                           cudaStream_t stream);
