@@ -93,6 +93,33 @@ TEST_F(GpuCli, Bf16ForwardPassKeepsQuality) {
   std::printf("KLD with fp32 forward passes %.6f, bf16 %.6f (ratio %.4f)\n", k32, k16, k16 / k32);
   EXPECT_LT(k16, 1.10 * k32);
   EXPECT_GT(k16, 0.90 * k32);
+  // bf16-fast (one bf16 term per product input): the same sanity bound.
+  r = run_calq("-q quantize" + in + " -o " + (t / "b16f").string() + kGptq + " --forward-precision bf16-fast", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(read_json(t / "b16f" / "calq_report.json")["gptq"]["forward_precision"], "bf16-fast");
+  const double kf = eval_kld(t / "b16f", s.m16, d, t / "b16f.json");
+  std::printf("KLD with bf16-fast forward passes %.6f (ratio to fp32 %.4f)\n", kf, kf / k32);
+  EXPECT_LT(kf, 1.10 * k32);
+  EXPECT_GT(kf, 0.90 * k32);
+}
+
+// --gpu-layers: how many decoder layers' weights the GPU holds (default 1) does not change the
+// output, and one layer at a time holds less GPU memory than the whole model.
+TEST_F(GpuCli, GpuLayersDoNotChangeTheOutput) {
+  const std::string args = kGptq + " --forward-precision bf16";
+  auto r = run_calq("-q quantize" + in + " -o " + (t / "one").string() + args, d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  r = run_calq("-q quantize" + in + " -o " + (t / "all").string() + args + " --gpu-layers 0", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  r = run_calq("-q quantize" + in + " -o " + (t / "two").string() + args + " --gpu-layers 2", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  expect_same_files(t / "one", t / "all");
+  expect_same_files(t / "one", t / "two");
+  const auto one = read_json(t / "one" / "calq_report.json")["gpu"]["peak_bytes"].get<int64_t>();
+  const auto all = read_json(t / "all" / "calq_report.json")["gpu"]["peak_bytes"].get<int64_t>();
+  std::printf("peak GPU bytes: one layer at a time %lld, every layer %lld\n", static_cast<long long>(one),
+              static_cast<long long>(all));
+  EXPECT_LT(one, all);
 }
 
 }  // namespace

@@ -603,6 +603,53 @@ TEST(GpuEngineWeights, SetWeightDeviceIsSetWeight) {
   }
 }
 
+// Options::gpu_resident_layers: 1 or 2 decoder layers on the GPU at a time give the logits of the
+// whole model on the GPU, hold fewer bytes, offer no device weight for a layer that is not up,
+// and a set_weight / set_weight_device of such a layer takes effect when it goes up again.
+TEST(GpuEngineWeights, ResidentLayersGiveTheSameLogits) {
+  REQUIRE_GPU();
+  for (const char* fx : {"qwen3_qknorm", "qwen3_moe_sparse", "gpt2"}) {
+    auto all = engine::Model::load(fixture(fx), options(backend::Device::Cuda));
+    const int64_t V = all.config().vocab_size, L = all.num_layers();
+    ASSERT_GE(L, 2) << fx;
+    const auto b = random_batch(2, 30, V, {30, 11}, 21);
+    const auto want = all.forward(b);
+    for (int64_t n : {int64_t{1}, int64_t{2}}) {
+      auto o = options(backend::Device::Cuda);
+      o.gpu_resident_layers = n;
+      auto few = engine::Model::load(fixture(fx), o);
+      EXPECT_LE(rel_err(want, few.forward(b), b, V), 1e-6) << fx << " resident " << n;
+      EXPECT_LE(rel_err(want, few.forward(b), b, V), 1e-6) << fx << " resident " << n << ", again";
+    }
+    if (std::string(fx) == "gpt2") continue;
+    // One layer at a time: after a forward pass only the last layer is up.
+    auto o = options(backend::Device::Cuda);
+    o.gpu_resident_layers = 1;
+    auto one = engine::Model::load(fixture(fx), o);
+    one.forward(b);
+    const std::string first = "model.layers.0.self_attn.q_proj", last = "model.layers." + std::to_string(L - 1) +
+                                                                         ".self_attn.o_proj";
+    EXPECT_EQ(one.device_weight(first).data, nullptr) << fx;
+    EXPECT_NE(one.device_weight(last).data, nullptr) << fx;
+    // Changes to a layer that is not up reach the GPU with the layer.
+    auto w = all.weight(first);
+    for (auto& v : w) v *= -0.7f;
+    auto w2 = all.weight(last);
+    for (auto& v : w2) v *= 1.3f;
+    all.set_weight(first, w);
+    all.set_weight(last, w2);
+    one.set_weight(first, w);  // layer 0 is not on the GPU now
+    float* d = nullptr;
+    ASSERT_EQ(cudaMalloc(&d, w2.size() * 4), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(d, w2.data(), w2.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    one.set_weight_device(last, d, 0, [w2] { return w2; });  // the last layer is
+    cudaFree(d);
+    const auto want2 = all.forward(b);
+    EXPECT_GE(rel_err(want, want2, b, V), 1e-3) << fx << ": the weights did not change";
+    EXPECT_LE(rel_err(want2, one.forward(b), b, V), 1e-6) << fx;
+  }
+}
+
 // Not enough GPU memory for the weights: the error gives the bytes needed and free
 // (CALQ_CUDA_MEMORY_LIMIT caps the free memory the engine sees).
 TEST(GpuEngineErrors, OutOfMemory) {

@@ -207,6 +207,8 @@ TEST_F(CliErrors, BadOptions) {
                  {"--forward-precision applies to GPU forward passes"}, out);
   expect_failure(quantize(model(), out, "--method gptq --forward-precision bf16-fast"),
                  {"--forward-precision applies to GPU forward passes"}, out);
+  expect_failure(quantize(model(), out, "--method gptq --gpu-layers 2"), {"--gpu-layers applies to GPU forward passes"},
+                 out);
   // --devices: only with --device cuda; ordinals only, each a visible GPU.
   expect_failure(quantize(model(), out, "--method gptq --devices 0,1"), {"--devices applies to --device cuda"}, out);
   if (gpu) {
@@ -252,6 +254,7 @@ TEST_F(CliErrors, EvalDevice) {
   expect_failure(eval("--device cuda --gpu-precision fp16"), {"--gpu-precision must be fp32, bf16 or bf16-fast, got 'fp16'"},
                  none);
   expect_failure(eval("--gpu-precision bf16"), {"--gpu-precision bf16 applies to --device cuda only"}, none);
+  expect_failure(eval("--gpu-layers 1"), {"--gpu-layers applies to --device cuda only"}, none);
   std::string why;
   try {
     calq::backend::cuda_require();

@@ -31,7 +31,7 @@ struct EvalArgs {
   std::string model, reference, metric = "perplexity", dataset = "wikitext2", method = "llama", save_logits,
               reference_logits, json_out, calibration = "bartowski-v3", field = "text",
               device = "cpu", gpu_precision;
-  int64_t ctx = 512, chunks = -1, stride = 0, samples = 16, seq_len = 512, batch = 0;
+  int64_t ctx = 512, chunks = -1, stride = 0, samples = 16, seq_len = 512, batch = 0, gpu_layers = -1;
   bool allow_long = false, offline = false;
 };
 
@@ -74,6 +74,7 @@ engine::Model load_engine(const std::string& dir, const EvalArgs& a) {
   if (o.device == backend::Device::Cuda) {
     log_info("--device cuda: {}", backend::cuda_require("--device cuda"));
     o.gpu_precision = engine::parse_precision(a.gpu_precision.empty() ? "fp32" : a.gpu_precision);
+    o.gpu_resident_layers = a.gpu_layers > 0 ? a.gpu_layers : 0;
   }
   // Every chunk reuses every weight: keep the fp32 copies when they fit in half the free memory
   // (on the GPU the weights live in GPU memory instead).
@@ -118,6 +119,7 @@ int run_eval(const EvalArgs& a) {
     engine::parse_precision(a.gpu_precision);
     CALQ_CHECK(on_cuda, "--gpu-precision {} applies to --device cuda only", a.gpu_precision);
   }
+  CALQ_CHECK(a.gpu_layers < 0 || on_cuda, "--gpu-layers applies to --device cuda only");
   if (on_cuda) backend::cuda_require("--device cuda");
   if (a.metric == "layer-error") {
     CALQ_CHECK(a.device == "cpu", "--device {}: --metric layer-error runs on the CPU only; drop --device",
@@ -274,6 +276,11 @@ Command add_eval(CLI::App& app) {
                 "With --device cuda: fp32 (fp32 weights and products, default), bf16 (bf16 weights, half the "
                 "GPU memory; products on the tensor cores with fp32 accumulation, each input as two bf16 terms) or "
                 "bf16-fast (each decoder-layer product's input rounded to one bf16 term: one GEMM instead of two)");
+  c->add_option("--gpu-layers", a->gpu_layers,
+                "With --device cuda: decoder layers whose weights the GPU holds at once (default 0: the whole "
+                "model, uploaded at load; N: each batch uploads the layers beyond the N most recently run, for "
+                "models larger than the GPU's memory, slower)")
+      ->check(CLI::NonNegativeNumber);
   c->add_flag("--allow-long-context", a->allow_long, "Allow --ctx beyond max_position_embeddings");
   c->add_flag("--offline", a->offline, "Never download datasets (also CALQ_OFFLINE=1)");
   return {c, [a]() { return run_eval(*a); }};

@@ -57,7 +57,7 @@ Command add_quantize(CLI::App& app) {
     std::string calibration = "bartowski-v3", packing = "concatenate";
     size_t samples = 128, seq_len = 512;
     uint64_t seed = 0;
-    int64_t calib_batch = 8, min_tokens = 16, block = 128;
+    int64_t calib_batch = 8, min_tokens = 16, block = 128, gpu_layers = -1;
     double damp = 0.01;
     bool act_order = false, no_static_groups = false, no_true_sequential = false, unquantized_inputs = false,
          offline = false;
@@ -109,6 +109,12 @@ Command add_quantize(CLI::App& app) {
                   "decoder-layer product's input rounded to one bf16 term: one GEMM instead of two, the "
                   "arithmetic of an fp16/bf16 PyTorch forward; logits ~1e-2 from fp32). docs/cuda.md")
       ->check(CLI::IsMember({"fp32", "bf16", "bf16-fast"}));
+  sub->add_option("--gpu-layers", a->gpu_layers,
+                  "Decoder layers whose weights the GPU holds at once during GPU calibration forward passes "
+                  "(--forward-device cuda): default 1, each layer's weights go up when the layer loop reaches it "
+                  "and the previous layer's are freed; 0 keeps the whole model on the GPU (uploaded at load). The "
+                  "output does not depend on it")
+      ->check(CLI::NonNegativeNumber);
   sub->add_option("--hessian-precision", a->hessian_precision,
                   "Input precision of the Hessians' block products on the GPU (gptq, mr-gptq with --device cuda "
                   "and the forward passes on the GPU): fp32 (default; the CPU's arithmetic), tf32 or bf16 (tensor "
@@ -289,6 +295,8 @@ Command add_quantize(CLI::App& app) {
     if (forward_cuda && !on_cuda) log_info("--forward-device cuda: {}", backend::cuda_require("--forward-device cuda"));
     CALQ_CHECK(a->forward_precision.empty() || forward_cuda,
                "--forward-precision applies to GPU forward passes (--device cuda or --forward-device cuda)");
+    CALQ_CHECK(a->gpu_layers < 0 || forward_cuda,
+               "--gpu-layers applies to GPU forward passes (--device cuda or --forward-device cuda)");
     CALQ_CHECK(a->devices.empty() || on_cuda, "--devices applies to --device cuda (got --device {})", a->device);
     std::vector<int> devices;
     if (!a->devices.empty()) devices = backend::cuda_parse_devices(a->devices, "--devices");
@@ -409,6 +417,7 @@ Command add_quantize(CLI::App& app) {
         if (!a->forward_precision.empty())
           g.forward_precision = engine::parse_precision(a->forward_precision, "--forward-precision");
         g.devices = devices;
+        if (a->gpu_layers >= 0) g.gpu_layers = a->gpu_layers;
         g.hessian_precision = backend::parse_hessian_precision(a->hessian_precision, "--hessian-precision");
         g.true_sequential = !a->no_true_sequential;
         g.quantized_inputs = !a->unquantized_inputs;

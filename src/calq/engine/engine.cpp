@@ -797,7 +797,7 @@ Model Model::load(const std::filesystem::path& dir, const Options& opts) {
     };
     s.release = [ip](const std::string& n) { ip->src.checkpoint().release(n); };
     impl->gpu = with_context(dir.string(), [&] {
-      return gpu::create(c, opts.gpu_precision, s, impl->sliding, opts.check_nan);
+      return gpu::create(c, opts.gpu_precision, s, impl->sliding, opts.check_nan, opts.gpu_resident_layers);
     });
   }
   return Model(std::move(impl));

@@ -128,6 +128,11 @@ struct Options {
   bool cache_weights = false;      // keep weights packed (fp32) for the gemm after first use (4 bytes/param)
   bool check_nan = true;           // after each layer and the head: fail naming the first bad layer
   bool allow_long_context = false; // allow seq > max_position_embeddings (rope models only)
+  // Cuda: how many decoder layers' linear weights the GPU holds at once (0: all, uploaded at
+  // load). With N > 0 a layer's weights go up when a run needs them and the least recently run
+  // layer's are freed beyond N (calibration, which runs each layer many times and then never
+  // again, uses 1). Norms, the embedding table and the head stay on the GPU.
+  int64_t gpu_resident_layers = 0;
 };
 
 class Model {

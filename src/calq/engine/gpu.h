@@ -74,7 +74,8 @@ class Forward {
   // Re-uploads a linear module's weight (after set_weight / clear_weight).
   virtual void reload(const std::string& module) = 0;
   // The device copy of a decoder-layer linear module's weight as uploaded (bf16 bits or fp32,
-  // [out, in]); data = null when the module has no such copy (GPT-2, the head, unknown names).
+  // [out, in]); data = null when the module has no such copy (GPT-2, the head, unknown names, a
+  // layer not on the GPU now).
   virtual Model::DeviceWeight device_weight(const std::string& module) const = 0;
   // A decoder-layer linear module's weight from fp32 [out, in] on GPU `device` (peer copy when
   // that is not the engine's): stored as the upload of the same host values would store it (bf16
@@ -87,7 +88,8 @@ class Forward {
 // Checks the architecture and the GPU, uploads the weights. Throws calq::Error for an
 // architecture the GPU path does not implement, without CUDA / without a GPU, and when the
 // weights do not fit (bytes needed and free).
+// resident_layers: Options::gpu_resident_layers.
 std::unique_ptr<Forward> create(const io::ModelConfig& cfg, Precision precision, const Source& src,
-                                const std::vector<uint8_t>& sliding, bool check_nan);
+                                const std::vector<uint8_t>& sliding, bool check_nan, int64_t resident_layers = 0);
 
 }  // namespace calq::engine::gpu

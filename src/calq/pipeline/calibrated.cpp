@@ -484,6 +484,7 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
   if (opt.forward_cuda) {
     eo.device = backend::Device::Cuda;
     eo.gpu_precision = opt.forward_precision;
+    eo.gpu_resident_layers = opt.gpu_layers;
   }
   // GPU workers (--devices): GPTQ calls go to these ordinals, one worker each; this thread (the
   // GPU forward pass, the Hessians) works on the first.

@@ -120,6 +120,9 @@ struct GptqPipelineOptions {
   // MoE models. --forward-device.
   bool forward_cuda = false;
   engine::Precision forward_precision = engine::Precision::F32;  // --forward-precision
+  // Decoder layers whose weights the GPU engine holds at once (engine::Options::
+  // gpu_resident_layers; 0: all). The results do not depend on it. --gpu-layers.
+  int64_t gpu_layers = 1;
   // With gptq.cuda: the GPUs that quantize modules, one worker per entry (an ordinal may repeat);
   // the forward pass and the Hessians run on the first. Empty: {gptq.device}. --devices.
   std::vector<int> devices;

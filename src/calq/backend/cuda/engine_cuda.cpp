@@ -128,8 +128,14 @@ class CudaForward final : public Forward {
 
  public:
   CudaForward(const io::ModelConfig& cfg, Precision prec, const Source& src, const std::vector<uint8_t>& sliding,
-              bool check_nan)
-      : cfg_(cfg), prec_(prec), src_(src), sliding_(sliding), check_nan_(check_nan), gpt2_(cfg.arch == io::Arch::Gpt2) {
+              bool check_nan, int64_t resident_layers)
+      : cfg_(cfg),
+        prec_(prec),
+        src_(src),
+        sliding_(sliding),
+        check_nan_(check_nan),
+        gpt2_(cfg.arch == io::Arch::Gpt2),
+        resident_limit_(resident_layers > 0 && resident_layers < cfg.num_hidden_layers ? resident_layers : 0) {
     // The calling thread's current device (0 unless a caller chose another: quantize --devices).
     check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     check_cublas(cublasCreate(&blas_), "cublasCreate");
@@ -263,6 +269,7 @@ class CudaForward final : public Forward {
 
   void run_layer(int64_t l, Observer* obs, const std::map<std::string, InputTransform>& transforms) override {
     CALQ_CHECK(B_ > 0, "engine (cuda): run_layer before any activations were uploaded");
+    ensure_layer(l);
     if (gpt2_) return run_gpt2_layer(l, obs, transforms);
     const int64_t N = B_ * T_, H = cfg_.hidden_size, D = cfg_.head_dim, I = cfg_.intermediate_size;
     const int64_t NQ = cfg_.num_attention_heads, NKV = cfg_.num_key_value_heads;
@@ -515,8 +522,43 @@ class CudaForward final : public Forward {
     return to_host(logits_.as<float>(), M * V);
   }
 
+  // Uploads decoder layer l's linear weights (from the checkpoint, or its overrides).
+  void upload_layer(int64_t l) {
+    for (const auto& it : layer_linears_[static_cast<size_t>(l)]) {
+      Linear& L = linears_[it.module];
+      L.out = it.out;
+      L.in = it.in;
+      upload_linear(L, it.module + ".weight", it.module, true);
+    }
+    resident_.push_back(l);
+  }
+  bool is_resident(int64_t l) const { return std::find(resident_.begin(), resident_.end(), l) != resident_.end(); }
+  // With a resident limit: layer l's weights on the GPU, the least recently run layers' freed
+  // first beyond the limit; l becomes the most recently run.
+  void ensure_layer(int64_t l) {
+    CALQ_CHECK(l >= 0 && l < cfg_.num_hidden_layers, "engine (cuda): no decoder layer {}", l);
+    if (!resident_limit_) return;
+    if (auto it = std::find(resident_.begin(), resident_.end(), l); it != resident_.end()) {
+      resident_.erase(it);
+      resident_.push_back(l);
+      return;
+    }
+    check_cuda(cudaStreamSynchronize(stream_), "decoder layer weights");
+    while (static_cast<int64_t>(resident_.size()) >= resident_limit_) {
+      for (const auto& it : layer_linears_[static_cast<size_t>(resident_.front())]) linears_.erase(it.module);
+      resident_.erase(resident_.begin());
+    }
+    upload_layer(l);
+    stage_.reset();
+  }
+  // Whether module's weights are on the GPU now (modules outside the decoder layers: the head).
+  bool module_resident(const std::string& module) const {
+    auto it = module_layer_.find(module);
+    return it == module_layer_.end() || !resident_limit_ || is_resident(it->second);
+  }
+
   Model::DeviceWeight device_weight(const std::string& module) const override {
-    if (gpt2_) return {};
+    if (gpt2_ || !module_resident(module)) return {};
     auto it = linears_.find(module);
     if (it == linears_.end() || !it->second.w.as<void>()) return {};
     return {it->second.w.as<void>(), it->second.bf16};
@@ -524,6 +566,8 @@ class CudaForward final : public Forward {
 
   void set_weight_device(const std::string& module, const float* w, int device) override {
     CALQ_CHECK(!gpt2_, "engine (cuda): set_weight_device is not for GPT-2");
+    // A layer not on the GPU now takes the override (the Model's host copy) when it goes up.
+    if (!module_resident(module)) return;
     auto it = linears_.find(module);
     CALQ_CHECK(it != linears_.end(), "engine (cuda): set_weight_device: linear module {} was not uploaded", module);
     Linear& L = it->second;
@@ -898,16 +942,13 @@ class CudaForward final : public Forward {
     if (cfg_.tie_word_embeddings || !src_.contains(head_name_))
       head_name_ = gpt2_ ? "transformer.wte.weight" : "model.embed_tokens.weight";
     // Everything that goes to the GPU, to check the total against the free memory first.
-    struct Item {
-      std::string module;
-      int64_t out, in;
-    };
-    std::vector<Item> lin;
+    layer_linears_.assign(static_cast<size_t>(cfg_.num_hidden_layers), {});
     std::vector<std::string> vecs;
     if (gpt2_) {
       vecs = {"transformer.ln_f.weight", "transformer.ln_f.bias"};
       for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
         const std::string p = layer_prefix(cfg_, l);
+        auto& lin = layer_linears_[static_cast<size_t>(l)];
         lin.push_back({p + "attn.c_attn", 3 * H, H});
         lin.push_back({p + "attn.c_proj", H, H});
         lin.push_back({p + "mlp.c_fc", I, H});
@@ -919,6 +960,7 @@ class CudaForward final : public Forward {
     }
     for (int64_t l = 0; l < (gpt2_ ? 0 : cfg_.num_hidden_layers); ++l) {
       const std::string p = layer_prefix(cfg_, l), a = p + "self_attn.", m = p + "mlp.";
+      auto& lin = layer_linears_[static_cast<size_t>(l)];
       lin.push_back({a + "q_proj", NQ * D, H});
       lin.push_back({a + "k_proj", NKV * D, H});
       lin.push_back({a + "v_proj", NKV * D, H});
@@ -945,28 +987,35 @@ class CudaForward final : public Forward {
       }
     }
     const size_t wbytes = prec_ != Precision::F32 ? 2 : 4;
-    size_t need = static_cast<size_t>(V * H) * wbytes;
-    for (const auto& it : lin) {
-      need += static_cast<size_t>(it.out * it.in) * wbytes;
-      if (src_.contains(it.module + ".bias")) need += static_cast<size_t>(it.out) * 4;
+    // Bytes of each layer's linear weights (and biases); with a resident limit, the largest
+    // resident_limit_ layers count.
+    std::vector<size_t> layer_bytes;
+    size_t largest = static_cast<size_t>(V * H);  // a staging copy of the largest weight (at most fp32)
+    for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
+      size_t b = 0;
+      for (const auto& it : layer_linears_[static_cast<size_t>(l)]) {
+        b += static_cast<size_t>(it.out * it.in) * wbytes;
+        if (src_.contains(it.module + ".bias")) b += static_cast<size_t>(it.out) * 4;
+        largest = std::max(largest, static_cast<size_t>(it.out * it.in));
+        module_layer_[it.module] = l;
+      }
+      layer_bytes.push_back(b);
     }
+    std::sort(layer_bytes.rbegin(), layer_bytes.rend());
+    size_t need = static_cast<size_t>(V * H) * wbytes + largest * 4;
+    const size_t counted = resident_limit_ ? static_cast<size_t>(resident_limit_) : layer_bytes.size();
+    for (size_t i = 0; i < std::min(counted, layer_bytes.size()); ++i) need += layer_bytes[i];
     for (const auto& v : vecs) need += static_cast<size_t>(src_.numel(v)) * 4;
-    // A staging copy of the largest weight where its width changes on the GPU (at most fp32).
-    size_t largest = static_cast<size_t>(V * H);
-    for (const auto& it : lin) largest = std::max(largest, static_cast<size_t>(it.out * it.in));
-    need += largest * 4;
     size_t total = 0;
     const size_t avail = free_bytes(&total);
     if (need > avail)
-      fail("--device cuda: out of GPU memory: the weights need {} bytes ({} precision, a staging copy of the largest included), {} bytes are free on GPU 0 "
-           "(of {}); {}",
-           need, prec_ != Precision::F32 ? "bf16" : "fp32", avail, total, kWeightHint);
-    for (const auto& it : lin) {
-      Linear& L = linears_[it.module];
-      L.out = it.out;
-      L.in = it.in;
-      upload_linear(L, it.module + ".weight", it.module, true);
-    }
+      fail("--device cuda: out of GPU memory: the weights need {} bytes ({} precision, {}a staging copy of the largest "
+           "included), {} bytes are free on GPU 0 (of {}); {}",
+           need, prec_ != Precision::F32 ? "bf16" : "fp32",
+           resident_limit_ ? fmt::format("{} decoder layer(s) at a time, ", resident_limit_) : std::string(), avail,
+           total, kWeightHint);
+    if (!resident_limit_)
+      for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) upload_layer(l);
     for (const auto& v : vecs) upload_vector(v);
     head_.out = V;
     head_.in = H;
@@ -983,6 +1032,16 @@ class CudaForward final : public Forward {
   std::vector<uint8_t> sliding_;
   bool check_nan_;
   bool gpt2_;
+  // Decoder layers whose linear weights are on the GPU: all (resident_limit_ = 0), or at most
+  // resident_limit_ of them, uploaded by ensure_layer and freed least recently run first.
+  int64_t resident_limit_ = 0;
+  struct LinearItem {
+    std::string module;
+    int64_t out, in;
+  };
+  std::vector<std::vector<LinearItem>> layer_linears_;  // per decoder layer
+  std::map<std::string, int64_t> module_layer_;
+  std::vector<int64_t> resident_;  // layers on the GPU, least recently run first
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   std::map<std::string, Linear> linears_;
@@ -1017,7 +1076,8 @@ class CudaForward final : public Forward {
 }  // namespace
 
 std::unique_ptr<Forward> create(const io::ModelConfig& cfg, Precision precision, const Source& src,
-                                const std::vector<uint8_t>& sliding, bool check_nan) {
+                                const std::vector<uint8_t>& sliding, bool check_nan, int64_t resident_layers) {
+  CALQ_CHECK(resident_layers >= 0, "engine (cuda): {} resident layers", resident_layers);
   backend::cuda_require("--device cuda");
   CALQ_CHECK(!cfg.is_moe() || (cfg.num_experts_per_tok >= 1 && cfg.num_experts_per_tok <= cfg.num_experts &&
                                cfg.num_experts <= (int64_t{1} << 30)),
@@ -1030,7 +1090,7 @@ std::unique_ptr<Forward> create(const io::ModelConfig& cfg, Precision precision,
   CALQ_CHECK(cfg.num_key_value_heads > 0 && cfg.num_attention_heads % cfg.num_key_value_heads == 0,
              "--device cuda: {} attention heads are not a multiple of {} key/value heads", cfg.num_attention_heads,
              cfg.num_key_value_heads);
-  return std::make_unique<CudaForward>(cfg, precision, src, sliding, check_nan);
+  return std::make_unique<CudaForward>(cfg, precision, src, sliding, check_nan, resident_layers);
 }
 
 }  // namespace calq::engine::gpu
