@@ -8,7 +8,8 @@
 # kept in bf16, against experts-only RTN and shared GPTQ).
 # Usage: bench/moe_quality.sh MODEL_DIR [chunks (default: all)] [samples (default 128)]
 # Environment: ROWS (default: every row below, by name), CALQ (a calq binary: skips the build),
-# SHARED, WORK_DIR, REUSE=1 (rows already measured in WORK_DIR are not run again).
+# SHARED, WORK_DIR, REUSE=1 (rows already measured in WORK_DIR are not run again), EVAL_ARGS
+# (added to every eval, e.g. "--device cuda": the base and every row then run on the GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:?usage: bench/moe_quality.sh MODEL_DIR [chunks] [samples]}
@@ -18,8 +19,8 @@ SHARED=${SHARED:-../shared}
 W=${WORK_DIR:-build/bench-moe}
 source bench/eval_setup.sh
 echo "model: $MODEL ($(python3 -c "import json,sys; t=json.load(open(sys.argv[1])); print(t.get('params'), 'params,', t.get('steps'), 'steps, held-out PPL', round(t.get('heldout_ppl', 0), 3))" "$MODEL/TRAINING.json" 2>/dev/null || echo '?'))"
-echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; chunks: ${CHUNKS:-all}; calibration: bartowski-v3 ${SAMPLES}x512"
-[ -f "$W/base.logprobs" ] || $CALQ -q eval --metric kl-divergence --model "$MODEL" --save-logits "$W/base.logprobs" "${CH[@]}" >/dev/null
+echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; chunks: ${CHUNKS:-all}; calibration: bartowski-v3 ${SAMPLES}x512; eval: ${EVAL_ARGS:-cpu}"
+[ -f "$W/base.logprobs" ] || $CALQ -q eval --metric kl-divergence --model "$MODEL" --save-logits "$W/base.logprobs" "${CH[@]}" ${EVAL_ARGS:-} >/dev/null
 CAL=(--samples "$SAMPLES" --seq-len 512)
 declare -A ARGS=(
   [int4-rtn]="--format int4 --method rtn"
@@ -57,7 +58,7 @@ for row in ${ROWS:-$ORDER}; do
   # shellcheck disable=SC2086
   $CALQ -q quantize -i "$MODEL" -o "$out" ${ARGS[$row]} --overwrite >/dev/null
   $CALQ -q eval --metric kl-divergence --model "$out" --reference-logits "$W/base.logprobs" "${CH[@]}" \
-    --json "$out.kld.json" >/dev/null
+    ${EVAL_ARGS:-} --json "$out.kld.json" >/dev/null
 done
 python3 - "$W" ${ROWS:-$ORDER} <<'PY'
 import json, os, sys

@@ -11,6 +11,7 @@ Corpus (assembled here, none of it WikiText-2 nor the bartowski v3 calibration t
   the Python standard library's .py files and /usr/include headers (sorted paths, capped), so the
   experts see prose, web text, code and C.
 Usage: python3 bench/train_moe.py --shared DIR --out DIR [--seconds 300 | --steps N] [--seed 7]
+       [--experts 8 --top-k 2 --moe-intermediate 512 --layers 6]
 The model measured in docs/benchmarks.md: --steps 1476 (seed 7), 48.4M tokens, ~2 min on one H200.
 GPU training is not bit-reproducible (atomics in the backward pass): two runs of the same command
 gave held-out perplexity 2.77 and 2.80, so KLD tables name the run (TRAINING.json) they used.
@@ -64,6 +65,13 @@ def main():
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--steps", type=int, default=0, help="fixed step count (0: as many as fit in --seconds)")
     ap.add_argument("--code-cap", type=int, default=12_000_000, help="characters of code per source")
+    # Shape (defaults: bench-qwen3moe). More, narrower experts (Qwen3-30B-A3B routes 8 of 128)
+    # see narrower slices of the tokens, which is where a per-expert Hessian differs most from
+    # the layer's pooled one.
+    ap.add_argument("--experts", type=int, default=8, help="routed experts per layer")
+    ap.add_argument("--top-k", type=int, default=2, help="experts per token")
+    ap.add_argument("--moe-intermediate", type=int, default=512, help="each expert's intermediate size")
+    ap.add_argument("--layers", type=int, default=6)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     from tokenizers import Tokenizer
@@ -89,8 +97,8 @@ def main():
 
     cfg = Qwen3MoeConfig(
         vocab_size=tok.get_vocab_size(), hidden_size=256, intermediate_size=1024,
-        moe_intermediate_size=512, num_hidden_layers=6, num_attention_heads=8,
-        num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=args.moe_intermediate, num_hidden_layers=args.layers, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=32, num_experts=args.experts, num_experts_per_tok=args.top_k,
         norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=4096,
         rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True, router_aux_loss_coef=0.01,
         output_router_logits=True, bos_token_id=0, eos_token_id=0, attention_bias=False)
@@ -163,7 +171,9 @@ def main():
             continue
         if k.endswith("mlp.experts.gate_up_proj"):
             pre = k[: -len("gate_up_proj")]
-            if tuple(v.shape) == (E, hid, 2 * inter):
+            # transformers' banks are [out, in] per expert; transpose only a bank that is
+            # unambiguously [in, out] (a square one, 2 * inter == hid, is taken as [out, in])
+            if tuple(v.shape) == (E, hid, 2 * inter) and hid != 2 * inter:
                 v = v.transpose(1, 2)
             assert tuple(v.shape) == (E, 2 * inter, hid), (k, v.shape)
             for e in range(E):
@@ -171,7 +181,7 @@ def main():
                 sd[f"{pre}{e}.up_proj.weight"] = v[e, inter:].contiguous()
         elif k.endswith("mlp.experts.down_proj"):
             pre = k[: -len("down_proj")]
-            if tuple(v.shape) == (E, inter, hid):
+            if tuple(v.shape) == (E, inter, hid) and hid != inter:
                 v = v.transpose(1, 2)
             assert tuple(v.shape) == (E, hid, inter), (k, v.shape)
             for e in range(E):
@@ -206,6 +216,8 @@ def main():
             b.write(a.read())
     json.dump({"kind": "moe", "params": nparams, "steps": total, "tokens": total * batch * seq, "seq": seq,
                "batch": batch, "lr": lr, "seed": args.seed, "heldout_ppl": held_ppl, "corpus_chars": mix,
+               "experts": args.experts, "top_k": args.top_k, "moe_intermediate": args.moe_intermediate,
+               "layers": args.layers, "command": " ".join(sys.argv),
                "transformers": transformers.__version__, "torch": torch.__version__},
               open(f"{args.out}/TRAINING.json", "w"), indent=1)
 

@@ -436,24 +436,36 @@ TEST(GpuHessianAcc, MemoryCountersSeeTheAccumulator) {
 // modules of the model.
 class DeviceInputs : public ::testing::TestWithParam<std::string> {};
 
+bool is_moe_fixture(const std::string& p) { return p == "qwen3_moe_sparse" || p == "mixtral"; }
+// int4 groups: 128 on bench-qwen3-28m, per channel on the MoE fixtures (expert intermediate 24
+// fits no group size), else 16.
+int64_t group_for(const std::string& p) { return p == "bench-qwen3-28m" ? 128 : is_moe_fixture(p) ? -1 : 16; }
+
 struct Collect : engine::Observer {
   bool device = false;
   std::map<std::string, quant::HessianAccumulator> host;
   std::map<std::string, GpuHessian> gpu;
   std::map<std::string, std::vector<std::string>> modules;  // key (first module) -> modules of the input
-  int64_t device_inputs = 0, host_inputs = 0;
+  int64_t device_inputs = 0, host_inputs = 0, expert_inputs = 0;
   bool device_input() const override { return device; }
   void on_linear_input(const engine::LinearInput& in) override {
     const std::string& k = in.modules.front();
     modules[k] = in.modules;
+    // An MoE expert's routed rows count with their routing weight (the pipeline's default,
+    // --moe-token-weight routing); its GpuHessian takes the pipeline's 512-row blocks.
+    const float* w = in.expert >= 0 && in.routed ? in.routing_weight : nullptr;
+    if (in.expert >= 0) ++expert_inputs;
     if (in.x_device) {
       ++device_inputs;
       EXPECT_EQ(in.x, nullptr);
       EXPECT_NE(in.stream, nullptr);
-      gpu.try_emplace(k, in.cols).first->second.add(in.x_device, in.rows, in.real, nullptr, in.stream);
+      gpu.try_emplace(k, in.cols, backend::HessianPrecision::F32, in.expert >= 0 ? 512 : 0)
+          .first->second.add(in.x_device, in.rows, in.real, w, in.stream);
     } else {
       ++host_inputs;
-      host.try_emplace(k, in.cols).first->second.add(in.x, in.rows, in.real);
+      auto& h = host.try_emplace(k, in.cols).first->second;
+      if (w) h.add_weighted(in.x, in.rows, in.real, w);
+      else h.add(in.x, in.rows, in.real);
     }
   }
 };
@@ -489,7 +501,11 @@ TEST_P(DeviceInputs, SameGptqCodesAsHostHessians) {
   ASSERT_EQ(dev.gpu.size(), host.host.size());
   int64_t same = 0, total = 0;
   double worst = 0;
-  const auto f = quant::Format::parse("int4", GetParam() == "bench-qwen3-28m" ? 128 : 16);
+  if (is_moe_fixture(GetParam())) {
+    EXPECT_GT(dev.expert_inputs, 0);
+    EXPECT_EQ(dev.expert_inputs, host.expert_inputs);
+  }
+  const auto f = quant::Format::parse("int4", group_for(GetParam()));
   quant::GptqOptions go;
   for (auto& [k, acc] : host.host) {
     ASSERT_TRUE(dev.gpu.count(k)) << k;
@@ -551,7 +567,7 @@ TEST_P(DeviceInputs, CpuSummationOrderBaseline) {
   } two;
   engine::Activations h = m.embed(b);
   for (int64_t l = 0; l < m.num_layers(); ++l) m.run_layer(l, h, &two);
-  const auto f = quant::Format::parse("int4", GetParam() == "bench-qwen3-28m" ? 128 : 16);
+  const auto f = quant::Format::parse("int4", group_for(GetParam()));
   quant::GptqOptions go;
   int64_t same = 0, total = 0;
   double worst = 0;
@@ -577,7 +593,9 @@ TEST_P(DeviceInputs, CpuSummationOrderBaseline) {
   EXPECT_LT(worst, 2e-5);
 }
 
-INSTANTIATE_TEST_SUITE_P(Models, DeviceInputs, ::testing::Values("llama_gqa", "qwen3_qknorm", "gpt2", "bench-qwen3-28m"),
+INSTANTIATE_TEST_SUITE_P(Models, DeviceInputs,
+                         ::testing::Values("llama_gqa", "qwen3_qknorm", "gpt2", "qwen3_moe_sparse", "mixtral",
+                                           "bench-qwen3-28m"),
                          [](const auto& info) {
                            std::string s = info.param;
                            for (auto& ch : s)

@@ -270,7 +270,7 @@ Command add_eval(CLI::App& app) {
       ->capture_default_str();
   c->add_option("--device", a->device,
                 "cpu (the reference) or cuda: the forward passes of perplexity and kl-divergence on GPU 0 (llama, "
-                "mistral, qwen2, qwen3, gpt2; not MoE; docs/cuda.md)")
+                "mistral, qwen2, qwen3, gpt2, qwen3_moe, mixtral; docs/cuda.md)")
       ->capture_default_str();
   c->add_option("--gpu-precision", a->gpu_precision,
                 "With --device cuda: fp32 (fp32 weights and products, default), bf16 (bf16 weights, half the "

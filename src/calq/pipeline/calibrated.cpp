@@ -75,12 +75,16 @@ struct FnObserver : engine::Observer {
 // backend::GpuHessian fed with the GPU engine's device inputs (same contract).
 class InputHessian {
  public:
+  static constexpr int64_t kExpertBlock = 512;
   explicit InputHessian(backend::HessianPrecision p) : prec_(p) {}
   // weight: null, or the rows' token weights (HessianAccumulator::add_weighted).
   void add(const engine::LinearInput& in, const uint8_t* mask, const float* weight) {
     if (in.x_device) {
       CALQ_CHECK(!host_, "{}: host and device inputs for one Hessian", in.modules.front());
-      if (!gpu_) gpu_.emplace(in.cols, prec_);
+      // An expert's accumulator takes 512-row blocks whatever the precision: a layer holds one per
+      // expert input, and the larger tf32/bf16 blocks (up to 256 MiB of pending rows each) would
+      // multiply by the expert count; an expert's routed rows rarely fill even 512 per pass.
+      if (!gpu_) gpu_.emplace(in.cols, prec_, in.expert >= 0 ? kExpertBlock : 0);
       gpu_->add(in.x_device, in.rows, mask, weight, in.stream);
       return;
     }
@@ -494,12 +498,13 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
   // CALQ_CUDA_HOST_HESSIANS=1 asks for the host accumulator (comparisons, debugging).
   const char* host_h_env = std::getenv("CALQ_CUDA_HOST_HESSIANS");
   const bool host_h = host_h_env && *host_h_env && std::string(host_h_env) != "0";
-  // (MoE models: the expert feeds' routed rows and weights are accumulated on the host.)
-  const bool device_h = eo.device == backend::Device::Cuda && !host_h && !io::load_config(model_dir).is_moe();
+  // MoE models included: each expert input's routed rows (and routing weights) go into its own
+  // GpuHessian, gathered on the GPU like a dense input's real rows.
+  const bool device_h = eo.device == backend::Device::Cuda && !host_h;
   const backend::HessianPrecision hprec = opt.hessian_precision;
   CALQ_CHECK(device_h || hprec == backend::HessianPrecision::F32,
              "--hessian-precision {}: the Hessians accumulate on the host here (fp32 only); {} applies when the "
-             "calibration forward passes run on the GPU (--device cuda with a dense model, --forward-device cuda)",
+             "calibration forward passes run on the GPU (--device cuda, --forward-device cuda)",
              backend::hessian_precision_name(hprec), backend::hessian_precision_name(hprec));
   if (device_h) log_info("Hessians on the GPU ({} block products)", backend::hessian_precision_name(hprec));
   // Where the time went (this run's layers; calq_report.json gptq.stages).
@@ -650,11 +655,18 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
       for (size_t g : step) (expert_of(groups[g].front()) >= 0 ? expert_groups : plain).push_back(g);
       std::vector<std::vector<size_t>> batches{plain};
       {
-        const uint64_t budget = mo.hessian_memory ? mo.hessian_memory : mem_available_bytes() / 4;
+        // Host Hessians: a quarter of the available memory; GPU Hessians: a quarter of the GPU's
+        // free memory (the engine's weights and activations are already allocated).
+        const uint64_t budget = mo.hessian_memory ? mo.hessian_memory
+                                : device_h        ? backend::cuda_free_bytes() / 4
+                                                  : mem_available_bytes() / 4;
         uint64_t used = 0;
         for (size_t g : expert_groups) {
           const auto n = static_cast<uint64_t>(by_module.at(groups[g].front())->cols());
-          const uint64_t bytes = shared ? 0 : n * n * 12 + n * 512 * 4;  // fp64 sums + fp32 block product + rows
+          // fp64 sums + block rows (+ the host's fp32 block product)
+          const uint64_t bytes = shared     ? 0
+                                 : device_h ? n * n * 8 + n * InputHessian::kExpertBlock * 4
+                                            : n * n * 12 + n * 512 * 4;
           if (used > 0 && used + bytes > budget && !batches.back().empty()) {
             batches.emplace_back();
             used = 0;

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 #include <cusolverDn.h>
 
+#include "calq/backend/cuda/libs.h"
 #include "calq/core/error.h"
 
 namespace calq::backend::cuda {

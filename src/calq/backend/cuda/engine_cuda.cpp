@@ -138,11 +138,11 @@ class CudaForward final : public Forward {
         resident_limit_(resident_layers > 0 && resident_layers < cfg.num_hidden_layers ? resident_layers : 0) {
     // The calling thread's current device (0 unless a caller chose another: quantize --devices).
     check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
-    check_cublas(cublasCreate(&blas_), "cublasCreate");
-    check_cublas(cublasSetStream(blas_, stream_), "cublasSetStream");
-    check_cublas(cublasSetAtomicsMode(blas_, CUBLAS_ATOMICS_NOT_ALLOWED), "cublasSetAtomicsMode");
+    check_cublas(k::libs().cublasCreate_v2(&blas_), "cublasCreate");
+    check_cublas(k::libs().cublasSetStream_v2(blas_, stream_), "cublasSetStream");
+    check_cublas(k::libs().cublasSetAtomicsMode(blas_, CUBLAS_ATOMICS_NOT_ALLOWED), "cublasSetAtomicsMode");
     // Default math: cublasSgemm in true fp32 (no TF32); GemmEx follows its compute type.
-    check_cublas(cublasSetMathMode(blas_, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+    check_cublas(k::libs().cublasSetMathMode(blas_, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
     if (const char* a = std::getenv("CALQ_CUDA_ATTENTION"); a && *a) {
       CALQ_CHECK(std::string(a) == "tiled" || std::string(a) == "gemm",
                  "CALQ_CUDA_ATTENTION={}: expected tiled or gemm", a);
@@ -151,13 +151,13 @@ class CudaForward final : public Forward {
     try {
       upload_weights();
     } catch (...) {  // the destructor does not run for a constructor that throws
-      cublasDestroy(blas_);
+      k::libs().cublasDestroy_v2(blas_);
       cudaStreamDestroy(stream_);
       throw;
     }
   }
   ~CudaForward() override {
-    if (blas_) cublasDestroy(blas_);
+    if (blas_) k::libs().cublasDestroy_v2(blas_);
     if (stream_) cudaStreamDestroy(stream_);
   }
 
@@ -747,7 +747,7 @@ class CudaForward final : public Forward {
       float* const* O = const_cast<float* const*>(K + 4 * c.n);
       const int nk = static_cast<int>(c.nk), nq = static_cast<int>(c.nq), d = static_cast<int>(D);
       const auto vp = [](const float* const* p) { return reinterpret_cast<const void* const*>(p); };
-      check_cublas(cublasGemmBatchedEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, nk, nq, d, &one, vp(K), CUDA_R_32F,
+      check_cublas(k::libs().cublasGemmBatchedEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, nk, nq, d, &one, vp(K), CUDA_R_32F,
                                        static_cast<int>(ldk), vp(Q), CUDA_R_32F, static_cast<int>(ldq), &zero,
                                        reinterpret_cast<void* const*>(S), CUDA_R_32F, nk, static_cast<int>(c.n),
                                        attn_compute, CUBLAS_GEMM_DEFAULT),
@@ -755,7 +755,7 @@ class CudaForward final : public Forward {
       k::launch_masked_softmax(attn_s_.as<float>(), c.n, c.nq, c.nk, c.i0, c.k0, c.pair0, NQ,
                                d_lengths_.as<int64_t>(), window, scale, stream_);
       check_launch("attention softmax");
-      check_cublas(cublasGemmBatchedEx(blas_, CUBLAS_OP_N, CUBLAS_OP_N, d, nq, nk, &one, vp(V), CUDA_R_32F,
+      check_cublas(k::libs().cublasGemmBatchedEx(blas_, CUBLAS_OP_N, CUBLAS_OP_N, d, nq, nk, &one, vp(V), CUDA_R_32F,
                                        static_cast<int>(ldv), vp(S), CUDA_R_32F, nk, &zero,
                                        reinterpret_cast<void* const*>(O), CUDA_R_32F, static_cast<int>(ldo),
                                        static_cast<int>(c.n), attn_compute, CUBLAS_GEMM_DEFAULT),
@@ -769,7 +769,7 @@ class CudaForward final : public Forward {
     const float one = 1.0f, zero = 0.0f;
     const int out = static_cast<int>(L.out), in = static_cast<int>(L.in), n = static_cast<int>(rows);
     if (!L.bf16) {
-      check_cublas(cublasSgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &one, L.w.as<float>(), in, X, in, &zero,
+      check_cublas(k::libs().cublasSgemm_v2(blas_, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &one, L.w.as<float>(), in, X, in, &zero,
                                Y, out),
                    "cublasSgemm");
     } else if (L.one_term) {
@@ -778,7 +778,7 @@ class CudaForward final : public Forward {
       xb_.ensure(n_in * sizeof(uint16_t), "bf16 inputs of a product", kActHint);
       k::launch_to_bf16(X, xb_.as<uint16_t>(), static_cast<int64_t>(n_in), stream_);
       check_launch("to_bf16");
-      check_cublas(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &one, L.w.as<void>(), CUDA_R_16BF, in,
+      check_cublas(k::libs().cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &one, L.w.as<void>(), CUDA_R_16BF, in,
                                 xb_.as<void>(), CUDA_R_16BF, in, &zero, Y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F,
                                 CUBLAS_GEMM_DEFAULT),
                    "cublasGemmEx (bf16, one term)");
@@ -792,10 +792,10 @@ class CudaForward final : public Forward {
       uint16_t* lo = hi + n_in;
       k::launch_split_bf16(X, hi, lo, static_cast<int64_t>(n_in), stream_);
       check_launch("split_bf16");
-      check_cublas(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &one, L.w.as<void>(), CUDA_R_16BF, in, hi,
+      check_cublas(k::libs().cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &one, L.w.as<void>(), CUDA_R_16BF, in, hi,
                                 CUDA_R_16BF, in, &zero, Y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                    "cublasGemmEx (bf16, hi)");
-      check_cublas(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &one, L.w.as<void>(), CUDA_R_16BF, in, lo,
+      check_cublas(k::libs().cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &one, L.w.as<void>(), CUDA_R_16BF, in, lo,
                                 CUDA_R_16BF, in, &one, Y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                    "cublasGemmEx (bf16, lo)");
     }

@@ -40,6 +40,7 @@ namespace {
 
 using backend::cuda::check_cuda;
 using backend::cuda::check_cublas;
+using backend::cuda::libs;
 using backend::cuda::check_cusolver;
 
 
@@ -78,19 +79,19 @@ struct Handles {
   cusolverDnHandle_t solver = nullptr;
   Handles() {
     check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
-    check_cublas(cublasCreate(&blas), "cublasCreate");
-    check_cublas(cublasSetStream(blas, stream), "cublasSetStream");
+    check_cublas(libs().cublasCreate_v2(&blas), "cublasCreate");
+    check_cublas(libs().cublasSetStream_v2(blas, stream), "cublasSetStream");
     // Bit-reproducible GEMMs from run to run (no atomics-based reductions).
-    check_cublas(cublasSetAtomicsMode(blas, CUBLAS_ATOMICS_NOT_ALLOWED), "cublasSetAtomicsMode");
-    check_cublas(cublasSetMathMode(blas, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
-    check_cusolver(cusolverDnCreate(&solver), "cusolverDnCreate");
-    check_cusolver(cusolverDnSetStream(solver, stream), "cusolverDnSetStream");
+    check_cublas(libs().cublasSetAtomicsMode(blas, CUBLAS_ATOMICS_NOT_ALLOWED), "cublasSetAtomicsMode");
+    check_cublas(libs().cublasSetMathMode(blas, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+    check_cusolver(libs().cusolverDnCreate(&solver), "cusolverDnCreate");
+    check_cusolver(libs().cusolverDnSetStream(solver, stream), "cusolverDnSetStream");
   }
   Handles(const Handles&) = delete;
   Handles& operator=(const Handles&) = delete;
   ~Handles() {
-    if (solver) cusolverDnDestroy(solver);
-    if (blas) cublasDestroy(blas);
+    if (solver) libs().cusolverDnDestroy(solver);
+    if (blas) libs().cublasDestroy_v2(blas);
     if (stream) cudaStreamDestroy(stream);
   }
   void sync(const char* what) const { check_cuda(cudaStreamSynchronize(stream), what); }
@@ -207,7 +208,7 @@ std::vector<double> cuda_hessian_sum(const float* x, int64_t rows, int64_t n, co
     // X (cnt × n, row-major) is Xᵀ column-major (n × cnt): tmp = Xᵀ·X, column-major lower =
     // row-major upper, as the CPU's row-major upper ssyrk.
     const float one = 1.f, zero = 0.f;
-    check_cublas(cublasSsyrk(hd.blas, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(cnt),
+    check_cublas(libs().cublasSsyrk_v2(hd.blas, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(cnt),
                              &one, d_x.as<float>(), static_cast<int>(n), &zero, d_tmp.as<float>(), static_cast<int>(n)),
                  "cublasSsyrk");
     cuda::launch_add_upper_f32_to_f64(d_tmp.as<float>(), d_sum.as<double>(), n, hd.stream);
@@ -261,10 +262,10 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
   {
     const int n32 = static_cast<int>(cols);
     int lw = 0;
-    check_cusolver(cusolverDnDpotrf_bufferSize(hd.solver, CUBLAS_FILL_MODE_LOWER, n32, nullptr, n32, &lw),
+    check_cusolver(libs().cusolverDnDpotrf_bufferSize(hd.solver, CUBLAS_FILL_MODE_LOWER, n32, nullptr, n32, &lw),
                    "cusolverDnDpotrf_bufferSize");
     lwork_potrf = lw;
-    check_cusolver(cusolverDnXtrtri_bufferSize(hd.solver, CUBLAS_FILL_MODE_LOWER, CUBLAS_DIAG_NON_UNIT, cols,
+    check_cusolver(libs().cusolverDnXtrtri_bufferSize(hd.solver, CUBLAS_FILL_MODE_LOWER, CUBLAS_DIAG_NON_UNIT, cols,
                                                CUDA_R_64F, nullptr, cols, &trtri_dev, &trtri_host),
                    "cusolverDnXtrtri_bufferSize");
   }
@@ -384,7 +385,7 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
     cuda::launch_reverse(d_h.as<double>(), d_u.as<double>(), cols, hd.stream);
     cuda::launch_add_diagonal(d_u.as<double>(), cols, res.damp_value, hd.stream);
     check_cuda(cudaGetLastError(), "GPTQ damping kernels");
-    check_cusolver(cusolverDnDpotrf(hd.solver, CUBLAS_FILL_MODE_LOWER, static_cast<int>(cols), d_u.as<double>(),
+    check_cusolver(libs().cusolverDnDpotrf(hd.solver, CUBLAS_FILL_MODE_LOWER, static_cast<int>(cols), d_u.as<double>(),
                                     static_cast<int>(cols), d_work.as<double>(), static_cast<int>(lwork_potrf),
                                     d_info.as<int>()),
                    "cusolverDnDpotrf");
@@ -393,7 +394,7 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
                "cudaMemcpy(info)");
     hd.sync("cusolverDnDpotrf");
     if (info == 0) {
-      check_cusolver(cusolverDnXtrtri(hd.solver, CUBLAS_FILL_MODE_LOWER, CUBLAS_DIAG_NON_UNIT, cols, CUDA_R_64F,
+      check_cusolver(libs().cusolverDnXtrtri(hd.solver, CUBLAS_FILL_MODE_LOWER, CUBLAS_DIAG_NON_UNIT, cols, CUDA_R_64F,
                                       d_u.as<double>(), cols, d_work.as<void>(), trtri_dev, trtri_host_buf.data(),
                                       trtri_host, d_info.as<int>()),
                      "cusolverDnXtrtri");
@@ -470,7 +471,7 @@ quant::GptqResult cuda_gptq_quantize(const float* w_in, int64_t rows, int64_t co
       // Row-major Wp[:, i2:] -= E[:, :count] · U[i1:i2, i2:]; in cuBLAS's column-major view
       // (Wp[:, i2:])ᵀ -= (U[i1:i2, i2:])ᵀ · Eᵀ, with E stored count × rows (column-major rows × count).
       const double minus_one = -1.0, one = 1.0;
-      check_cublas(cublasDgemm(hd.blas, CUBLAS_OP_N, CUBLAS_OP_T, static_cast<int>(cols - i2), static_cast<int>(rows),
+      check_cublas(libs().cublasDgemm_v2(hd.blas, CUBLAS_OP_N, CUBLAS_OP_T, static_cast<int>(cols - i2), static_cast<int>(rows),
                                static_cast<int>(count), &minus_one, d_U + i1 * cols + i2, static_cast<int>(cols),
                                d_e.as<double>(), static_cast<int>(rows), &one, d_w.as<double>() + i2,
                                static_cast<int>(cols)),

@@ -31,6 +31,7 @@ namespace {
 
 using backend::cuda::check_cuda;
 using backend::cuda::check_cublas;
+using backend::cuda::libs;
 
 
 // Allocates `bytes` into p (counted), or fails naming what needed them and the free bytes.
@@ -76,10 +77,10 @@ struct Context {
   Context() {
     check_cuda(cudaSetDevice(0), "cudaSetDevice");
     check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
-    check_cublas(cublasCreate(&blas), "cublasCreate");
-    check_cublas(cublasSetStream(blas, stream), "cublasSetStream");
-    check_cublas(cublasSetAtomicsMode(blas, CUBLAS_ATOMICS_NOT_ALLOWED), "cublasSetAtomicsMode");
-    check_cublas(cublasSetMathMode(blas, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+    check_cublas(libs().cublasCreate_v2(&blas), "cublasCreate");
+    check_cublas(libs().cublasSetStream_v2(blas, stream), "cublasSetStream");
+    check_cublas(libs().cublasSetAtomicsMode(blas, CUBLAS_ATOMICS_NOT_ALLOWED), "cublasSetAtomicsMode");
+    check_cublas(libs().cublasSetMathMode(blas, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
   }
 };
 
@@ -174,7 +175,7 @@ struct GpuHessian::Impl {
     // The pending rows (k × n, row-major) are Xᵀ column-major (n × k): tmp = Xᵀ·X, whose
     // column-major lower triangle is the row-major upper one.
     if (prec == HessianPrecision::F32) {
-      check_cublas(cublasSsyrk(c.blas, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, ni, k, &one,
+      check_cublas(libs().cublasSsyrk_v2(c.blas, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, ni, k, &one,
                                static_cast<const float*>(pending), ni, &zero, tmp, ni),
                    "cublasSsyrk");
     } else {
@@ -187,7 +188,7 @@ struct GpuHessian::Impl {
       for (int64_t j0 = 0; j0 < n; j0 += w) {
         const int pw = static_cast<int>(std::min(w, n - j0)), m = static_cast<int>(n - j0);
         const void* a = x + static_cast<size_t>(j0) * elem();
-        check_cublas(cublasGemmEx(c.blas, CUBLAS_OP_N, CUBLAS_OP_T, m, pw, k, &one, a, t, ni, a, t, ni, &zero,
+        check_cublas(libs().cublasGemmEx(c.blas, CUBLAS_OP_N, CUBLAS_OP_T, m, pw, k, &one, a, t, ni, a, t, ni, &zero,
                                   tmp + static_cast<size_t>(j0) * N + static_cast<size_t>(j0), CUDA_R_32F, ni,
                                   bf16 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT),
                      bf16 ? "cublasGemmEx (bf16 Hessian block)" : "cublasGemmEx (tf32 Hessian block)");
