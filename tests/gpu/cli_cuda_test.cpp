@@ -122,4 +122,35 @@ TEST_F(GpuCli, GpuLayersDoNotChangeTheOutput) {
   EXPECT_LT(one, all);
 }
 
+// --activation-precision bf16 on the GPU: the activation slots hold bf16 (less peak GPU memory),
+// the quality stays (the same sanity bound as bf16 forward passes), and a run stopped by a CUDA
+// error resumes — recomputing the resident activations on the host path, rounded the same way —
+// to the bytes of the uninterrupted run.
+TEST_F(GpuCli, Bf16ActivationsKeepQualityAndResume) {
+  const std::string bf16 = kGptq + " --activation-precision bf16";
+  auto r = run_calq("-q quantize" + in + " -o " + (t / "f32").string() + kGptq, d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  r = run_calq("-q quantize" + in + " -o " + (t / "b16").string() + bf16, d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  const auto rep = read_json(t / "b16" / "calq_report.json");
+  EXPECT_EQ(rep["gptq"]["activation_precision"], "bf16");
+  const auto p32 = read_json(t / "f32" / "calq_report.json")["gpu"]["peak_bytes"].get<int64_t>();
+  const auto p16 = rep["gpu"]["peak_bytes"].get<int64_t>();
+  const double k32 = eval_kld(t / "f32", s.m16, d, t / "f32.json");
+  const double k16 = eval_kld(t / "b16", s.m16, d, t / "b16.json");
+  std::printf("bf16 activations: KLD %.6f against %.6f with fp32 (ratio %.4f); peak GPU bytes %lld against %lld\n", k16,
+              k32, k16 / k32, static_cast<long long>(p16), static_cast<long long>(p32));
+  EXPECT_LT(k16, 1.10 * k32);
+  EXPECT_GT(k16, 0.90 * k32);
+  EXPECT_LT(p16, p32);
+  const size_t per_layer = rep["gptq"]["modules"].size() / 8;
+  r = run_calq("-q quantize" + in + " -o " + (t / "res").string() + bf16, d,
+               "CALQ_TEST_CUDA_FAULT=" + std::to_string(2 * per_layer + 3));
+  EXPECT_EQ(r.rc, 1) << r.output;
+  r = run_calq("quantize" + in + " -o " + (t / "res").string() + bf16 + " --resume", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_NE(r.output.find("recomputing the activations entering layer 2"), std::string::npos) << r.output;
+  expect_same_files(t / "b16", t / "res");
+}
+
 }  // namespace

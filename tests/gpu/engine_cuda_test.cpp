@@ -345,6 +345,42 @@ TEST(GpuEngineEmbed, SameRowsAsHostEmbed) {
   }
 }
 
+// bf16 activation slots (Options::bf16_slots, --activation-precision bf16): a slot keeps each value
+// rounded to bf16 exactly as round_activations_bf16 does on the host, in half the GPU memory, and
+// a layer run from it is the layer run from the rounded activations.
+TEST(GpuEngineSlots, Bf16SlotsAreHostRoundedActivations) {
+  REQUIRE_GPU();
+  for (const char* fx : {"qwen3_qknorm", "gpt2", "qwen3_moe_sparse"}) {
+    auto o = options(backend::Device::Cuda);
+    o.bf16_slots = true;
+    auto gpu = engine::Model::load(fixture(fx), o);
+    const auto b = random_batch(2, 40, gpu.config().vocab_size, {40, 23}, 5);
+    auto h0 = gpu.embed(b);
+    for (auto& v : h0.data) v *= 1.37f;  // values that bf16 does not hold exactly
+    auto want = h0;
+    engine::round_activations_bf16(want);
+    ASSERT_NE(want.data, h0.data) << fx;
+    gpu.gpu_put(0, h0);  // the first put also allocates the residual stream
+    const auto before = backend::cuda_memory_stats().current_bytes;
+    gpu.gpu_put(2, h0);
+    const int64_t slot_bytes = backend::cuda_memory_stats().current_bytes - before;
+    const auto n = static_cast<int64_t>(h0.data.size());
+    EXPECT_GE(slot_bytes, n * 2) << fx;
+    EXPECT_LT(slot_bytes, n * 4) << fx << ": a bf16 slot takes 2 bytes per value";
+    engine::Activations got;
+    gpu.gpu_get(0, got);
+    EXPECT_EQ(got.data, want.data) << fx;
+    // gpu_run from the slot = run_layer on the rounded activations, then rounded into slot 1.
+    gpu.gpu_run(0, 0, 1);
+    auto ref = want;
+    gpu.run_layer(0, ref);
+    engine::round_activations_bf16(ref);
+    gpu.gpu_get(1, got);
+    EXPECT_EQ(got.data, ref.data) << fx;
+    gpu.gpu_drop_slots();
+  }
+}
+
 // CALQ_CUDA_ATTENTION=tiled: the online-softmax kernel (no score matrix; what very long sequences
 // use) still matches the CPU; another value is an error naming the variable.
 TEST(GpuAttention, TiledKernelMatchesCpu) {

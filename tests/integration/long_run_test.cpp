@@ -89,6 +89,45 @@ TEST(LongRun, ResumeAfterKillIsByteIdentical) {
   EXPECT_FALSE(fs::exists(t / "res.calq-work"));
 }
 
+// --activation-precision bf16: activations rounded to bf16 at every layer boundary. A different
+// computation from fp32 (other bytes), recorded in the report and the run's identity, and as
+// resumable as fp32: killed after layer 1 and resumed without the persisted activations entering
+// layer 2 (recomputed: embeddings and each replayed layer rounded as the run rounded them), the
+// output is byte-identical to the uninterrupted run's.
+TEST(LongRun, Bf16ActivationsResumeByteIdentical) {
+  SharedData s;
+  if (!s.ok) GTEST_SKIP() << "../shared absent";
+  TempDir t;
+  auto d = calq_data_dir(t, s);
+  const std::string in = " -i " + s.m16.string();
+  const std::string bf16 = kGptq + " --activation-precision bf16";
+  auto r = run_calq("-q quantize" + in + " -o " + (t / "full").string() + bf16, d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(read_json(t / "full" / "calq_report.json")["gptq"]["activation_precision"], "bf16");
+  r = run_calq("-q quantize" + in + " -o " + (t / "fp32").string() + kGptq, d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(read_json(t / "fp32" / "calq_report.json")["gptq"]["activation_precision"], "fp32");
+  EXPECT_NE(read_file(t / "full" / "model.safetensors"), read_file(t / "fp32" / "model.safetensors"))
+      << "rounding the activations changed no code";
+
+  r = run_calq("-q quantize" + in + " -o " + (t / "res").string() + bf16, d, "CALQ_TEST_ABORT_AFTER_LAYER=1");
+  ASSERT_EQ(r.rc, 75) << r.output;
+  // The precision is part of the run's identity.
+  r = run_calq("-q quantize" + in + " -o " + (t / "res").string() + kGptq + " --resume", d);
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("activation_precision"), std::string::npos) << r.output;
+  fs::remove_all(t / "res.calq-work" / "acts_00002");
+  r = run_calq("quantize" + in + " -o " + (t / "res").string() + bf16 + " --resume", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_NE(r.output.find("recomputing the activations entering layer 2"), std::string::npos) << r.output;
+  expect_same_files(t / "full", t / "res");
+
+  // Only the calibrated layer loops take it.
+  r = run_calq("-q quantize" + in + " -o " + (t / "rtn").string() + " --method rtn --format int4 --activation-precision bf16", d);
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("--activation-precision applies to --method gptq and mr-gptq"), std::string::npos) << r.output;
+}
+
 TEST(LongRun, StorageOptionErrors) {
   SharedData s;
   if (!s.ok) GTEST_SKIP() << "../shared absent";

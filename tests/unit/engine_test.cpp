@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <random>
 
 #include "calq/core/dtype.h"
@@ -772,4 +774,51 @@ TEST(EngineReference, FastExpMatchesStdExp) {
   EXPECT_TRUE(std::isinf(calq::engine::fast_exp(100.0f)));
   EXPECT_TRUE(std::isnan(calq::engine::fast_exp(NAN)));
   std::printf("[fast_exp] max relative error %.3g\n", worst);
+}
+
+// round_activations_bf16 (calibration's --activation-precision bf16 on the host, the GPU slots'
+// rounding) against round-to-nearest-even on the bits: keep the upper 16 bits after adding
+// 0x7FFF plus the lowest kept bit. Random values over many binades, then the adversarial ones:
+// exact ties both ways, values one ulp off a tie, subnormals, signed zeros, the largest floats
+// (which round to infinity) and infinities.
+TEST(EngineActivations, RoundBf16IsNearestEven) {
+  auto reference = [](float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    float y;
+    std::memcpy(&y, &u, 4);
+    return y;
+  };
+  auto from_bits = [](uint32_t u) {
+    float y;
+    std::memcpy(&y, &u, 4);
+    return y;
+  };
+  engine::Activations h;
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> mant(-1.f, 1.f);
+  std::uniform_int_distribution<int> ex(-40, 40);
+  for (int i = 0; i < 20000; ++i) h.data.push_back(std::ldexp(mant(rng), ex(rng)));
+  for (uint32_t hi : {0x3F80u, 0x3F81u, 0xBF80u, 0x4049u, 0x0001u, 0x8000u, 0x7F7Fu, 0x0080u})
+    for (uint32_t lo : {0x0000u, 0x0001u, 0x7FFFu, 0x8000u, 0x8001u, 0xFFFFu}) h.data.push_back(from_bits(hi << 16 | lo));
+  h.data.push_back(std::numeric_limits<float>::infinity());
+  h.data.push_back(-std::numeric_limits<float>::infinity());
+  h.data.push_back(std::numeric_limits<float>::max());
+  h.data.push_back(std::numeric_limits<float>::denorm_min());
+  const auto before = h.data;
+  engine::round_activations_bf16(h);
+  int64_t changed = 0;
+  for (size_t i = 0; i < before.size(); ++i) {
+    const float want = reference(before[i]);
+    ASSERT_EQ(std::memcmp(&h.data[i], &want, 4), 0) << std::hexfloat << before[i] << " -> " << h.data[i] << ", want " << want;
+    changed += h.data[i] != before[i];
+  }
+  EXPECT_GT(changed, 19000);  // the comparison sees real rounding, not a copy
+  // Ties go to the even neighbour: 1 + 2^-8 lies halfway between 1 and 1 + 2^-7.
+  engine::Activations t;
+  t.data = {1.f + std::ldexp(1.f, -8), 1.f + 3 * std::ldexp(1.f, -8)};
+  engine::round_activations_bf16(t);
+  EXPECT_EQ(t.data[0], 1.f);
+  EXPECT_EQ(t.data[1], 1.f + std::ldexp(1.f, -6));
 }

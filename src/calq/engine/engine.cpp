@@ -797,7 +797,8 @@ Model Model::load(const std::filesystem::path& dir, const Options& opts) {
     };
     s.release = [ip](const std::string& n) { ip->src.checkpoint().release(n); };
     impl->gpu = with_context(dir.string(), [&] {
-      return gpu::create(c, opts.gpu_precision, s, impl->sliding, opts.check_nan, opts.gpu_resident_layers);
+      return gpu::create(c, opts.gpu_precision, s, impl->sliding, opts.check_nan, opts.gpu_resident_layers,
+                         opts.bf16_slots);
     });
   }
   return Model(std::move(impl));
@@ -1138,6 +1139,10 @@ void Model::set_input_transform(const std::string& module, InputTransform t) {
     impl_->transforms[module] = std::move(t);
   else
     impl_->transforms.erase(module);
+}
+
+void round_activations_bf16(Activations& h) {
+  for (float& v : h.data) v = bf16_to_f32(f32_to_bf16(v));
 }
 
 }  // namespace calq::engine

@@ -133,7 +133,15 @@ struct Options {
   // layer's are freed beyond N (calibration, which runs each layer many times and then never
   // again, uses 1). Norms, the embedding table and the head stay on the GPU.
   int64_t gpu_resident_layers = 0;
+  // Cuda: the activation slots of gpu_put / gpu_embed / gpu_run hold bf16 (each value rounded to
+  // nearest even, 2 bytes instead of 4; widened back to fp32 when a run starts from the slot).
+  // Calibration's --activation-precision bf16, which rounds host-held activations the same way
+  // (round_activations_bf16) so that both paths compute the same thing.
+  bool bf16_slots = false;
 };
+
+// Rounds every value of h to bf16 (nearest even) in place, as a bf16 slot stores it.
+void round_activations_bf16(Activations& h);
 
 class Model {
  public:

@@ -88,8 +88,9 @@ class Forward {
 // Checks the architecture and the GPU, uploads the weights. Throws calq::Error for an
 // architecture the GPU path does not implement, without CUDA / without a GPU, and when the
 // weights do not fit (bytes needed and free).
-// resident_layers: Options::gpu_resident_layers.
+// resident_layers: Options::gpu_resident_layers; bf16_slots: Options::bf16_slots.
 std::unique_ptr<Forward> create(const io::ModelConfig& cfg, Precision precision, const Source& src,
-                                const std::vector<uint8_t>& sliding, bool check_nan, int64_t resident_layers = 0);
+                                const std::vector<uint8_t>& sliding, bool check_nan, int64_t resident_layers = 0,
+                                bool bf16_slots = false);
 
 }  // namespace calq::engine::gpu

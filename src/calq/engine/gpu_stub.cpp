@@ -9,7 +9,7 @@
 namespace calq::engine::gpu {
 
 std::unique_ptr<Forward> create(const io::ModelConfig&, Precision, const Source&, const std::vector<uint8_t>&, bool,
-                                int64_t) {
+                                int64_t, bool) {
   backend::cuda_require("--device cuda");  // throws: built without CUDA
   return nullptr;
 }

@@ -348,7 +348,8 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
     const double te = now_s();
     // Both activation sets of a layer boundary (input and output) in half the free GPU memory.
     const uint64_t set_bytes = static_cast<uint64_t>(ci->set.tokens.size()) * static_cast<uint64_t>(ci->set.seq_len) *
-                               static_cast<uint64_t>(m.config().hidden_size) * sizeof(float);
+                               static_cast<uint64_t>(m.config().hidden_size) *
+                               (st.bf16_activations ? sizeof(uint16_t) : sizeof(float));
     const bool fits_gpu = m.on_gpu() && replay && 2 * set_bytes <= backend::cuda_free_bytes() / 2;
     if (!persisted && fits_gpu && start == 0) {
       // A fresh GPU-resident run: each chunk is embedded into its slot (on the GPU where it can).
@@ -359,6 +360,8 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
                format_bytes(static_cast<double>(set_bytes)));
     } else if (!persisted) {
       chunks = embed_chunks(m, ci->set, batch);
+      if (st.bf16_activations)
+        for (auto& a : chunks) engine::round_activations_bf16(a);
       if (start > 0) {
         const double tr = now_s();
         CALQ_CHECK(replay, "--resume: the activations entering layer {} are missing from {}", start,
@@ -367,7 +370,10 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
         Progress rb("recompute", static_cast<uint64_t>(start), "layers");
         for (int64_t l = 0; l < start; ++l) {
           if (quantized_inputs) replay(*wd, l, true);
-          for (auto& a : chunks) m.run_layer(l, a);
+          for (auto& a : chunks) {
+            m.run_layer(l, a);
+            if (st.bf16_activations) engine::round_activations_bf16(a);
+          }
           if (quantized_inputs) replay(*wd, l, false);
           rb.advance(1, 0, fmt::format("layer {}", l));
         }
@@ -375,7 +381,8 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
         tt.replay += now_s() - tr;
       }
       uint64_t bytes = 0;
-      for (auto& a : chunks) bytes += static_cast<uint64_t>(a.data.size()) * sizeof(float);
+      for (auto& a : chunks)
+        bytes += static_cast<uint64_t>(a.data.size()) * (st.bf16_activations ? sizeof(uint16_t) : sizeof(float));
       if (fits_gpu) {
         resident = static_cast<int64_t>(chunks.size());
         for (int64_t i = 0; i < resident; ++i) m.gpu_put(i, chunks[static_cast<size_t>(i)]);
@@ -409,6 +416,7 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
         for (size_t i = 0; i < cur->size(); ++i) {
           engine::Activations a = cur->get(i);
           m.run_layer(l, a);
+          if (st.bf16_activations) engine::round_activations_bf16(a);
           next->put(i, std::move(a));
         }
       }
@@ -489,6 +497,7 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
     eo.device = backend::Device::Cuda;
     eo.gpu_precision = opt.forward_precision;
     eo.gpu_resident_layers = opt.gpu_layers;
+    eo.bf16_slots = opt.storage.bf16_activations;
   }
   // GPU workers (--devices): GPTQ calls go to these ordinals, one worker each; this thread (the
   // GPU forward pass, the Hessians) works on the first.
@@ -1023,6 +1032,7 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
                                                                                : engine::Precision::F32)},
                     {"hessian_device", device_h ? "cuda" : "cpu"},
                     {"hessian_precision", backend::hessian_precision_name(hprec)},
+                    {"activation_precision", opt.storage.bf16_activations ? "bf16" : "fp32"},
                     {"seconds", total},
                     {"stages", stages},
                     {"modules", modules}};

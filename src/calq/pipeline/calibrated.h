@@ -61,6 +61,10 @@ struct RunStorage {
   bool overwrite = false;          // discard an existing work_dir instead of refusing
   bool layerwise = false;          // never cache fp32 weights: read each layer from the checkpoint
   bool keep = false;               // keep work_dir after success (default: removed by the caller)
+  // --activation-precision bf16: the calibration activations between decoder layers are rounded
+  // to bf16 (nearest even) at every layer boundary, wherever they are kept; GPU-resident ones are
+  // then stored in 2 bytes instead of 4 (engine::Options::bf16_slots). GPTQ / MR-GPTQ layer loops.
+  bool bf16_activations = false;
 };
 
 // The outputs of a finished layer-wise run, read back from its work directory on demand.

@@ -128,14 +128,15 @@ class CudaForward final : public Forward {
 
  public:
   CudaForward(const io::ModelConfig& cfg, Precision prec, const Source& src, const std::vector<uint8_t>& sliding,
-              bool check_nan, int64_t resident_layers)
+              bool check_nan, int64_t resident_layers, bool bf16_slots)
       : cfg_(cfg),
         prec_(prec),
         src_(src),
         sliding_(sliding),
         check_nan_(check_nan),
         gpt2_(cfg.arch == io::Arch::Gpt2),
-        resident_limit_(resident_layers > 0 && resident_layers < cfg.num_hidden_layers ? resident_layers : 0) {
+        resident_limit_(resident_layers > 0 && resident_layers < cfg.num_hidden_layers ? resident_layers : 0),
+        bf16_slots_(bf16_slots) {
     // The calling thread's current device (0 unless a caller chose another: quantize --devices).
     check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     check_cublas(k::libs().cublasCreate_v2(&blas_), "cublasCreate");
@@ -239,10 +240,17 @@ class CudaForward final : public Forward {
   void stash(int64_t slot) override {
     CALQ_CHECK(B_ > 0, "engine (cuda): stash before any activations were uploaded");
     Slot& sl = slots_[slot];
-    const size_t bytes = static_cast<size_t>(B_ * T_ * cfg_.hidden_size) * sizeof(float);
-    sl.data.ensure(bytes, "calibration activations kept on the GPU", kSlotHint);
-    check_cuda(cudaMemcpyAsync(sl.data.as<float>(), resid_.as<float>(), bytes, cudaMemcpyDeviceToDevice, stream_),
-               "cudaMemcpy(activation slot)");
+    const int64_t n = B_ * T_ * cfg_.hidden_size;
+    if (bf16_slots_) {  // rounded to nearest even, as round_activations_bf16 on the host
+      sl.data.ensure(static_cast<size_t>(n) * sizeof(uint16_t), "calibration activations kept on the GPU", kSlotHint);
+      k::launch_to_bf16(resid_.as<float>(), sl.data.as<uint16_t>(), n, stream_);
+      check_launch("to_bf16 (activation slot)");
+    } else {
+      const size_t bytes = static_cast<size_t>(n) * sizeof(float);
+      sl.data.ensure(bytes, "calibration activations kept on the GPU", kSlotHint);
+      check_cuda(cudaMemcpyAsync(sl.data.as<float>(), resid_.as<float>(), bytes, cudaMemcpyDeviceToDevice, stream_),
+                 "cudaMemcpy(activation slot)");
+    }
     sl.batch = B_;
     sl.seq = T_;
     sl.lengths = lengths_;
@@ -255,10 +263,16 @@ class CudaForward final : public Forward {
     B_ = sl.batch;
     T_ = sl.seq;
     lengths_ = sl.lengths;
-    const size_t bytes = static_cast<size_t>(B_ * T_ * cfg_.hidden_size) * sizeof(float);
+    const int64_t n = B_ * T_ * cfg_.hidden_size;
+    const size_t bytes = static_cast<size_t>(n) * sizeof(float);
     resid_.ensure(bytes, "the residual stream", kActHint);
-    check_cuda(cudaMemcpyAsync(resid_.as<float>(), sl.data.as<float>(), bytes, cudaMemcpyDeviceToDevice, stream_),
-               "cudaMemcpy(activation slot)");
+    if (bf16_slots_) {
+      k::launch_bf16_to_f32(sl.data.as<uint16_t>(), resid_.as<float>(), n, stream_);
+      check_launch("bf16_to_f32 (activation slot)");
+    } else {
+      check_cuda(cudaMemcpyAsync(resid_.as<float>(), sl.data.as<float>(), bytes, cudaMemcpyDeviceToDevice, stream_),
+                 "cudaMemcpy(activation slot)");
+    }
     d_lengths_.ensure(lengths_.size() * sizeof(int64_t), "sequence lengths", kActHint);
     check_cuda(cudaMemcpyAsync(d_lengths_.as<int64_t>(), lengths_.data(), lengths_.size() * sizeof(int64_t),
                                cudaMemcpyHostToDevice, stream_),
@@ -1035,6 +1049,7 @@ class CudaForward final : public Forward {
   // Decoder layers whose linear weights are on the GPU: all (resident_limit_ = 0), or at most
   // resident_limit_ of them, uploaded by ensure_layer and freed least recently run first.
   int64_t resident_limit_ = 0;
+  bool bf16_slots_ = false;  // Options::bf16_slots: stash rounds to bf16, restore widens
   struct LinearItem {
     std::string module;
     int64_t out, in;
@@ -1076,7 +1091,8 @@ class CudaForward final : public Forward {
 }  // namespace
 
 std::unique_ptr<Forward> create(const io::ModelConfig& cfg, Precision precision, const Source& src,
-                                const std::vector<uint8_t>& sliding, bool check_nan, int64_t resident_layers) {
+                                const std::vector<uint8_t>& sliding, bool check_nan, int64_t resident_layers,
+                                bool bf16_slots) {
   CALQ_CHECK(resident_layers >= 0, "engine (cuda): {} resident layers", resident_layers);
   backend::cuda_require("--device cuda");
   CALQ_CHECK(!cfg.is_moe() || (cfg.num_experts_per_tok >= 1 && cfg.num_experts_per_tok <= cfg.num_experts &&
@@ -1090,7 +1106,7 @@ std::unique_ptr<Forward> create(const io::ModelConfig& cfg, Precision precision,
   CALQ_CHECK(cfg.num_key_value_heads > 0 && cfg.num_attention_heads % cfg.num_key_value_heads == 0,
              "--device cuda: {} attention heads are not a multiple of {} key/value heads", cfg.num_attention_heads,
              cfg.num_key_value_heads);
-  return std::make_unique<CudaForward>(cfg, precision, src, sliding, check_nan, resident_layers);
+  return std::make_unique<CudaForward>(cfg, precision, src, sliding, check_nan, resident_layers, bf16_slots);
 }
 
 }  // namespace calq::engine::gpu
