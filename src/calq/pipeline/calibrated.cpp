@@ -350,7 +350,13 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
     const uint64_t set_bytes = static_cast<uint64_t>(ci->set.tokens.size()) * static_cast<uint64_t>(ci->set.seq_len) *
                                static_cast<uint64_t>(m.config().hidden_size) *
                                (st.bf16_activations ? sizeof(uint16_t) : sizeof(float));
-    const bool fits_gpu = m.on_gpu() && replay && 2 * set_bytes <= backend::cuda_free_bytes() / 2;
+    const uint64_t gpu_free = m.on_gpu() ? backend::cuda_free_bytes() : 0;
+    const bool fits_gpu = m.on_gpu() && replay && 2 * set_bytes <= gpu_free / 2;
+    if (m.on_gpu() && replay && !fits_gpu)
+      log_info("calibration activations ({} per layer boundary, input and output) do not fit half of the GPU's free "
+               "memory ({}): they stay on the host and go up chunk by chunk (slower){}",
+               format_bytes(static_cast<double>(set_bytes)), format_bytes(static_cast<double>(gpu_free)),
+               st.bf16_activations ? "" : "; --activation-precision bf16 halves them");
     if (!persisted && fits_gpu && start == 0) {
       // A fresh GPU-resident run: each chunk is embedded into its slot (on the GPU where it can).
       const int64_t n = static_cast<int64_t>(ci->set.tokens.size());

@@ -98,7 +98,8 @@ class DevMem {
 
 constexpr const char* kActHint = "evaluate fewer tokens at once (a smaller --batch or --ctx) or use --device cpu";
 constexpr const char* kSlotHint =
-    "calibrate with fewer --samples or a shorter --seq-len, or use --forward-device cpu";
+    "use --activation-precision bf16 (2 bytes per value instead of 4), calibrate with fewer --samples or a shorter "
+    "--seq-len, or use --forward-device cpu";
 constexpr const char* kWeightHint =
     "use --gpu-precision bf16 (2 bytes per weight instead of 4), a GPU with more memory, or --device cpu";
 
