@@ -245,7 +245,8 @@ Command add_quantize(CLI::App& app) {
       ->capture_default_str()->group(moe);
   sub->add_option("--moe-hessian-memory", a->moe_hessian_memory,
                   "Memory for the expert Hessians of one step, e.g. 4GB (default: a quarter of the available "
-                  "memory); above it experts are processed in batches, one calibration pass each")
+                  "memory; with the Hessians on the GPU, a quarter of its free memory); above it experts are "
+                  "processed in batches, one calibration pass each")
       ->group(moe);
   sub->add_option("--moe-threads", a->moe_threads, "Experts quantized in parallel (default 0: one per thread)")
       ->check(CLI::NonNegativeNumber)->group(moe);
