@@ -341,6 +341,11 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
   // stay in the engine's slots (input [base, base + n), output the other half) and are never
   // written to disk; a resumed run recomputes them from the finished layers instead.
   int64_t resident = 0, base = 0;  // chunk count when resident
+  // Activations held on the host at a layer boundary, rounded as the GPU's bf16 slots store them
+  // (--activation-precision bf16), so that where they live does not change the result.
+  auto at_boundary = [&st](engine::Activations& a) {
+    if (st.bf16_activations) engine::round_activations_bf16(a);
+  };
   if (ci && start < L) {
     std::vector<engine::Activations> chunks;
     // A host-mode run persisted them; a GPU-resident one did not (its resume recomputes them).
@@ -349,7 +354,7 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
     // Both activation sets of a layer boundary (input and output) in half the free GPU memory.
     const uint64_t set_bytes = static_cast<uint64_t>(ci->set.tokens.size()) * static_cast<uint64_t>(ci->set.seq_len) *
                                static_cast<uint64_t>(m.config().hidden_size) *
-                               (st.bf16_activations ? sizeof(uint16_t) : sizeof(float));
+                               (st.bf16_activations ? sizeof(uint16_t) : sizeof(float));  // as the slots hold them
     const uint64_t gpu_free = m.on_gpu() ? backend::cuda_free_bytes() : 0;
     const bool fits_gpu = m.on_gpu() && replay && 2 * set_bytes <= gpu_free / 2;
     if (m.on_gpu() && replay && !fits_gpu)
@@ -366,8 +371,7 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
                format_bytes(static_cast<double>(set_bytes)));
     } else if (!persisted) {
       chunks = embed_chunks(m, ci->set, batch);
-      if (st.bf16_activations)
-        for (auto& a : chunks) engine::round_activations_bf16(a);
+      for (auto& a : chunks) at_boundary(a);
       if (start > 0) {
         const double tr = now_s();
         CALQ_CHECK(replay, "--resume: the activations entering layer {} are missing from {}", start,
@@ -378,7 +382,7 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
           if (quantized_inputs) replay(*wd, l, true);
           for (auto& a : chunks) {
             m.run_layer(l, a);
-            if (st.bf16_activations) engine::round_activations_bf16(a);
+            at_boundary(a);
           }
           if (quantized_inputs) replay(*wd, l, false);
           rb.advance(1, 0, fmt::format("layer {}", l));
@@ -386,14 +390,11 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
         rb.finish();
         tt.replay += now_s() - tr;
       }
-      uint64_t bytes = 0;
-      for (auto& a : chunks)
-        bytes += static_cast<uint64_t>(a.data.size()) * (st.bf16_activations ? sizeof(uint16_t) : sizeof(float));
       if (fits_gpu) {
         resident = static_cast<int64_t>(chunks.size());
         for (int64_t i = 0; i < resident; ++i) m.gpu_put(i, chunks[static_cast<size_t>(i)]);
         log_info("calibration activations on the GPU: {} chunks, {} per layer boundary", resident,
-                 format_bytes(static_cast<double>(bytes)));
+                 format_bytes(static_cast<double>(set_bytes)));
       } else {
         cur.emplace(wd->acts_dir(start), half, chunks.size());
         for (size_t i = 0; i < chunks.size(); ++i) cur->put(i, std::move(chunks[i]));
@@ -422,7 +423,7 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
         for (size_t i = 0; i < cur->size(); ++i) {
           engine::Activations a = cur->get(i);
           m.run_layer(l, a);
-          if (st.bf16_activations) engine::round_activations_bf16(a);
+          at_boundary(a);
           next->put(i, std::move(a));
         }
       }
