@@ -822,3 +822,172 @@ TEST(EngineActivations, RoundBf16IsNearestEven) {
   EXPECT_EQ(t.data[0], 1.f);
   EXPECT_EQ(t.data[1], 1.f + std::ldexp(1.f, -6));
 }
+
+// ---- LayerCache: the states a layer's true-sequential passes share ---------------------------
+// A pipeline's passes over one layer, each after the previous step's modules got new weights (or
+// an input transform): with a cache, every observed input and the final output are bit-identical
+// to uncached runs, and the runs start where the changed modules allow (counted by `reused`).
+TEST(EngineLayerCache, TrueSequentialPassesGiveTheUncachedBits) {
+  struct StopAt : Recorder {
+    std::string module;  // empty: run the whole layer
+    bool done_after(const engine::LinearInput& in) const override {
+      return !module.empty() && std::find(in.modules.begin(), in.modules.end(), module) != in.modules.end();
+    }
+  };
+  struct Case {
+    const char* fixture;
+    std::array<int64_t, 3> reused;  // runs started at attn / mid / act
+  };
+  for (const Case& cs : {Case{"llama_gqa", {1, 1, 1}}, Case{"qwen3_qknorm", {1, 1, 1}}, Case{"mistral_swa", {1, 1, 1}},
+                         Case{"llama_mha_bias_tied", {1, 1, 1}}, Case{"gpt2", {1, 1, 1}},
+                         Case{"qwen3_moe_sparse", {1, 2, 0}}, Case{"mixtral", {1, 2, 0}}}) {
+    SCOPED_TRACE(cs.fixture);
+    Expected e = load_expected(fixture(cs.fixture));
+    auto m = engine::Model::load(fixture(cs.fixture));
+    const int64_t l = m.num_layers() - 1;
+    auto h = m.embed({e.B, e.T, e.tokens, e.lengths});
+    for (int64_t i = 0; i < l; ++i) m.run_layer(i, h, nullptr);
+    // The steps: each dense input's modules, then all experts' modules as one step (as the
+    // pipeline groups them).
+    std::vector<std::vector<std::string>> steps;
+    {
+      Recorder probe;
+      auto hp = h;
+      m.run_layer(l, hp, &probe);
+      std::vector<std::string> experts;
+      for (const auto& r : probe.recs) {
+        if (r.in.expert >= 0) {
+          for (const auto& mod : r.in.modules)
+            if (std::find(experts.begin(), experts.end(), mod) == experts.end()) experts.push_back(mod);
+        } else {
+          steps.push_back(r.in.modules);
+        }
+      }
+      if (!experts.empty()) steps.push_back(experts);
+    }
+    ASSERT_GE(steps.size(), 4u);
+    engine::LayerCache c;
+    c.keep_attn = c.keep_mid = c.keep_act = true;
+    std::mt19937 rng(5);
+    std::normal_distribution<float> nd(0, 0.02f);
+    for (size_t s = 0; s < steps.size(); ++s) {
+      const bool expert_step = steps[s].front().find(".experts.") != std::string::npos;
+      int max_start = 3;
+      for (const auto& mod : steps[s]) max_start = std::min(max_start, m.layer_cache_stage(mod));
+      StopAt cached, plain;
+      cached.module = plain.module = expert_step ? "" : steps[s].back();
+      c.max_start = max_start;
+      auto hc = h, hr = h;
+      m.run_layer(l, hc, &cached, &c);
+      m.run_layer(l, hr, &plain);
+      int seen = 0;
+      for (const auto& r : plain.recs) {
+        bool wanted = false;
+        for (const auto& mod : r.in.modules)
+          wanted = wanted || std::find(steps[s].begin(), steps[s].end(), mod) != steps[s].end();
+        if (!wanted) continue;
+        const auto& got = cached.find(r.in.modules.front(), r.in.expert);
+        ASSERT_EQ(got.x, r.x) << "step " << s << " " << r.in.modules.front() << " expert " << r.in.expert;
+        ++seen;
+      }
+      EXPECT_GT(seen, 0) << "step " << s;
+      // The step's modules change: new weights, and for o_proj also an input transform (both
+      // change what the layer computes after them).
+      for (const auto& mod : steps[s]) {
+        auto w = m.weight(mod);
+        for (float& v : w) v += nd(rng);
+        m.set_weight(mod, w);
+        if (mod.find("o_proj") != std::string::npos || mod.find("attn.c_proj") != std::string::npos)
+          m.set_input_transform(mod, [](float* x, int64_t rows, int64_t cols) {
+            for (int64_t i = 0; i < rows * cols; ++i) x[i] *= 0.75f;
+          });
+      }
+    }
+    c.max_start = 3;
+    auto hc = h, hr = h;
+    m.run_layer(l, hc, nullptr, &c);
+    m.run_layer(l, hr, nullptr);
+    ASSERT_EQ(hc.data, hr.data);
+    EXPECT_EQ(c.reused[0], cs.reused[0]);
+    EXPECT_EQ(c.reused[1], cs.reused[1]);
+    EXPECT_EQ(c.reused[2], cs.reused[2]);
+    const auto widths = m.layer_cache_widths(l);
+    EXPECT_EQ(c.attn.data.size(), static_cast<size_t>(h.rows() * widths[0]));
+    EXPECT_EQ(c.mid.data.size(), static_cast<size_t>(h.rows() * widths[1]));
+    EXPECT_EQ(c.act.data.size(), static_cast<size_t>(h.rows() * widths[2]));  // 0 on MoE layers
+
+    // Every state is valid now: max_start bounds where a run starts, so an observer still sees
+    // the inputs it asks for.
+    for (int ms : {0, 1, 2, 3}) {
+      Recorder a, b;
+      c.max_start = ms;
+      auto x = h, y = h;
+      m.run_layer(l, x, &a, &c);
+      m.run_layer(l, y, &b);
+      ASSERT_EQ(x.data, y.data) << "max_start " << ms;
+      ASSERT_FALSE(a.recs.empty());
+      EXPECT_GE(m.layer_cache_stage(a.recs.front().in.modules.front()), ms == 3 && widths[2] == 0 ? 2 : ms);
+      EXPECT_EQ(a.recs.back().x, b.recs.back().x);
+      if (ms == 0) EXPECT_EQ(a.recs.size(), b.recs.size());
+    }
+    // A change upstream invalidates what follows it: an input transform alone (of gate/up on a
+    // dense layer: the run starts at mid, not act), and clear_weight.
+    if (widths[2] > 0) {
+      const int64_t from_mid = c.reused[1], from_act = c.reused[2];
+      m.set_input_transform(steps[2].front(), [](float* x, int64_t rows, int64_t cols) {
+        for (int64_t i = 0; i < rows * cols; ++i) x[i] *= 0.5f;
+      });
+      c.max_start = 3;
+      auto x = h, y = h;
+      m.run_layer(l, x, nullptr, &c);
+      m.run_layer(l, y, nullptr);
+      EXPECT_EQ(x.data, y.data);
+      EXPECT_EQ(c.reused[1], from_mid + 1);
+      EXPECT_EQ(c.reused[2], from_act);
+    }
+    m.clear_weight(steps[0].front());
+    {
+      const int64_t before[3] = {c.reused[0], c.reused[1], c.reused[2]};
+      c.max_start = 3;
+      auto x = h, y = h;
+      m.run_layer(l, x, nullptr, &c);
+      m.run_layer(l, y, nullptr);
+      EXPECT_EQ(x.data, y.data);
+      for (int i = 0; i < 3; ++i) EXPECT_EQ(c.reused[i], before[i]) << "a stale state was used";
+    }
+    // A cache left by another layer (or another chunk shape) starts over.
+    if (l > 0) {
+      const int64_t before = c.reused[0] + c.reused[1] + c.reused[2];
+      auto x = h, y = h;
+      m.run_layer(l - 1, x, nullptr, &c);
+      m.run_layer(l - 1, y, nullptr);
+      EXPECT_EQ(x.data, y.data);
+      EXPECT_EQ(c.layer, l - 1);
+      EXPECT_EQ(c.reused[0] + c.reused[1] + c.reused[2], before) << "another layer's state was used";
+    }
+  }
+}
+
+TEST(EngineLayerCache, StagesOfModules) {
+  auto m = engine::Model::load(fixture("qwen3_moe_sparse"));
+  const auto& cfg = m.config();
+  for (int64_t l = 0; l < m.num_layers(); ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    EXPECT_EQ(m.layer_cache_stage(p + "self_attn.q_proj"), 0);
+    EXPECT_EQ(m.layer_cache_stage(p + "self_attn.v_proj"), 0);
+    EXPECT_EQ(m.layer_cache_stage(p + "self_attn.o_proj"), 1);
+    const bool sparse = cfg.layer_is_sparse(l);
+    EXPECT_EQ(m.layer_cache_stage(p + "mlp.down_proj"), sparse ? 2 : 3) << l;
+    EXPECT_EQ(m.layer_cache_stage(p + "mlp.gate_proj"), 2);
+    EXPECT_EQ(m.layer_cache_stage(p + "mlp.experts.3.down_proj"), 2);
+    EXPECT_EQ(m.layer_cache_stage(p + "mlp.gate"), 2);
+    EXPECT_EQ(m.layer_cache_widths(l)[2], sparse ? 0 : cfg.intermediate_size);
+  }
+  EXPECT_EQ(m.layer_cache_stage("lm_head"), 0);
+  EXPECT_EQ(m.layer_cache_stage("model.layers.99.self_attn.o_proj"), 0);
+  auto g = engine::Model::load(fixture("gpt2"));
+  EXPECT_EQ(g.layer_cache_stage("transformer.h.0.attn.c_attn"), 0);
+  EXPECT_EQ(g.layer_cache_stage("transformer.h.0.attn.c_proj"), 1);
+  EXPECT_EQ(g.layer_cache_stage("transformer.h.0.mlp.c_fc"), 2);
+  EXPECT_EQ(g.layer_cache_stage("transformer.h.0.mlp.c_proj"), 3);
+}

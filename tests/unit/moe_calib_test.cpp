@@ -388,6 +388,38 @@ TEST(MoeCalib, BatchingAndThreadsChangeNothing) {
   }
 }
 
+// The layer cache (engine::LayerCache) on a MoE model, true-sequential: expert passes start from
+// the residual after attention; blend passes (--moe-min-tokens) and all-experts feeds too. Same
+// codes and scales as without it.
+TEST(MoeCalib, LayerCacheChangesNothing) {
+  Fixture f;
+  if (!f.ok) GTEST_SKIP() << "../shared absent (tokenizer)";
+  auto g = base_options(f, f.t / "work");
+  g.true_sequential = true;
+  for (int variant = 0; variant < 2; ++variant) {
+    SCOPED_TRACE(variant == 0 ? "routed, min-tokens blend" : "all-experts");
+    auto gv = g;
+    if (variant == 0)
+      gv.moe.min_tokens = 1000;  // every expert blends: a second pass per step
+    else
+      gv.moe.calibration = pipeline::MoeCalibOptions::Calibration::AllExperts;
+    auto off = gv;
+    off.storage.layer_cache_memory = 0;
+    const MoeRun a = run(f, gv, "cached"), b = run(f, off, "uncached");
+    const auto& lc = a.report["gptq"]["layer_cache"];
+    EXPECT_GT(lc["bytes"].get<uint64_t>(), 0u);
+    EXPECT_GT(lc["runs_from_mid"].get<int64_t>(), 0);
+    EXPECT_EQ(b.report["gptq"]["layer_cache"]["bytes"].get<uint64_t>(), 0u);
+    EXPECT_EQ(b.report["gptq"]["layer_cache"]["runs_from_mid"].get<int64_t>(), 0);
+    ASSERT_EQ(a.w.size(), b.w.size());
+    for (const auto& [mod, q] : a.w) {
+      EXPECT_EQ(q.codes, b.w.at(mod).codes) << mod;
+      ASSERT_EQ(q.params.size(), b.w.at(mod).params.size());
+      for (size_t i = 0; i < q.params.size(); ++i) EXPECT_EQ(q.params[i].scale, b.w.at(mod).params[i].scale) << mod;
+    }
+  }
+}
+
 TEST(HessianAccumulator, WeightedMatchesPlainSum) {
   std::mt19937 rng(9);
   std::normal_distribution<float> nd(0, 1);

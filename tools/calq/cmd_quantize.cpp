@@ -64,7 +64,7 @@ Command add_quantize(CLI::App& app) {
     int act_grid = 20;
     bool no_clip = false;
     // long runs
-    std::string work_dir, max_memory;
+    std::string work_dir, max_memory, layer_cache_memory;
     bool resume = false, layerwise = false, keep_work_dir = false;
     // MR-GPTQ and rotations
     std::string hadamard_block = "128";
@@ -201,6 +201,13 @@ Command add_quantize(CLI::App& app) {
   sub->add_option("--max-memory", a->max_memory,
                   "RAM for calibration activations, e.g. 8GB (default: half of the available memory); the rest "
                   "is spilled to the work directory")->group(lr);
+  sub->add_option("--layer-cache-memory", a->layer_cache_memory,
+                  "gptq, mr-gptq with true-sequential passes, forward passes on the CPU: RAM for the states a "
+                  "layer's passes share (attention output, residual after attention, MLP activation), so that "
+                  "each pass starts after the modules it did not change instead of at the layer's input; e.g. "
+                  "2GB, 0 disables it (default: a quarter of the available memory at each layer). The output "
+                  "does not depend on it")
+      ->group(lr);
   sub->add_flag("--layerwise", a->layerwise,
                 "Stream weights: read each layer from the checkpoint when it runs instead of caching fp32 "
                 "weights (peak memory about one layer)")->group(lr);
@@ -308,6 +315,10 @@ Command add_quantize(CLI::App& app) {
     CALQ_CHECK(a->devices.empty() || on_cuda, "--devices applies to --device cuda (got --device {})", a->device);
     CALQ_CHECK(sub->count("--activation-precision") == 0 || a->method == "gptq" || a->method == "mr-gptq",
                "--activation-precision applies to --method gptq and mr-gptq");
+    CALQ_CHECK(sub->count("--layer-cache-memory") == 0 || a->method == "gptq" || a->method == "mr-gptq",
+               "--layer-cache-memory applies to --method gptq and mr-gptq");
+    CALQ_CHECK(sub->count("--layer-cache-memory") == 0 || !a->no_true_sequential,
+               "--layer-cache-memory: with --no-true-sequential each layer runs one pass, there is nothing to share");
     std::vector<int> devices;
     if (!a->devices.empty()) devices = backend::cuda_parse_devices(a->devices, "--devices");
     if (a->method == "rtn") {
@@ -316,7 +327,8 @@ Command add_quantize(CLI::App& app) {
         CALQ_CHECK(sub->count(opt) == 0, "{} applies to --method gptq, not rtn", opt);
       if (!act_rtn)
         for (const char* opt : {"--samples", "--seq-len", "--seed", "--packing", "--calib-batch", "--min-tokens",
-                                "--act-grid", "--work-dir", "--resume", "--max-memory", "--layerwise", "--keep-work-dir"})
+                                "--act-grid", "--work-dir", "--resume", "--max-memory", "--layerwise", "--keep-work-dir",
+                                "--layer-cache-memory"})
           CALQ_CHECK(sub->count(opt) == 0, "{} needs calibration: add --calibration SOURCE (activation-aware RTN) or use "
                                            "--method gptq", opt);
       for (const char* opt : {"--moe-calibration", "--moe-hessian", "--moe-token-weight", "--moe-min-tokens",
@@ -396,6 +408,8 @@ Command add_quantize(CLI::App& app) {
       st.overwrite = a->overwrite;
       st.layerwise = a->layerwise;
       st.bf16_activations = a->activation_precision == "bf16";
+      if (!a->layer_cache_memory.empty())
+        st.layer_cache_memory = a->layer_cache_memory == "0" ? 0 : parse_size(a->layer_cache_memory, "--layer-cache-memory");
       st.keep = a->keep_work_dir;
       // What must match for --resume (the plan and the calibration are checked separately).
       nlohmann::json identity = {{"method", a->method},

@@ -253,6 +253,48 @@ struct Model::Impl {
   // fp32 copies in `cache`; Model::weight still goes through `cache`).
   std::map<std::string, PackedB> packed;
   std::vector<std::string> viewed;  // checkpoint tensors multiplied in place this layer
+  // LayerCache validity: a module's version changes with its weight or input transform.
+  std::map<std::string, uint64_t> versions;
+  uint64_t next_version = 1;
+  void bump(const std::string& module) { versions[module] = next_version++; }
+  // `base` followed by the versions of `modules` (0: never changed).
+  std::vector<uint64_t> key(std::vector<uint64_t> base, std::initializer_list<std::string> modules) const {
+    for (const auto& m : modules) {
+      auto it = versions.find(m);
+      base.push_back(it == versions.end() ? 0 : it->second);
+    }
+    return base;
+  }
+  static bool usable(const LayerCache::State& s, const std::vector<uint64_t>& key) {
+    return s.valid && s.key == key;
+  }
+  // Keeps `data` as state s (moved in) and returns its storage.
+  static float* keep(LayerCache::State& s, std::vector<float>&& data, std::vector<uint64_t> key) {
+    s.data = std::move(data);
+    s.key = std::move(key);
+    s.valid = true;
+    return s.data.data();
+  }
+  // The stage a cached run of layer l on N rows starts at (0: the input, 1: attn, 2: mid, 3: act),
+  // after resetting a cache left by another layer or chunk shape. k: the keys of attn, mid, act.
+  static int start_stage(LayerCache* c, int64_t l, int64_t N, const std::array<std::vector<uint64_t>, 3>& k,
+                         bool has_act) {
+    if (!c) return 0;
+    if (c->layer != l || c->rows != N) {
+      c->clear();
+      c->layer = l;
+      c->rows = N;
+    }
+    int st = 0;
+    if (c->max_start >= 3 && has_act && usable(c->act, k[2]) && usable(c->mid, k[1]))
+      st = 3;
+    else if (c->max_start >= 2 && usable(c->mid, k[1]))
+      st = 2;
+    else if (c->max_start >= 1 && usable(c->attn, k[0]))
+      st = 1;
+    if (st > 0) ++c->reused[st - 1];
+    return st;
+  }
 
 
   // fp32 tensor by HF name, in HF layout, except that linear weights are [out, in].
@@ -544,43 +586,74 @@ struct Model::Impl {
     }
   }
 
-  void run_llama_layer(int64_t l, Activations& h, Observer* obs) {
-    if (sequence_parallel(l, h, obs)) return run_llama_layer_split(l, h);
-    const std::string p = layer_prefix(cfg, l);
+  void run_llama_layer(int64_t l, Activations& h, Observer* obs, LayerCache* c = nullptr) {
+    const std::string p = layer_prefix(cfg, l), a = p + "self_attn.", m = p + "mlp.";
+    const bool sparse = cfg.is_moe() && cfg.layer_is_sparse(l);
     const int64_t N = h.rows(), H = cfg.hidden_size, D = cfg.head_dim;
     const int64_t NQ = cfg.num_attention_heads, NKV = cfg.num_key_value_heads;
+    std::array<std::vector<uint64_t>, 3> k;
+    if (c) {
+      k[0] = key({}, {a + "q_proj", a + "k_proj", a + "v_proj"});
+      k[1] = key(k[0], {a + "o_proj"});
+      k[2] = key(k[1], {m + "gate_proj", m + "up_proj"});
+    }
+    const int start = start_stage(c, l, N, k, !sparse);
+    // With no state to start from, an unobserved run may take the sequence-parallel path (which
+    // keeps no states).
+    if (start == 0 && sequence_parallel(l, h, obs)) return run_llama_layer_split(l, h);
     const auto real = real_mask(h);
     std::vector<float> xn(static_cast<size_t>(N * H));
-    rms_norm_rows(h.data.data(), xn.data(), N, H, tensor(p + "input_layernorm.weight", false), cfg.rms_norm_eps);
-    std::vector<float> q(static_cast<size_t>(N * NQ * D)), k(static_cast<size_t>(N * NKV * D)),
-        v(static_cast<size_t>(N * NKV * D));
-    const std::string a = p + "self_attn.";
-    linears({a + "q_proj", a + "k_proj", a + "v_proj"}, {NQ * D, NKV * D, NKV * D}, l, xn.data(), N, H,
-            real.data(), obs, {q.data(), k.data(), v.data()});
-    if (cfg.qk_norm) {
-      rms_norm_rows(q.data(), q.data(), N * NQ, D, tensor(a + "q_norm.weight", false), cfg.rms_norm_eps);
-      rms_norm_rows(k.data(), k.data(), N * NKV, D, tensor(a + "k_norm.weight", false), cfg.rms_norm_eps);
+    const float* att = nullptr;
+    std::vector<float> att_own;
+    if (start == 0) {
+      rms_norm_rows(h.data.data(), xn.data(), N, H, tensor(p + "input_layernorm.weight", false), cfg.rms_norm_eps);
+      std::vector<float> q(static_cast<size_t>(N * NQ * D)), kk(static_cast<size_t>(N * NKV * D)),
+          v(static_cast<size_t>(N * NKV * D));
+      linears({a + "q_proj", a + "k_proj", a + "v_proj"}, {NQ * D, NKV * D, NKV * D}, l, xn.data(), N, H,
+              real.data(), obs, {q.data(), kk.data(), v.data()});
+      if (cfg.qk_norm) {
+        rms_norm_rows(q.data(), q.data(), N * NQ, D, tensor(a + "q_norm.weight", false), cfg.rms_norm_eps);
+        rms_norm_rows(kk.data(), kk.data(), N * NKV, D, tensor(a + "k_norm.weight", false), cfg.rms_norm_eps);
+      }
+      const RopeTable rt = rope_table(h.seq);
+      apply_rope(q.data(), N, NQ * D, NQ, rt);
+      apply_rope(kk.data(), N, NKV * D, NKV, rt);
+      att_own.resize(static_cast<size_t>(N * NQ * D));
+      const int64_t window = sliding[static_cast<size_t>(l)] ? cfg.sliding_window.value_or(0) : 0;
+      attention(h, q.data(), NQ * D, kk.data(), NKV * D, v.data(), NKV * D, att_own.data(), NQ, NKV, D, window);
+      att = c && c->keep_attn ? keep(c->attn, std::move(att_own), k[0]) : att_own.data();
+    } else if (start == 1) {
+      att = c->attn.data.data();
     }
-    const RopeTable rt = rope_table(h.seq);
-    apply_rope(q.data(), N, NQ * D, NQ, rt);
-    apply_rope(k.data(), N, NKV * D, NKV, rt);
-    std::vector<float> att(static_cast<size_t>(N * NQ * D));
-    const int64_t window = sliding[static_cast<size_t>(l)] ? cfg.sliding_window.value_or(0) : 0;
-    attention(h, q.data(), NQ * D, k.data(), NKV * D, v.data(), NKV * D, att.data(), NQ, NKV, D, window);
     std::vector<float> o(static_cast<size_t>(N * H));
-    linears({a + "o_proj"}, {H}, l, att.data(), N, NQ * D, real.data(), obs, {o.data()});
-    add_into(h.data, o);
-    rms_norm_rows(h.data.data(), xn.data(), N, H, tensor(p + "post_attention_layernorm.weight", false),
-                  cfg.rms_norm_eps);
-    if (cfg.is_moe() && cfg.layer_is_sparse(l)) {
-      moe(l, p, xn, h, real, obs);
-    } else {
-      const int64_t I = cfg.intermediate_size;
-      const std::string m = p + "mlp.";
-      mlp_swiglu(l, m + "gate_proj", m + "up_proj", m + "down_proj", I, xn.data(), N, real.data(), obs,
-                 o.data());
+    if (start <= 1) {
+      linears({a + "o_proj"}, {H}, l, att, N, NQ * D, real.data(), obs, {o.data()});
       add_into(h.data, o);
+      if (c && c->keep_mid) keep(c->mid, std::vector<float>(h.data), k[1]);
+    } else {
+      h.data = c->mid.data;
     }
+    if (sparse) {
+      rms_norm_rows(h.data.data(), xn.data(), N, H, tensor(p + "post_attention_layernorm.weight", false),
+                    cfg.rms_norm_eps);
+      return moe(l, p, xn, h, real, obs);
+    }
+    const int64_t I = cfg.intermediate_size;
+    const float* act = nullptr;
+    std::vector<float> g;
+    if (start <= 2) {
+      rms_norm_rows(h.data.data(), xn.data(), N, H, tensor(p + "post_attention_layernorm.weight", false),
+                    cfg.rms_norm_eps);
+      g.resize(static_cast<size_t>(N * I));
+      std::vector<float> u(static_cast<size_t>(N * I));
+      linears({m + "gate_proj", m + "up_proj"}, {I, I}, l, xn.data(), N, H, real.data(), obs, {g.data(), u.data()});
+      silu_mul(g.data(), u.data(), N * I);
+      act = c && c->keep_act ? keep(c->act, std::move(g), k[2]) : g.data();
+    } else {
+      act = c->act.data.data();
+    }
+    linears({m + "down_proj"}, {H}, l, act, N, I, real.data(), obs, {o.data()});
+    add_into(h.data, o);
   }
 
   static void add_into(std::vector<float>& h, const std::vector<float>& o) {
@@ -692,28 +765,56 @@ struct Model::Impl {
     }
   }
 
-  void run_gpt2_layer(int64_t l, Activations& h, Observer* obs) {
+  void run_gpt2_layer(int64_t l, Activations& h, Observer* obs, LayerCache* c = nullptr) {
     const std::string p = layer_prefix(cfg, l);
     const int64_t N = h.rows(), H = cfg.hidden_size, NH = cfg.num_attention_heads, D = H / NH;
     const int64_t I = cfg.intermediate_size;
+    std::array<std::vector<uint64_t>, 3> k;
+    if (c) {
+      k[0] = key({}, {p + "attn.c_attn"});
+      k[1] = key(k[0], {p + "attn.c_proj"});
+      k[2] = key(k[1], {p + "mlp.c_fc"});
+    }
+    const int start = start_stage(c, l, N, k, true);
     const auto real = real_mask(h);
     const double eps = cfg.rms_norm_eps;
     std::vector<float> xn(static_cast<size_t>(N * H));
-    layer_norm_rows(h.data.data(), xn.data(), N, H, tensor(p + "ln_1.weight", false), tensor(p + "ln_1.bias", false), eps);
-    std::vector<float> qkv(static_cast<size_t>(N * 3 * H));
-    linears({p + "attn.c_attn"}, {3 * H}, l, xn.data(), N, H, real.data(), obs, {qkv.data()});
-    std::vector<float> att(static_cast<size_t>(N * H));
-    attention(h, qkv.data(), 3 * H, qkv.data() + H, 3 * H, qkv.data() + 2 * H, 3 * H, att.data(), NH, NH, D, 0);
+    const float* att = nullptr;
+    std::vector<float> att_own;
+    if (start == 0) {
+      layer_norm_rows(h.data.data(), xn.data(), N, H, tensor(p + "ln_1.weight", false), tensor(p + "ln_1.bias", false),
+                      eps);
+      std::vector<float> qkv(static_cast<size_t>(N * 3 * H));
+      linears({p + "attn.c_attn"}, {3 * H}, l, xn.data(), N, H, real.data(), obs, {qkv.data()});
+      att_own.resize(static_cast<size_t>(N * H));
+      attention(h, qkv.data(), 3 * H, qkv.data() + H, 3 * H, qkv.data() + 2 * H, 3 * H, att_own.data(), NH, NH, D, 0);
+      att = c && c->keep_attn ? keep(c->attn, std::move(att_own), k[0]) : att_own.data();
+    } else if (start == 1) {
+      att = c->attn.data.data();
+    }
     std::vector<float> o(static_cast<size_t>(N * H));
-    linears({p + "attn.c_proj"}, {H}, l, att.data(), N, H, real.data(), obs, {o.data()});
-    add_into(h.data, o);
-    layer_norm_rows(h.data.data(), xn.data(), N, H, tensor(p + "ln_2.weight", false), tensor(p + "ln_2.bias", false), eps);
-    std::vector<float> f(static_cast<size_t>(N * I));
-    linears({p + "mlp.c_fc"}, {I}, l, xn.data(), N, H, real.data(), obs, {f.data()});
-    const int64_t n = N * I;
+    if (start <= 1) {
+      linears({p + "attn.c_proj"}, {H}, l, att, N, H, real.data(), obs, {o.data()});
+      add_into(h.data, o);
+      if (c && c->keep_mid) keep(c->mid, std::vector<float>(h.data), k[1]);
+    } else {
+      h.data = c->mid.data;
+    }
+    const float* act = nullptr;
+    std::vector<float> f;
+    if (start <= 2) {
+      layer_norm_rows(h.data.data(), xn.data(), N, H, tensor(p + "ln_2.weight", false), tensor(p + "ln_2.bias", false),
+                      eps);
+      f.resize(static_cast<size_t>(N * I));
+      linears({p + "mlp.c_fc"}, {I}, l, xn.data(), N, H, real.data(), obs, {f.data()});
+      const int64_t n = N * I;
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
-    for (int64_t i = 0; i < n; ++i) f[i] = gelu_tanh(f[i]);
-    linears({p + "mlp.c_proj"}, {H}, l, f.data(), N, I, real.data(), obs, {o.data()});
+      for (int64_t i = 0; i < n; ++i) f[i] = gelu_tanh(f[i]);
+      act = c && c->keep_act ? keep(c->act, std::move(f), k[2]) : f.data();
+    } else {
+      act = c->act.data.data();
+    }
+    linears({p + "mlp.c_proj"}, {H}, l, act, N, I, real.data(), obs, {o.data()});
     add_into(h.data, o);
   }
 };
@@ -725,7 +826,7 @@ Model& Model::operator=(Model&&) noexcept = default;
 Model::~Model() = default;
 
 Model Model::load(const std::filesystem::path& dir, const Options& opts) {
-  auto impl = std::make_unique<Impl>(Impl{native::Model::open(dir), {}, opts, {}, {}, {}, {}, {}, {}, {}, {}, {}});
+  auto impl = std::make_unique<Impl>(Impl{native::Model::open(dir), {}, opts, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, 1});
   impl->cfg = impl->src.config();
   const io::ModelConfig& c = impl->cfg;
   if (c.arch == Arch::Gpt2) {
@@ -929,7 +1030,41 @@ void Model::gpu_drop_slots() {
   if (impl_->gpu) impl_->gpu->free_slots();
 }
 
-void Model::run_layer(int64_t layer, Activations& h, Observer* observer) {
+void Model::run_layer(int64_t layer, Activations& h, Observer* observer) { run_layer(layer, h, observer, nullptr); }
+
+std::array<int64_t, 3> Model::layer_cache_widths(int64_t layer) const {
+  const io::ModelConfig& c = impl_->cfg;
+  CALQ_CHECK(layer >= 0 && layer < c.num_hidden_layers, "engine: layer {} outside 0..{}", layer,
+             c.num_hidden_layers - 1);
+  if (c.arch == Arch::Gpt2) return {c.hidden_size, c.hidden_size, c.intermediate_size};
+  const bool sparse = c.is_moe() && c.layer_is_sparse(layer);
+  return {c.num_attention_heads * c.head_dim, c.hidden_size, sparse ? 0 : c.intermediate_size};
+}
+
+int Model::layer_cache_stage(const std::string& module) const {
+  const io::ModelConfig& c = impl_->cfg;
+  auto ends = [&](std::string_view suffix) {
+    return module.size() >= suffix.size() && module.compare(module.size() - suffix.size(), suffix.size(), suffix) == 0;
+  };
+  int64_t l = -1;
+  const std::string lp = c.arch == Arch::Gpt2 ? "transformer.h." : "model.layers.";
+  if (module.rfind(lp, 0) == 0) l = std::atoll(module.c_str() + lp.size());
+  if (l < 0 || l >= c.num_hidden_layers) return 0;
+  const std::string p = layer_prefix(c, l);
+  if (c.arch == Arch::Gpt2) {
+    if (module == p + "attn.c_proj") return 1;
+    if (module == p + "mlp.c_fc") return 2;
+    if (module == p + "mlp.c_proj") return 3;
+    return 0;
+  }
+  if (module.rfind(p + "self_attn.", 0) == 0) return ends(".o_proj") ? 1 : 0;
+  const bool sparse = c.is_moe() && c.layer_is_sparse(l);
+  if (!sparse && module == p + "mlp.down_proj") return 3;
+  if (module.rfind(p + "mlp.", 0) == 0 || module.rfind(p + "block_sparse_moe.", 0) == 0) return 2;
+  return 0;
+}
+
+void Model::run_layer(int64_t layer, Activations& h, Observer* observer, LayerCache* cache) {
   const io::ModelConfig& c = impl_->cfg;
   CALQ_CHECK(layer >= 0 && layer < c.num_hidden_layers, "engine: layer {} outside 0..{}", layer,
              c.num_hidden_layers - 1);
@@ -948,9 +1083,9 @@ void Model::run_layer(int64_t layer, Activations& h, Observer* observer) {
   }
   try {
     if (c.arch == Arch::Gpt2)
-      impl_->run_gpt2_layer(layer, h, observer);
+      impl_->run_gpt2_layer(layer, h, observer, cache);
     else
-      impl_->run_llama_layer(layer, h, observer);
+      impl_->run_llama_layer(layer, h, observer, cache);
   } catch (const gpu::LayerDone&) {
     impl_->release_scratch();  // an observation pass: h is left part-way through the layer
     return;
@@ -1113,6 +1248,7 @@ void Model::set_weight(const std::string& module, std::vector<float> w) {
              "engine: set_weight {}: {} values, expected [{}, {}] = {}", module, w.size(), out, in, in * out);
   impl_->lazy.erase(module);
   impl_->overrides[module] = std::move(w);
+  impl_->bump(module);
   if (impl_->gpu) impl_->gpu->reload(module);
 }
 
@@ -1125,11 +1261,13 @@ void Model::set_weight_device(const std::string& module, const float* w, int dev
   impl_->gpu->set_weight_device(module, w, device);
   impl_->overrides.erase(module);
   impl_->lazy[module] = std::move(host);
+  impl_->bump(module);
 }
 
 void Model::clear_weight(const std::string& module) {
   impl_->overrides.erase(module);
   impl_->lazy.erase(module);
+  impl_->bump(module);
   if (impl_->gpu && impl_->src.contains(module + ".weight")) impl_->gpu->reload(module);
 }
 
@@ -1139,6 +1277,7 @@ void Model::set_input_transform(const std::string& module, InputTransform t) {
     impl_->transforms[module] = std::move(t);
   else
     impl_->transforms.erase(module);
+  impl_->bump(module);
 }
 
 void round_activations_bf16(Activations& h) {

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -143,6 +144,43 @@ struct Options {
 // Rounds every value of h to bf16 (nearest even) in place, as a bf16 slot stores it.
 void round_activations_bf16(Activations& h);
 
+// Intermediate results of one decoder layer on one chunk of activations, kept between runs of that
+// layer on that chunk (CPU engine). Calibration's true-sequential passes run a layer several times,
+// each time with more of its modules quantized; a run given a cache starts at the latest kept
+// state that none of the changed modules feeds, instead of at the layer's input:
+//   attn: the attention output (o_proj's input; GPT-2: attn.c_proj's), valid while q/k/v keep
+//         their weights and input transforms;
+//   mid:  the residual stream after the attention block (h + o_proj(attn)), valid while o_proj
+//         keeps its too;
+//   act:  the MLP's activation (down_proj's input; GPT-2: mlp.c_proj's), valid while gate/up
+//         (GPT-2: mlp.c_fc) keep theirs too; dense MLPs only (not MoE layers).
+// Validity is checked by the engine: every set_weight / set_weight_device / clear_weight /
+// set_input_transform of a module gives it a new version, and a state records the versions of the
+// modules before it. The results are bit-identical to a run without a cache. A run that starts at
+// a state does not show the observer the inputs computed before it: max_start (a stage, 0..3, as
+// Model::layer_cache_stage numbers them) bounds where a run may start, so that a pass observing a
+// module's input sets it to that module's stage. The caller chooses which states to keep (keep_*:
+// their memory, Model::layer_cache_widths); the GPU engine ignores the cache.
+struct LayerCache {
+  bool keep_attn = false, keep_mid = false, keep_act = false;
+  int max_start = 3;  // 0: the input, 1: attn, 2: mid, 3: act
+  struct State {
+    std::vector<float> data;
+    std::vector<uint64_t> key;  // versions of the modules before the state
+    bool valid = false;
+  };
+  // Set by the engine.
+  int64_t layer = -1, rows = 0;
+  State attn, mid, act;
+  int64_t reused[3] = {0, 0, 0};  // runs that started from attn / mid / act (clear() keeps them)
+  void clear() {
+    attn = mid = act = State{};
+    layer = -1;
+    rows = 0;
+  }
+  uint64_t bytes() const { return (attn.data.size() + mid.data.size() + act.data.size()) * sizeof(float); }
+};
+
 class Model {
  public:
   static Model load(const std::filesystem::path& dir, const Options& opts = {});
@@ -156,6 +194,15 @@ class Model {
 
   Activations embed(const Batch& batch) const;
   void run_layer(int64_t layer, Activations& h, Observer* observer = nullptr);
+  // run_layer with a cache of the layer's intermediate states on this chunk (LayerCache).
+  void run_layer(int64_t layer, Activations& h, Observer* observer, LayerCache* cache);
+  // Values per row of layer l's LayerCache states: attn, mid, act (0: the state does not exist, as
+  // act on a MoE layer).
+  std::array<int64_t, 3> layer_cache_widths(int64_t layer) const;
+  // The latest LayerCache stage from which a run still computes this module's input: 0 for q/k/v
+  // (GPT-2 attn.c_attn) and for anything outside the decoder layers, 1 for o_proj, 2 for gate/up,
+  // the router and MoE experts, 3 for a dense MLP's down_proj (GPT-2 mlp.c_proj).
+  int layer_cache_stage(const std::string& module) const;
   // [rows, vocab]. The observer sees the lm head's input as module "lm_head", layer = num_layers()
   // (also when the head is tied to the embedding).
   std::vector<float> head(const Activations& h, Observer* observer = nullptr);

@@ -263,16 +263,25 @@ struct LayerCtx {
   engine::Model& m;
   const ActivationStore* acts = nullptr;  // null (and slots 0) when the method needs no calibration pass
   int64_t slot0 = 0, slots = 0;
+  // One per host chunk when the layer's intermediate states are kept between passes (empty: not).
+  std::vector<engine::LayerCache>* caches = nullptr;
   bool has_acts() const { return acts || slots > 0; }
-  // Runs the layer (current weights) on a copy of every chunk with `obs` watching.
-  void observe(int64_t layer, engine::Observer& obs) const {
+  // Runs the layer (current weights) on a copy of every chunk with `obs` watching. `wanted`: the
+  // modules whose inputs the observer needs (a kept state past any of them is not used); null: all.
+  void observe(int64_t layer, engine::Observer& obs, const std::set<std::string>* wanted = nullptr) const {
     if (slots > 0) {
       for (int64_t i = 0; i < slots; ++i) m.gpu_run(layer, slot0 + i, -1, &obs);
       return;
     }
+    int max_start = 3;
+    if (!wanted) max_start = 0;
+    else
+      for (const auto& mod : *wanted) max_start = std::min(max_start, m.layer_cache_stage(mod));
     for (size_t i = 0; i < acts->size(); ++i) {
       engine::Activations a = acts->get(i);
-      m.run_layer(layer, a, &obs);
+      engine::LayerCache* c = caches && !caches->empty() ? &(*caches)[i] : nullptr;
+      if (c) c->max_start = max_start;
+      m.run_layer(layer, a, &obs, c);
     }
   }
   // The same on the first chunk only.
@@ -292,6 +301,10 @@ using LayerReplay = std::function<void(const WorkDir& wd, int64_t layer, bool se
 // the pass that computes each layer's output, and the checkpoints.
 struct LoopTimes {
   double embed = 0, replay = 0, output = 0, checkpoint = 0;
+  // engine::LayerCache use: chunk runs that started at the attn / mid / act state, and the most
+  // memory the kept states were allowed (bytes, over the layers).
+  int64_t cache_reused[3] = {0, 0, 0};
+  uint64_t cache_bytes = 0;
 };
 
 // The layer loop shared by the calibrated methods: checkpoints after every layer in the work
@@ -415,6 +428,32 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
   for (int64_t l = start; l < L; ++l) {
     std::optional<ActivationStore> next;
     const int64_t out_base = resident - base;  // the other half of the slots
+    // The layer's intermediate states kept between its passes on the host chunks: attn, mid, act
+    // in that order of priority (each saves the most recomputation per byte) within the budget.
+    std::vector<engine::LayerCache> caches;
+    if (cur && st.layer_cache && !m.on_gpu()) {
+      const uint64_t budget = st.layer_cache_memory ? *st.layer_cache_memory : mem_available_bytes() / 4;
+      const uint64_t rows = static_cast<uint64_t>(ci->set.tokens.size()) * static_cast<uint64_t>(ci->set.seq_len);
+      const auto widths = m.layer_cache_widths(l);
+      bool keep[3] = {false, false, false};
+      uint64_t used = 0;
+      for (int s = 0; s < 3; ++s) {
+        const uint64_t b = rows * static_cast<uint64_t>(widths[static_cast<size_t>(s)]) * sizeof(float);
+        if (widths[static_cast<size_t>(s)] > 0 && used + b <= budget && (s == 0 || keep[s - 1])) {
+          keep[s] = true;
+          used += b;
+        }
+      }
+      if (keep[0]) {
+        caches.resize(cur->size());
+        for (auto& c : caches) {
+          c.keep_attn = keep[0];
+          c.keep_mid = keep[1];
+          c.keep_act = keep[2];
+        }
+        tt.cache_bytes = std::max(tt.cache_bytes, used);
+      }
+    }
     auto forward = [&] {
       const double tf = now_s();
       if (resident) {
@@ -422,7 +461,9 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
       } else {
         for (size_t i = 0; i < cur->size(); ++i) {
           engine::Activations a = cur->get(i);
-          m.run_layer(l, a);
+          engine::LayerCache* c = caches.empty() ? nullptr : &caches[i];
+          if (c) c->max_start = 3;
+          m.run_layer(l, a, nullptr, c);
           at_boundary(a);
           next->put(i, std::move(a));
         }
@@ -431,11 +472,14 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
     };
     if (cur) next.emplace(wd->acts_dir(l + 1), half, cur->size());
     if ((cur || resident) && !quantized_inputs) forward();
-    LayerCtx ctx{m, cur ? &*cur : nullptr, base, resident};
+    LayerCtx ctx{m, cur ? &*cur : nullptr, base, resident, &caches};
     CALQ_CHECK(l != fail_at, "CALQ_TEST_FAIL_AT_LAYER={}: a failure injected in layer {}", fail_at, l);
     LayerOutput out = fn(l, ctx);
     if ((cur || resident) && quantized_inputs) forward();
     for (auto& [name, q] : out.weights) m.clear_weight(name.substr(0, name.size() - 7));
+    for (const auto& c : caches)
+      for (int s = 0; s < 3; ++s) tt.cache_reused[s] += c.reused[s];
+    caches.clear();
     const double tc = now_s();
     // GPU-resident (or no calibration pass): nothing persisted, a resumed run recomputes them.
     wd->finish_layer(l, out, next ? &*next : nullptr);
@@ -768,7 +812,7 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
           }
         }
         double to = now_s();
-        ctx.observe(l, obs);
+        ctx.observe(l, obs, &wanted);
         tm.observe += now_s() - to;
         obs.done = nullptr;
         // Pass 2 (routed per-expert statistics only): experts below --moe-min-tokens also get
@@ -789,7 +833,7 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
         if (!every_keys.empty()) {
           first_pass = false;
           to = now_s();
-          ctx.observe(l, obs);
+          ctx.observe(l, obs, &wanted);
           tm.observe += now_s() - to;
         }
 
@@ -988,7 +1032,9 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
       m.set_weight(module, std::move(wh));
     }
   };
-  auto wd = run_layerwise(m, &ci, opt.calib.batch, opt.storage, make_manifest(model_dir, plan, identity, calib_id),
+  RunStorage storage = opt.storage;
+  storage.layer_cache = opt.true_sequential;  // several passes per layer: keep their shared states
+  auto wd = run_layerwise(m, &ci, opt.calib.batch, storage, make_manifest(model_dir, plan, identity, calib_id),
                           opt.quantized_inputs, "gptq", fn, replay, &loop_times);
   CalibratedResults res(wd, plan);
   // Planned modules the engine never fed (e.g. a quantized lm_head) fall back to RTN in the writer.
@@ -1040,6 +1086,11 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
                     {"hessian_device", device_h ? "cuda" : "cpu"},
                     {"hessian_precision", backend::hessian_precision_name(hprec)},
                     {"activation_precision", opt.storage.bf16_activations ? "bf16" : "fp32"},
+                    {"layer_cache",
+                     {{"bytes", lt.cache_bytes},
+                      {"runs_from_attn", lt.cache_reused[0]},
+                      {"runs_from_mid", lt.cache_reused[1]},
+                      {"runs_from_act", lt.cache_reused[2]}}},
                     {"seconds", total},
                     {"stages", stages},
                     {"modules", modules}};

@@ -65,6 +65,11 @@ struct RunStorage {
   // to bf16 (nearest even) at every layer boundary, wherever they are kept; GPU-resident ones are
   // then stored in 2 bytes instead of 4 (engine::Options::bf16_slots). GPTQ / MR-GPTQ layer loops.
   bool bf16_activations = false;
+  // --layer-cache-memory: memory for the layers' intermediate states kept between the passes of a
+  // true-sequential layer (engine::LayerCache, CPU engine with host-held activations): 0 disables
+  // them; unset, a quarter of the available memory at each layer. The output does not depend on it.
+  std::optional<uint64_t> layer_cache_memory;
+  bool layer_cache = false;  // set by the method: its layer function runs several passes per layer
 };
 
 // The outputs of a finished layer-wise run, read back from its work directory on demand.
