@@ -126,6 +126,29 @@ TEST_F(GpuCli, GpuLayersDoNotChangeTheOutput) {
 // the quality stays (the same sanity bound as bf16 forward passes), and a run stopped by a CUDA
 // error resumes — recomputing the resident activations on the host path, rounded the same way —
 // to the bytes of the uninterrupted run.
+// --layer-cache-memory on the GPU engine's slots: the same bytes as without the cache (the default
+// on the GPU), with the expected starts (8 layers x 3 chunks each: gate/up's pass from attn,
+// down's from mid, the output pass from act) and a smaller budget keeping only attn.
+TEST_F(GpuCli, LayerCacheChangesNothing) {
+  auto r = run_calq("-q quantize" + in + " -o " + (t / "off").string() + kGptq, d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(read_json(t / "off" / "calq_report.json")["gptq"]["layer_cache"]["bytes"], 0);
+  r = run_calq("-q quantize" + in + " -o " + (t / "on").string() + kGptq + " --layer-cache-memory 1GB", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  auto lc = read_json(t / "on" / "calq_report.json")["gptq"]["layer_cache"];
+  EXPECT_EQ(lc["bytes"], 5505024);  // 768 rows x (384 + 384 + 1024) floats
+  EXPECT_EQ(lc["runs_from_attn"], 24);
+  EXPECT_EQ(lc["runs_from_mid"], 24);
+  EXPECT_EQ(lc["runs_from_act"], 24);
+  expect_same_files(t / "off", t / "on");
+  r = run_calq("-q quantize" + in + " -o " + (t / "attn").string() + kGptq + " --layer-cache-memory 1.2MB", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  lc = read_json(t / "attn" / "calq_report.json")["gptq"]["layer_cache"];
+  EXPECT_EQ(lc["bytes"], 1179648);
+  EXPECT_EQ(lc["runs_from_attn"], 72);
+  expect_same_files(t / "off", t / "attn");
+}
+
 TEST_F(GpuCli, Bf16ActivationsKeepQualityAndResume) {
   const std::string bf16 = kGptq + " --activation-precision bf16";
   auto r = run_calq("-q quantize" + in + " -o " + (t / "f32").string() + kGptq, d);

@@ -18,6 +18,7 @@
 
 #include <cuda_runtime.h>
 
+#include <array>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -317,6 +318,137 @@ TEST(GpuEngineObserver, DoneAfterStopsTheLayer) {
     engine::Activations out;
     gpu.gpu_get(1, out);
     EXPECT_EQ(out.data, h.data) << fx;
+    gpu.gpu_drop_slots();
+  }
+}
+
+// The layer cache on the GPU engine's slots (gpu_run with a LayerCache; the CPU engine's test is
+// EngineLayerCache.TrueSequentialPassesGiveTheUncachedBits): a pipeline's passes over the last
+// layer, each step's modules changed in between (o_proj also gets an input transform). Every
+// observed input, and the output stored into a slot, equal uncached gpu_run's bit for bit; the runs
+// start where the changed modules allow (counted); an input transform alone and clear_weight
+// invalidate what follows them; max_start keeps the inputs an observer asks for.
+TEST(GpuEngineLayerCache, TrueSequentialPassesGiveTheUncachedBits) {
+  REQUIRE_GPU();
+  class StopAt : public Recorder {
+   public:
+    std::string module;  // empty: the whole layer
+    bool done_after(const engine::LinearInput& in) const override {
+      return !module.empty() && std::find(in.modules.begin(), in.modules.end(), module) != in.modules.end();
+    }
+  };
+  struct Case {
+    const char* fixture;
+    std::array<int64_t, 3> reused;
+  };
+  for (const Case& cs : {Case{"llama_gqa", {1, 1, 1}}, Case{"qwen3_qknorm", {1, 1, 1}}, Case{"mistral_swa", {1, 1, 1}},
+                         Case{"gpt2", {1, 1, 1}}, Case{"qwen3_moe_sparse", {1, 2, 0}}, Case{"mixtral", {1, 2, 0}}}) {
+    SCOPED_TRACE(cs.fixture);
+    auto gpu = engine::Model::load(fixture(cs.fixture), options(backend::Device::Cuda));
+    const int64_t l = gpu.num_layers() - 1;
+    const auto b = random_batch(2, 40, gpu.config().vocab_size, {40, 23}, 7);
+    auto h = gpu.embed(b);
+    for (int64_t i = 0; i < l; ++i) gpu.run_layer(i, h, nullptr);
+    gpu.gpu_put(0, h);
+    std::vector<std::vector<std::string>> steps;
+    {
+      Recorder probe;
+      gpu.gpu_run(l, 0, -1, &probe);
+      std::vector<std::string> experts;
+      for (const auto& r : probe.seen) {
+        if (r.expert >= 0) {
+          for (const auto& mod : r.modules)
+            if (std::find(experts.begin(), experts.end(), mod) == experts.end()) experts.push_back(mod);
+        } else {
+          steps.push_back(r.modules);
+        }
+      }
+      if (!experts.empty()) steps.push_back(experts);
+    }
+    ASSERT_GE(steps.size(), 4u);
+    engine::LayerCache c;
+    c.keep_attn = c.keep_mid = c.keep_act = true;
+    std::mt19937 rng(5);
+    std::normal_distribution<float> nd(0, 0.02f);
+    auto same_inputs = [&](const Recorder& got, const Recorder& want, const std::vector<std::string>& mods) {
+      int seen = 0;
+      for (const auto& r : want.seen) {
+        bool wanted = false;
+        for (const auto& mod : r.modules) wanted = wanted || std::find(mods.begin(), mods.end(), mod) != mods.end();
+        if (!wanted) continue;
+        bool found = false;
+        for (const auto& g : got.seen)
+          if (g.modules == r.modules && g.expert == r.expert) {
+            EXPECT_EQ(g.x, r.x) << r.modules.front() << " expert " << r.expert;
+            found = true;
+            break;
+          }
+        EXPECT_TRUE(found) << r.modules.front();
+        ++seen;
+      }
+      return seen;
+    };
+    for (size_t s = 0; s < steps.size(); ++s) {
+      const bool expert_step = steps[s].front().find(".experts.") != std::string::npos;
+      int max_start = 3;
+      for (const auto& mod : steps[s]) max_start = std::min(max_start, gpu.layer_cache_stage(mod));
+      StopAt cached, plain;
+      cached.module = plain.module = expert_step ? "" : steps[s].back();
+      c.max_start = max_start;
+      gpu.gpu_run(l, 0, -1, &cached, &c);
+      gpu.gpu_run(l, 0, -1, &plain);
+      EXPECT_GT(same_inputs(cached, plain, steps[s]), 0) << "step " << s;
+      for (const auto& mod : steps[s]) {
+        auto w = gpu.weight(mod);
+        for (float& v : w) v += nd(rng);
+        gpu.set_weight(mod, w);
+        if (mod.find("o_proj") != std::string::npos || mod.find("attn.c_proj") != std::string::npos)
+          gpu.set_input_transform(mod, [](float* x, int64_t rows, int64_t cols) {
+            for (int64_t i = 0; i < rows * cols; ++i) x[i] *= 0.75f;
+          });
+      }
+    }
+    auto output = [&](engine::LayerCache* cache) {
+      gpu.gpu_run(l, 0, 1, nullptr, cache);
+      engine::Activations out;
+      gpu.gpu_get(1, out);
+      return out.data;
+    };
+    c.max_start = 3;
+    const auto with = output(&c), without = output(nullptr);
+    ASSERT_EQ(with, without);
+    EXPECT_EQ(c.reused[0], cs.reused[0]);
+    EXPECT_EQ(c.reused[1], cs.reused[1]);
+    EXPECT_EQ(c.reused[2], cs.reused[2]);
+    EXPECT_TRUE(c.attn.data.empty()) << "the GPU keeps the states in device memory";
+    for (int ms : {0, 1, 2, 3}) {
+      StopAt a, z;  // whole-layer runs
+      c.max_start = ms;
+      gpu.gpu_run(l, 0, -1, &a, &c);
+      gpu.gpu_run(l, 0, -1, &z);
+      ASSERT_FALSE(a.seen.empty());
+      const bool moe = gpu.layer_cache_widths(l)[2] == 0;
+      EXPECT_GE(gpu.layer_cache_stage(a.seen.front().modules.front()), ms == 3 && moe ? 2 : ms);
+      EXPECT_EQ(a.seen.back().x, z.seen.back().x) << "max_start " << ms;
+      if (ms == 0) EXPECT_EQ(a.seen.size(), z.seen.size());
+    }
+    if (gpu.layer_cache_widths(l)[2] > 0) {
+      const int64_t from_mid = c.reused[1], from_act = c.reused[2];
+      gpu.set_input_transform(steps[2].front(), [](float* x, int64_t rows, int64_t cols) {
+        for (int64_t i = 0; i < rows * cols; ++i) x[i] *= 0.5f;
+      });
+      c.max_start = 3;
+      EXPECT_EQ(output(&c), output(nullptr));
+      EXPECT_EQ(c.reused[1], from_mid + 1);
+      EXPECT_EQ(c.reused[2], from_act);
+    }
+    gpu.clear_weight(steps[0].front());
+    {
+      const int64_t before = c.reused[0] + c.reused[1] + c.reused[2];
+      c.max_start = 3;
+      EXPECT_EQ(output(&c), output(nullptr));
+      EXPECT_EQ(c.reused[0] + c.reused[1] + c.reused[2], before) << "a stale state was used";
+    }
     gpu.gpu_drop_slots();
   }
 }

@@ -202,11 +202,11 @@ Command add_quantize(CLI::App& app) {
                   "RAM for calibration activations, e.g. 8GB (default: half of the available memory); the rest "
                   "is spilled to the work directory")->group(lr);
   sub->add_option("--layer-cache-memory", a->layer_cache_memory,
-                  "gptq, mr-gptq with true-sequential passes, forward passes on the CPU: RAM for the states a "
-                  "layer's passes share (attention output, residual after attention, MLP activation), so that "
-                  "each pass starts after the modules it did not change instead of at the layer's input; e.g. "
-                  "2GB, 0 disables it (default: a quarter of the available memory at each layer). The output "
-                  "does not depend on it")
+                  "gptq, mr-gptq with true-sequential passes: memory for the states a layer's passes share "
+                  "(attention output, residual after attention, MLP activation), so that each pass starts after "
+                  "the modules it did not change instead of at the layer's input; e.g. 2GB, 0 disables it. "
+                  "Default: a quarter of the available RAM at each layer with CPU forward passes; with GPU "
+                  "forward passes (states in GPU memory) only when given. The output does not depend on it")
       ->group(lr);
   sub->add_flag("--layerwise", a->layerwise,
                 "Stream weights: read each layer from the checkpoint when it runs instead of caching fp32 "

@@ -275,6 +275,24 @@ struct Model::Impl {
     s.valid = true;
     return s.data.data();
   }
+  // The keys of layer l's states (attn, mid, act): the versions of the modules before each.
+  std::array<std::vector<uint64_t>, 3> stage_keys(int64_t l) const {
+    const std::string p = layer_prefix(cfg, l);
+    std::array<std::vector<uint64_t>, 3> k;
+    if (cfg.arch == Arch::Gpt2) {
+      k[0] = key({}, {p + "attn.c_attn"});
+      k[1] = key(k[0], {p + "attn.c_proj"});
+      k[2] = key(k[1], {p + "mlp.c_fc"});
+    } else {
+      const std::string a = p + "self_attn.", m = p + "mlp.";
+      k[0] = key({}, {a + "q_proj", a + "k_proj", a + "v_proj"});
+      k[1] = key(k[0], {a + "o_proj"});
+      k[2] = key(k[1], {m + "gate_proj", m + "up_proj"});
+    }
+    return k;
+  }
+  // Whether layer l has an act state (a dense MLP).
+  bool has_act(int64_t l) const { return cfg.arch == Arch::Gpt2 || !(cfg.is_moe() && cfg.layer_is_sparse(l)); }
   // The stage a cached run of layer l on N rows starts at (0: the input, 1: attn, 2: mid, 3: act),
   // after resetting a cache left by another layer or chunk shape. k: the keys of attn, mid, act.
   static int start_stage(LayerCache* c, int64_t l, int64_t N, const std::array<std::vector<uint64_t>, 3>& k,
@@ -592,11 +610,7 @@ struct Model::Impl {
     const int64_t N = h.rows(), H = cfg.hidden_size, D = cfg.head_dim;
     const int64_t NQ = cfg.num_attention_heads, NKV = cfg.num_key_value_heads;
     std::array<std::vector<uint64_t>, 3> k;
-    if (c) {
-      k[0] = key({}, {a + "q_proj", a + "k_proj", a + "v_proj"});
-      k[1] = key(k[0], {a + "o_proj"});
-      k[2] = key(k[1], {m + "gate_proj", m + "up_proj"});
-    }
+    if (c) k = stage_keys(l);
     const int start = start_stage(c, l, N, k, !sparse);
     // With no state to start from, an unobserved run may take the sequence-parallel path (which
     // keeps no states).
@@ -770,11 +784,7 @@ struct Model::Impl {
     const int64_t N = h.rows(), H = cfg.hidden_size, NH = cfg.num_attention_heads, D = H / NH;
     const int64_t I = cfg.intermediate_size;
     std::array<std::vector<uint64_t>, 3> k;
-    if (c) {
-      k[0] = key({}, {p + "attn.c_attn"});
-      k[1] = key(k[0], {p + "attn.c_proj"});
-      k[2] = key(k[1], {p + "mlp.c_fc"});
-    }
+    if (c) k = stage_keys(l);
     const int start = start_stage(c, l, N, k, true);
     const auto real = real_mask(h);
     const double eps = cfg.rms_norm_eps;
@@ -1007,16 +1017,51 @@ void Model::gpu_put(int64_t slot, const Activations& h) {
 }
 
 void Model::gpu_run(int64_t layer, int64_t in, int64_t out, Observer* observer) {
+  gpu_run(layer, in, out, observer, nullptr);
+}
+
+void Model::gpu_run(int64_t layer, int64_t in, int64_t out, Observer* observer, LayerCache* cache) {
   gpu::Forward& g = slots_of(impl_->gpu);
   CALQ_CHECK(layer >= 0 && layer < impl_->cfg.num_hidden_layers, "engine: layer {} outside 0..{}", layer,
              impl_->cfg.num_hidden_layers - 1);
   g.restore(in);
+  // With a cache: the start and the states to keep as on the CPU (Impl::start_stage); the states
+  // themselves live in device memory owned by the cache.
+  gpu::Forward::StateRun run;
+  std::array<std::vector<uint64_t>, 3> keys;
+  if (cache) {
+    keys = impl_->stage_keys(layer);
+    run.start = Impl::start_stage(cache, layer, g.rows(), keys, impl_->has_act(layer));
+    run.keep[0] = cache->keep_attn;
+    run.keep[1] = cache->keep_mid;
+    run.keep[2] = cache->keep_act && impl_->has_act(layer);
+    if (!cache->device) cache->device = g.new_states();
+    run.states = cache->device.get();
+  }
+  // The states whose copies were queued become valid (also after an early end).
+  auto mark = [&] {
+    if (!cache) return;
+    LayerCache::State* st[3] = {&cache->attn, &cache->mid, &cache->act};
+    for (int s = 0; s < 3; ++s)
+      if (run.stored[s]) {
+        st[s]->key = keys[static_cast<size_t>(s)];
+        st[s]->valid = true;
+      }
+  };
   try {
-    g.run_layer(layer, observer, impl_->transforms);
+    if (cache)
+      g.run_layer(layer, observer, impl_->transforms, run);
+    else
+      g.run_layer(layer, observer, impl_->transforms);
   } catch (const gpu::LayerDone&) {
+    mark();
     CALQ_CHECK(out < 0, "engine: layer {} stopped early by its observer, but its output was asked for", layer);
     return;
+  } catch (...) {
+    if (cache) cache->clear();  // a failed run may have left a state half written
+    throw;
   }
+  mark();
   if (out >= 0) g.stash(out);
 }
 

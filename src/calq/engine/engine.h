@@ -160,7 +160,9 @@ void round_activations_bf16(Activations& h);
 // a state does not show the observer the inputs computed before it: max_start (a stage, 0..3, as
 // Model::layer_cache_stage numbers them) bounds where a run may start, so that a pass observing a
 // module's input sets it to that module's stage. The caller chooses which states to keep (keep_*:
-// their memory, Model::layer_cache_widths); the GPU engine ignores the cache.
+// their memory, Model::layer_cache_widths). The GPU engine ignores the cache on host-held
+// activations (run_layer) and uses it on its device slots (gpu_run), with the states in device
+// memory.
 struct LayerCache {
   bool keep_attn = false, keep_mid = false, keep_act = false;
   int max_start = 3;  // 0: the input, 1: attn, 2: mid, 3: act
@@ -173,6 +175,7 @@ struct LayerCache {
   int64_t layer = -1, rows = 0;
   State attn, mid, act;
   int64_t reused[3] = {0, 0, 0};  // runs that started from attn / mid / act (clear() keeps them)
+  std::shared_ptr<void> device;   // gpu_run: the states' device memory (State::data stays empty)
   void clear() {
     attn = mid = act = State{};
     layer = -1;
@@ -222,6 +225,8 @@ class Model {
   // copy of gpu_put(slot, embed(batch)), where the embedding table can be read there.
   void gpu_embed(int64_t slot, const Batch& batch);
   void gpu_run(int64_t layer, int64_t in, int64_t out, Observer* observer = nullptr);
+  // gpu_run with a cache of the layer's intermediate states on this slot (LayerCache), on the GPU.
+  void gpu_run(int64_t layer, int64_t in, int64_t out, Observer* observer, LayerCache* cache);
   void gpu_get(int64_t slot, Activations& h);
   void gpu_drop_slots();
 

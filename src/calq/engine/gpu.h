@@ -68,6 +68,22 @@ class Forward {
   // Decoder layer `layer` on the device residual stream. `transforms` are the model's input
   // transforms (applied on a host copy of the module's input).
   virtual void run_layer(int64_t layer, Observer* obs, const std::map<std::string, InputTransform>& transforms) = 0;
+  // A decoder-layer run with kept states (engine::LayerCache on the GPU engine; the caller decides
+  // validity): it starts at `start` (0: the residual stream, 1: states->attn, 2: states->mid, 3:
+  // states->act with states->mid) and copies the states it computes into `states` where keep[s].
+  // stored[s] is set as soon as state s's copy is queued, also when the observer ends the run
+  // early (LayerDone). `states` comes from new_states() (device memory, freed with it).
+  struct StateRun {
+    void* states = nullptr;
+    int start = 0;
+    bool keep[3] = {false, false, false};
+    bool stored[3] = {false, false, false};
+  };
+  virtual void run_layer(int64_t layer, Observer* obs, const std::map<std::string, InputTransform>& transforms,
+                         StateRun& run) = 0;
+  virtual std::shared_ptr<void> new_states() = 0;
+  // Rows of the current residual stream (batch · seq).
+  virtual int64_t rows() const = 0;
   // Final norm + lm head over the rows `rows` of the device residual stream (all rows when
   // empty): [rows, vocab] on the host. The observer sees "lm_head" with layer = num_layers.
   virtual std::vector<float> head(const std::vector<int64_t>& rows, Observer* obs) = 0;

@@ -269,14 +269,18 @@ struct LayerCtx {
   // Runs the layer (current weights) on a copy of every chunk with `obs` watching. `wanted`: the
   // modules whose inputs the observer needs (a kept state past any of them is not used); null: all.
   void observe(int64_t layer, engine::Observer& obs, const std::set<std::string>* wanted = nullptr) const {
-    if (slots > 0) {
-      for (int64_t i = 0; i < slots; ++i) m.gpu_run(layer, slot0 + i, -1, &obs);
-      return;
-    }
     int max_start = 3;
     if (!wanted) max_start = 0;
     else
       for (const auto& mod : *wanted) max_start = std::min(max_start, m.layer_cache_stage(mod));
+    if (slots > 0) {
+      for (int64_t i = 0; i < slots; ++i) {
+        engine::LayerCache* c = caches && !caches->empty() ? &(*caches)[static_cast<size_t>(i)] : nullptr;
+        if (c) c->max_start = max_start;
+        m.gpu_run(layer, slot0 + i, -1, &obs, c);
+      }
+      return;
+    }
     for (size_t i = 0; i < acts->size(); ++i) {
       engine::Activations a = acts->get(i);
       engine::LayerCache* c = caches && !caches->empty() ? &(*caches)[i] : nullptr;
@@ -428,10 +432,14 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
   for (int64_t l = start; l < L; ++l) {
     std::optional<ActivationStore> next;
     const int64_t out_base = resident - base;  // the other half of the slots
-    // The layer's intermediate states kept between its passes on the host chunks: attn, mid, act
-    // in that order of priority (each saves the most recomputation per byte) within the budget.
+    // The layer's intermediate states kept between its passes: attn, mid, act in that order of
+    // priority (each saves the most recomputation per byte) within the budget. Host chunks on the
+    // CPU engine (default budget: a quarter of the available memory); the GPU engine's slots only
+    // with an explicit --layer-cache-memory (not yet measured on a GPU).
     std::vector<engine::LayerCache> caches;
-    if (cur && st.layer_cache && !m.on_gpu()) {
+    const bool host_cache = cur && !m.on_gpu();
+    const bool gpu_cache = resident > 0 && st.layer_cache_memory.has_value();
+    if (st.layer_cache && (host_cache || gpu_cache)) {
       const uint64_t budget = st.layer_cache_memory ? *st.layer_cache_memory : mem_available_bytes() / 4;
       const uint64_t rows = static_cast<uint64_t>(ci->set.tokens.size()) * static_cast<uint64_t>(ci->set.seq_len);
       const auto widths = m.layer_cache_widths(l);
@@ -445,7 +453,7 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
         }
       }
       if (keep[0]) {
-        caches.resize(cur->size());
+        caches.resize(host_cache ? cur->size() : static_cast<size_t>(resident));
         for (auto& c : caches) {
           c.keep_attn = keep[0];
           c.keep_mid = keep[1];
@@ -457,7 +465,11 @@ std::shared_ptr<WorkDir> run_layers(engine::Model& m, const CalibrationInputs* c
     auto forward = [&] {
       const double tf = now_s();
       if (resident) {
-        for (int64_t i = 0; i < resident; ++i) m.gpu_run(l, base + i, out_base + i);
+        for (int64_t i = 0; i < resident; ++i) {
+          engine::LayerCache* c = caches.empty() ? nullptr : &caches[static_cast<size_t>(i)];
+          if (c) c->max_start = 3;
+          m.gpu_run(l, base + i, out_base + i, nullptr, c);
+        }
       } else {
         for (size_t i = 0; i < cur->size(); ++i) {
           engine::Activations a = cur->get(i);

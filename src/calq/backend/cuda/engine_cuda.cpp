@@ -100,6 +100,8 @@ constexpr const char* kActHint = "evaluate fewer tokens at once (a smaller --bat
 constexpr const char* kSlotHint =
     "use --activation-precision bf16 (2 bytes per value instead of 4), calibrate with fewer --samples or a shorter "
     "--seq-len, or use --forward-device cpu";
+constexpr const char* kCacheHint =
+    "give a smaller --layer-cache-memory (the states it keeps per chunk), or 0 to turn the layer cache off";
 constexpr const char* kWeightHint =
     "use --gpu-precision bf16 (2 bytes per weight instead of 4), a GPU with more memory, or --device cpu";
 
@@ -283,9 +285,44 @@ class CudaForward final : public Forward {
   void free_slots() override { slots_.clear(); }
 
   void run_layer(int64_t l, Observer* obs, const std::map<std::string, InputTransform>& transforms) override {
+    run_layer_from(l, obs, transforms, nullptr);
+  }
+  void run_layer(int64_t l, Observer* obs, const std::map<std::string, InputTransform>& transforms,
+                 StateRun& run) override {
+    CALQ_CHECK(run.states, "engine (cuda): a layer-cache run without states");
+    run_layer_from(l, obs, transforms, &run);
+  }
+  // A layer's kept states on the device (engine::LayerCache::device), fp32 like the buffers they
+  // copy: the attention output, the residual after attention, the MLP activation.
+  struct States {
+    DevMem attn, mid, act;
+  };
+  std::shared_ptr<void> new_states() override { return std::make_shared<States>(); }
+  int64_t rows() const override { return B_ * T_; }
+  // Copies n floats from `from` into state s (queued on the stream) and records it in `run`.
+  void keep_state(StateRun* run, int s, const float* from, int64_t n) {
+    if (!run || !run->keep[s]) return;
+    States& st = *static_cast<States*>(run->states);
+    DevMem& d = s == 0 ? st.attn : s == 1 ? st.mid : st.act;
+    const size_t bytes = static_cast<size_t>(n) * sizeof(float);
+    d.ensure(bytes, s == 0 ? "layer cache: attention output" : s == 1 ? "layer cache: residual after attention"
+                                                                      : "layer cache: MLP activation",
+             kCacheHint);
+    check_cuda(cudaMemcpyAsync(d.as<float>(), from, bytes, cudaMemcpyDeviceToDevice, stream_), "cudaMemcpy(layer cache)");
+    run->stored[s] = true;
+  }
+  const float* state(const StateRun* run, int s) const {
+    const States& st = *static_cast<const States*>(run->states);
+    return (s == 0 ? st.attn : s == 1 ? st.mid : st.act).as<float>();
+  }
+
+  // Decoder layer l from stage run->start (0 without a cache), keeping the states run asks for.
+  void run_layer_from(int64_t l, Observer* obs, const std::map<std::string, InputTransform>& transforms,
+                      StateRun* run) {
     CALQ_CHECK(B_ > 0, "engine (cuda): run_layer before any activations were uploaded");
     ensure_layer(l);
-    if (gpt2_) return run_gpt2_layer(l, obs, transforms);
+    if (gpt2_) return run_gpt2_layer(l, obs, transforms, run);
+    const int start = run ? run->start : 0;
     const int64_t N = B_ * T_, H = cfg_.hidden_size, D = cfg_.head_dim, I = cfg_.intermediate_size;
     const int64_t NQ = cfg_.num_attention_heads, NKV = cfg_.num_key_value_heads;
     const std::string p = layer_prefix(cfg_, l), a = p + "self_attn.", m = p + "mlp.";
@@ -305,34 +342,56 @@ class CudaForward final : public Forward {
     real_ = real_mask();
     float* h = resid_.as<float>();
 
-    k::launch_rms_norm(h, xn_.as<float>(), N, H, vec(p + "input_layernorm.weight"), eps, stream_);
-    check_launch("rms_norm");
-    linears(l, {a + "q_proj", a + "k_proj", a + "v_proj"}, xn_.as<float>(), N, H, obs, transforms,
-            {q_.as<float>(), k_.as<float>(), v_.as<float>()});
-    if (cfg_.qk_norm) {
-      k::launch_rms_norm(q_.as<float>(), q_.as<float>(), N * NQ, D, vec(a + "q_norm.weight"), eps, stream_);
-      k::launch_rms_norm(k_.as<float>(), k_.as<float>(), N * NKV, D, vec(a + "k_norm.weight"), eps, stream_);
-      check_launch("qk-norm");
+    const float* att = att_.as<float>();
+    if (start == 0) {
+      k::launch_rms_norm(h, xn_.as<float>(), N, H, vec(p + "input_layernorm.weight"), eps, stream_);
+      check_launch("rms_norm");
+      linears(l, {a + "q_proj", a + "k_proj", a + "v_proj"}, xn_.as<float>(), N, H, obs, transforms,
+              {q_.as<float>(), k_.as<float>(), v_.as<float>()});
+      if (cfg_.qk_norm) {
+        k::launch_rms_norm(q_.as<float>(), q_.as<float>(), N * NQ, D, vec(a + "q_norm.weight"), eps, stream_);
+        k::launch_rms_norm(k_.as<float>(), k_.as<float>(), N * NKV, D, vec(a + "k_norm.weight"), eps, stream_);
+        check_launch("qk-norm");
+      }
+      k::launch_rope(q_.as<float>(), N, NQ * D, NQ, D / 2, T_, rope_cos_.as<float>(), rope_sin_.as<float>(), stream_);
+      k::launch_rope(k_.as<float>(), N, NKV * D, NKV, D / 2, T_, rope_cos_.as<float>(), rope_sin_.as<float>(), stream_);
+      check_launch("rope");
+      const int64_t window = sliding_[static_cast<size_t>(l)] ? cfg_.sliding_window.value_or(0) : 0;
+      const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+      attention(q_.as<float>(), NQ * D, k_.as<float>(), NKV * D, v_.as<float>(), NKV * D, att_.as<float>(), NQ * D,
+                NQ, NKV, D, window, scale);
+      keep_state(run, 0, att_.as<float>(), N * NQ * D);
+    } else if (start == 1) {
+      att = state(run, 0);
     }
-    k::launch_rope(q_.as<float>(), N, NQ * D, NQ, D / 2, T_, rope_cos_.as<float>(), rope_sin_.as<float>(), stream_);
-    k::launch_rope(k_.as<float>(), N, NKV * D, NKV, D / 2, T_, rope_cos_.as<float>(), rope_sin_.as<float>(), stream_);
-    check_launch("rope");
-    const int64_t window = sliding_[static_cast<size_t>(l)] ? cfg_.sliding_window.value_or(0) : 0;
-    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-    attention(q_.as<float>(), NQ * D, k_.as<float>(), NKV * D, v_.as<float>(), NKV * D, att_.as<float>(), NQ * D, NQ,
-              NKV, D, window, scale);
-    linears(l, {a + "o_proj"}, att_.as<float>(), N, NQ * D, obs, transforms, {o_.as<float>()});
-    k::launch_add(h, o_.as<float>(), N * H, stream_);
-    k::launch_rms_norm(h, xn_.as<float>(), N, H, vec(p + "post_attention_layernorm.weight"), eps, stream_);
-    check_launch("residual / rms_norm");
+    if (start <= 1) {
+      linears(l, {a + "o_proj"}, att, N, NQ * D, obs, transforms, {o_.as<float>()});
+      k::launch_add(h, o_.as<float>(), N * H, stream_);
+      check_launch("residual");
+      keep_state(run, 1, h, N * H);
+    } else {
+      check_cuda(cudaMemcpyAsync(h, state(run, 1), static_cast<size_t>(N * H) * sizeof(float), cudaMemcpyDeviceToDevice,
+                                 stream_),
+                 "cudaMemcpy(layer cache)");
+    }
+    if (start <= 2) {
+      k::launch_rms_norm(h, xn_.as<float>(), N, H, vec(p + "post_attention_layernorm.weight"), eps, stream_);
+      check_launch("rms_norm");
+    }
     if (sparse) {
       moe(l, p, obs, transforms);
     } else {
-      linears(l, {m + "gate_proj", m + "up_proj"}, xn_.as<float>(), N, H, obs, transforms,
-              {g_.as<float>(), u_.as<float>()});
-      k::launch_silu_mul(g_.as<float>(), u_.as<float>(), N * I, stream_);
-      check_launch("silu_mul");
-      linears(l, {m + "down_proj"}, g_.as<float>(), N, I, obs, transforms, {o_.as<float>()});
+      const float* act = g_.as<float>();
+      if (start <= 2) {
+        linears(l, {m + "gate_proj", m + "up_proj"}, xn_.as<float>(), N, H, obs, transforms,
+                {g_.as<float>(), u_.as<float>()});
+        k::launch_silu_mul(g_.as<float>(), u_.as<float>(), N * I, stream_);
+        check_launch("silu_mul");
+        keep_state(run, 2, g_.as<float>(), N * I);
+      } else {
+        act = state(run, 2);
+      }
+      linears(l, {m + "down_proj"}, act, N, I, obs, transforms, {o_.as<float>()});
       k::launch_add(h, o_.as<float>(), N * H, stream_);
       check_launch("residual");
     }
@@ -462,7 +521,9 @@ class CudaForward final : public Forward {
   // GPT-2 (the CPU's run_gpt2_layer): LayerNorm → c_attn (q|k|v in one [N, 3H] product, + bias)
   // → causal MHA (no RoPE; positions were added by embed) → c_proj → residual → LayerNorm → c_fc
   // → gelu_new → mlp.c_proj → residual.
-  void run_gpt2_layer(int64_t l, Observer* obs, const std::map<std::string, InputTransform>& transforms) {
+  void run_gpt2_layer(int64_t l, Observer* obs, const std::map<std::string, InputTransform>& transforms,
+                      StateRun* run) {
+    const int start = run ? run->start : 0;
     const int64_t N = B_ * T_, H = cfg_.hidden_size, NH = cfg_.num_attention_heads, D = H / NH;
     const int64_t I = cfg_.intermediate_size;
     const std::string p = layer_prefix(cfg_, l);
@@ -476,19 +537,39 @@ class CudaForward final : public Forward {
     real_ = real_mask();
     float* h = resid_.as<float>();
     float* qkv = q_.as<float>();
-    k::launch_layer_norm(h, xn_.as<float>(), N, H, vec(p + "ln_1.weight"), vec(p + "ln_1.bias"), eps, stream_);
-    check_launch("layer_norm");
-    linears(l, {p + "attn.c_attn"}, xn_.as<float>(), N, H, obs, transforms, {qkv});
-    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-    attention(qkv, 3 * H, qkv + H, 3 * H, qkv + 2 * H, 3 * H, att_.as<float>(), H, NH, NH, D, 0, scale);
-    linears(l, {p + "attn.c_proj"}, att_.as<float>(), N, H, obs, transforms, {o_.as<float>()});
-    k::launch_add(h, o_.as<float>(), N * H, stream_);
-    k::launch_layer_norm(h, xn_.as<float>(), N, H, vec(p + "ln_2.weight"), vec(p + "ln_2.bias"), eps, stream_);
-    check_launch("residual / layer_norm");
-    linears(l, {p + "mlp.c_fc"}, xn_.as<float>(), N, H, obs, transforms, {g_.as<float>()});
-    k::launch_gelu_tanh(g_.as<float>(), N * I, stream_);
-    check_launch("gelu");
-    linears(l, {p + "mlp.c_proj"}, g_.as<float>(), N, I, obs, transforms, {o_.as<float>()});
+    const float* att = att_.as<float>();
+    if (start == 0) {
+      k::launch_layer_norm(h, xn_.as<float>(), N, H, vec(p + "ln_1.weight"), vec(p + "ln_1.bias"), eps, stream_);
+      check_launch("layer_norm");
+      linears(l, {p + "attn.c_attn"}, xn_.as<float>(), N, H, obs, transforms, {qkv});
+      const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+      attention(qkv, 3 * H, qkv + H, 3 * H, qkv + 2 * H, 3 * H, att_.as<float>(), H, NH, NH, D, 0, scale);
+      keep_state(run, 0, att_.as<float>(), N * H);
+    } else if (start == 1) {
+      att = state(run, 0);
+    }
+    if (start <= 1) {
+      linears(l, {p + "attn.c_proj"}, att, N, H, obs, transforms, {o_.as<float>()});
+      k::launch_add(h, o_.as<float>(), N * H, stream_);
+      check_launch("residual");
+      keep_state(run, 1, h, N * H);
+    } else {
+      check_cuda(cudaMemcpyAsync(h, state(run, 1), static_cast<size_t>(N * H) * sizeof(float), cudaMemcpyDeviceToDevice,
+                                 stream_),
+                 "cudaMemcpy(layer cache)");
+    }
+    const float* act = g_.as<float>();
+    if (start <= 2) {
+      k::launch_layer_norm(h, xn_.as<float>(), N, H, vec(p + "ln_2.weight"), vec(p + "ln_2.bias"), eps, stream_);
+      check_launch("layer_norm");
+      linears(l, {p + "mlp.c_fc"}, xn_.as<float>(), N, H, obs, transforms, {g_.as<float>()});
+      k::launch_gelu_tanh(g_.as<float>(), N * I, stream_);
+      check_launch("gelu");
+      keep_state(run, 2, g_.as<float>(), N * I);
+    } else {
+      act = state(run, 2);
+    }
+    linears(l, {p + "mlp.c_proj"}, act, N, I, obs, transforms, {o_.as<float>()});
     k::launch_add(h, o_.as<float>(), N * H, stream_);
     check_launch("residual");
     if (check_nan_ && nonfinite(h, N * H))
