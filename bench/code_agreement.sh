@@ -3,8 +3,8 @@
 # `calq quantize --method gptq --format int4 --device cpu` of one model several times, changing
 # only the summation order of the fp32 products: calq's AVX-512 and AVX2 GEMM kernels (the same
 # order by design), OpenBLAS's sgemm for the engine's products (CALQ_GEMM=blas), OpenBLAS's
-# kernels for an AVX-only CPU (OPENBLAS_CORETYPE=Sandybridge: the Hessians' and GPTQ's BLAS calls
-# too), one thread. Prints the share of identical int4 codes against the first run, per layer and
+# kernels for other CPU generations (OPENBLAS_CORETYPE=Sandybridge, SkylakeX, Haswell: the
+# Hessians' and GPTQ's BLAS calls too), one thread. Prints the share of identical int4 codes against the first run, per layer and
 # in total. The GPU forward passes' 90 % (docs/cuda.md) is the same effect.
 # Usage: bench/code_agreement.sh [MODEL_DIR (bench-qwen3-16m)] [samples (32)] [seq-len (512)]
 # Environment: CALQ (default build/release/calq), SHARED, WORK_DIR.
@@ -22,8 +22,11 @@ ln -sf "$(realpath "$SHARED/data/calibration/calibration_datav3.txt")" "$W/data/
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores"
 echo "calq $($CALQ --version | awk '{print $2}'); model: $MODEL; gptq int4 g128; calibration bartowski-v3 ${SAMPLES}x${SEQ}; --device cpu"
 echo
-runs=("avx512:CALQ_GEMM=avx512" "avx2:CALQ_GEMM=avx2" "blas-gemm:CALQ_GEMM=blas" "openblas-sandybridge:OPENBLAS_CORETYPE=Sandybridge" "one-thread:OMP_NUM_THREADS=1")
-grep -q avx512f /proc/cpuinfo || runs=("${runs[@]:1}")
+runs=("avx512:CALQ_GEMM=avx512" "avx2:CALQ_GEMM=avx2" "blas-gemm:CALQ_GEMM=blas" "openblas-sandybridge:OPENBLAS_CORETYPE=Sandybridge"
+      "openblas-skylakex:OPENBLAS_CORETYPE=SkylakeX" "openblas-haswell:OPENBLAS_CORETYPE=Haswell" "one-thread:OMP_NUM_THREADS=1")
+if ! grep -q avx512f /proc/cpuinfo; then  # no AVX-512: neither calq's AVX-512 kernel nor OpenBLAS's SkylakeX ones
+  runs=("${runs[@]:1:3}" "${runs[@]:5}")
+fi
 names=()
 for r in "${runs[@]}"; do
   name=${r%%:*}
