@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# How much GPTQ's codes depend on the last bits of the forward passes, on the CPU alone:
+# How much GPTQ's codes depend on the summation order of fp32 sums, on the CPU alone:
 # `calq quantize --method gptq --format int4 --device cpu` of one model several times, changing
-# only the summation order of the fp32 products: calq's AVX-512 and AVX2 GEMM kernels (the same
-# order by design), OpenBLAS's sgemm for the engine's products (CALQ_GEMM=blas), OpenBLAS's
-# kernels for other CPU generations (OPENBLAS_CORETYPE=Sandybridge, SkylakeX, Haswell: the
-# Hessians' and GPTQ's BLAS calls too), one thread. Prints the share of identical int4 codes against the first run, per layer and
-# in total. The GPU forward passes' 90 % (docs/cuda.md) is the same effect.
+# only which kernels compute the products: calq's AVX-512 and AVX2 GEMM kernels (the same order
+# by design; the engine's products and the Hessians' block products), OpenBLAS's sgemm instead
+# (CALQ_GEMM=blas), OpenBLAS's kernels for other CPU generations (OPENBLAS_CORETYPE=Sandybridge,
+# SkylakeX, Haswell: GPTQ's own BLAS calls), one thread. Prints the share of identical int4 codes
+# against the first run, per layer and in total. The GPU forward passes' 90 % (docs/cuda.md) is
+# the same effect as CALQ_GEMM=blas's.
 # Usage: bench/code_agreement.sh [MODEL_DIR (bench-qwen3-16m)] [samples (32)] [seq-len (512)]
 # Environment: CALQ (default build/release/calq), SHARED, WORK_DIR.
 set -euo pipefail

@@ -3,6 +3,8 @@
 // and the bad-input errors of issue 8.
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include "support.h"
 
 using namespace calq_test;
@@ -69,6 +71,53 @@ TEST(TrainCli, AdapterScheduleAndResume) {
                                 (d / "split/checkpoint").string());
   EXPECT_EQ(r.rc, 1);
   EXPECT_NE(r.output.find("lora_alpha: checkpoint 32.0, this run 16.0"), std::string::npos) << r.output;
+}
+
+// --eval-bits / --eval-data / --eval-ctx / --eval-chunks: before training the adapters are zero,
+// so the fp32 perplexity equals calq eval's on the same chunks (another implementation: the
+// engine); --seed makes a run reproducible (same bytes, and another seed gives others);
+// --overwrite replaces an adapter; --grad-accum, --decay-lora and per-channel input ranges run;
+// a step larger than the samples is refused.
+TEST(TrainCli, EvalSeedOverwriteGradAccum) {
+  const Env e = env();
+  const fs::path wiki = shared_file("data/wikitext-2-raw/wiki.test.raw");
+  if (!e.ok() || wiki.empty()) GTEST_SKIP() << "bench-qwen3-16m, calibration or WikiText-2 text not in ../shared";
+  TempDir d;
+  const std::string opts = "--bits 4:8 --cycles 1 --steps 2 --grad-accum 2 --decay-lora --quantize-inputs --input-granularity channel "
+                           "--eval-bits fp32,4 --eval-data " + wiki.string() + " --eval-ctx 32 --eval-chunks 2";
+  auto r = train(e, d / "a", opts + " --seed 3");
+  ASSERT_EQ(r.rc, 0) << r.output;
+  const std::string key = "before training: perplexity at fp32: ";
+  const size_t at = r.output.find(key);
+  ASSERT_NE(at, std::string::npos) << r.output;
+  const double before = std::stod(r.output.substr(at + key.size()));
+  EXPECT_NE(r.output.find("(2 chunks of 32 on " + wiki.string() + ")"), std::string::npos) << r.output;
+  auto ev = run("CALQ_OFFLINE=1 " + calq_bin() + " -q eval --model " + e.model.string() + " --dataset " + wiki.string() +
+                " --ctx 32 --chunks 2 --json " + (d / "ppl.json").string());
+  ASSERT_EQ(ev.rc, 0) << ev.output;
+  const double engine_ppl = read_json(d / "ppl.json")["ppl"];
+  EXPECT_NEAR(before, engine_ppl, 1e-3 * engine_ppl) << "training model vs engine, untrained adapters";
+  const auto log = read_json(d / "a/training_log.json");
+  EXPECT_EQ(log["steps"], 2);
+  ASSERT_EQ(log["eval"].size(), 2u);
+  EXPECT_EQ(log["eval"][0]["bits"], 0);
+  EXPECT_EQ(log["eval"][1]["bits"], 4);
+  for (const auto& x : log["eval"]) EXPECT_TRUE(std::isfinite(x["ppl"].get<double>()));
+  // The same seed into the same output: refused without --overwrite, the same bytes with it.
+  const std::string first = read_file(d / "a/adapter_model.safetensors");
+  r = train(e, d / "a", opts + " --seed 3");
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("--overwrite"), std::string::npos) << r.output;
+  r = train(e, d / "a", opts + " --seed 3 --overwrite");
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(read_file(d / "a/adapter_model.safetensors"), first);
+  r = train(e, d / "b", opts + " --seed 4");
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_NE(read_file(d / "b/adapter_model.safetensors"), first);
+  r = train(e, d / "c", "--cycles 1 --steps 2 --grad-accum 5");
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("--samples 8 is fewer than one step needs (--batch 2 x --grad-accum 5)"), std::string::npos)
+      << r.output;
 }
 
 TEST(TrainCli, BadInput) {

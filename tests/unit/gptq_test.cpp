@@ -7,11 +7,14 @@
 
 #include <gtest/gtest.h>
 
+#include <omp.h>
+
 #include <cmath>
 #include <numeric>
 #include <random>
 
 #include "calq/core/error.h"
+#include "calq/engine/gemm.h"
 #include "calq/quant/hessian.h"
 #include "calq/quant/rtn.h"
 
@@ -285,6 +288,60 @@ TEST(Hessian, BlockedFp32AgainstFp64AtAMillionTokens) {
   EXPECT_LT(max_rel, 1e-6) << "relative error against fp64";
   EXPECT_EQ(acc.tokens(), n);
   RecordProperty("hessian_max_rel_error_1e6_tokens", std::to_string(max_rel));
+}
+
+// The block products are calq's own GEMM: every element is the fp32 FMA chain over the block's
+// rows in order, added into fp64 block by block, exactly (compared bit for bit with that chain
+// written out), whatever the kernel's vector width and the thread count; so the Hessians do not
+// depend on the machine (OpenBLAS's ssyrk, used before, did: bench/code_agreement.sh). Widths
+// around the strips (96) and tiles (12 x 32, 6 x 16), partial last blocks, adversarial values
+// (huge and tiny magnitudes, cancellation, exact zeros).
+TEST(Hessian, BlockProductsAreTheOrderedFmaChain) {
+  const calq::engine::GemmKernel before = calq::engine::gemm_kernel();
+  const int before_threads = omp_get_max_threads();
+  std::mt19937 rng(21);
+  std::normal_distribution<float> d(0, 1);
+  for (const int cols : {1, 7, 95, 96, 97, 200, 385}) {
+    const int rows = 1300;  // blocks of 512, 512, 276
+    std::vector<float> X(static_cast<size_t>(rows) * cols);
+    for (int t = 0; t < rows; ++t)
+      for (int j = 0; j < cols; ++j) {
+        float v = d(rng);
+        if (j % 5 == 1) v *= 1e6f;                     // large
+        if (j % 7 == 2) v *= 1e-6f;                    // small
+        if (j % 11 == 3 && t % 2) v = -X[(t - 1) * cols + j];  // cancellation along the rows
+        if ((t + j) % 13 == 0) v = 0.0f;
+        X[static_cast<size_t>(t) * cols + j] = v;
+      }
+    // The reference: per block, acc = fma(x_ri, x_rj, acc) in float over its rows, then into double.
+    std::vector<double> ref(static_cast<size_t>(cols) * cols, 0.0);
+    for (int b0 = 0; b0 < rows; b0 += 512)
+      for (int i = 0; i < cols; ++i)
+        for (int j = i; j < cols; ++j) {
+          float acc = 0.0f;
+          for (int t = b0; t < std::min(rows, b0 + 512); ++t)
+            acc = std::fma(X[static_cast<size_t>(t) * cols + i], X[static_cast<size_t>(t) * cols + j], acc);
+          ref[static_cast<size_t>(i) * cols + j] += static_cast<double>(acc);
+        }
+    for (auto k : {calq::engine::GemmKernel::Avx2, calq::engine::GemmKernel::Avx512})
+      for (int threads : {1, 2}) {
+        if (!calq::engine::gemm_kernel_supported(k)) continue;
+        calq::engine::set_gemm_kernel(k);
+        calq::engine::set_num_threads(threads);
+        HessianAccumulator acc(cols);
+        for (int t0 = 0; t0 < rows; t0 += 333) acc.add(X.data() + static_cast<size_t>(t0) * cols, std::min(333, rows - t0));
+        const auto H = acc.hessian();
+        for (int i = 0; i < cols; ++i)
+          for (int j = i; j < cols; ++j) {
+            ASSERT_EQ(acc.sum()[static_cast<size_t>(i) * cols + j], ref[static_cast<size_t>(i) * cols + j])
+                << cols << " columns, kernel " << calq::engine::gemm_kernel_name(k) << ", " << threads << " threads, ("
+                << i << ", " << j << ")";
+            ASSERT_EQ(H[static_cast<size_t>(j) * cols + i], H[static_cast<size_t>(i) * cols + j]);
+          }
+      }
+  }
+  calq::engine::set_gemm_kernel(before);
+  calq::engine::set_num_threads(before_threads);
 }
 
 TEST(Hessian, MaskSkipsPadding) {

@@ -107,7 +107,7 @@ Command add_quantize(CLI::App& app) {
                   "terms on the tensor cores with fp32 accumulation: 2.3x faster forward passes on Qwen3-8B shapes; "
                   "dequantized weights of finished layers are rounded to bf16) or bf16-fast (as bf16, but each "
                   "decoder-layer product's input rounded to one bf16 term: one GEMM instead of two, the "
-                  "arithmetic of an fp16/bf16 PyTorch forward; logits ~1e-2 from fp32). docs/cuda.md")
+                  "arithmetic of an fp16/bf16 PyTorch forward; logits ~5e-3 (rel RMS) from fp32). docs/cuda.md")
       ->check(CLI::IsMember({"fp32", "bf16", "bf16-fast"}));
   sub->add_option("--gpu-layers", a->gpu_layers,
                   "Decoder layers whose weights the GPU holds at once during GPU calibration forward passes "
@@ -124,7 +124,7 @@ Command add_quantize(CLI::App& app) {
       ->capture_default_str();
   sub->add_option("--hessian-precision", a->hessian_precision,
                   "Input precision of the Hessians' block products on the GPU (gptq, mr-gptq with --device cuda "
-                  "and the forward passes on the GPU): fp32 (default; the CPU's arithmetic), tf32 or bf16 (tensor "
+                  "and the forward passes on the GPU): fp32 (default; the CPU's precision and blocks), tf32 or bf16 (tensor "
                   "cores, fp32 accumulation per block, fp64 sum; faster, less exact: docs/cuda.md)")
       ->capture_default_str();
   sub->add_option("-f,--format", a->format,

@@ -51,8 +51,8 @@ class CudaDeviceScope {
 };
 
 // Σ xᵀx over the rows of x (rows × features, row-major) whose mask is non-zero (mask may be
-// null), on the GPU, with the CPU HessianAccumulator's arithmetic: fp32 SYRK products over
-// blocks of at most `block` rows, each added into an fp64 sum. Full symmetric result, row-major;
+// null), on the GPU, with the CPU HessianAccumulator's precision and blocks: fp32 SYRK products over
+// blocks of at most `block` rows (cuBLAS's order of the sums), each added into an fp64 sum. Full symmetric result, row-major;
 // `tokens` receives the number of rows used.
 std::vector<double> cuda_hessian_sum(const float* x, int64_t rows, int64_t features, const uint8_t* mask,
                                      int64_t block, int64_t* tokens);
@@ -76,7 +76,7 @@ void cuda_rotate_hessian(const quant::Rotation& r, std::vector<double>& h);
 bool cuda_hadamard_supported(const quant::Rotation& r);
 
 // Input precision of GpuHessian's block products: F32 = cublasSsyrk in fp32 (the CPU
-// HessianAccumulator's arithmetic), TF32 = fp32 inputs rounded to TF32 on the tensor cores, BF16
+// HessianAccumulator's precision and blocks), TF32 = fp32 inputs rounded to TF32 on the tensor cores, BF16
 // = inputs rounded to bf16; every block product accumulates in fp32 and is added into an fp64 sum.
 enum class HessianPrecision { F32, TF32, BF16 };
 // "fp32" | "tf32" | "bf16"; anything else throws calq::Error naming `option` and the value.

@@ -1,12 +1,11 @@
 #include "calq/quant/hessian.h"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 
 #include "calq/core/error.h"
+#include "calq/engine/gemm.h"
 
 namespace calq::quant {
 
@@ -42,11 +41,39 @@ void HessianAccumulator::add_weighted(const float* x, int64_t rows, const uint8_
 
 void HessianAccumulator::flush() {
   if (pending_ == 0) return;
-  // tmp = bufᵀ buf (upper triangle, row-major), fp32 over at most block_ rows.
-  cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<int>(n_), static_cast<int>(pending_), 1.0f,
-              buf_.data(), static_cast<int>(n_), 0.0f, tmp_.data(), static_cast<int>(n_));
-  for (int64_t i = 0; i < n_; ++i)
-    for (int64_t j = i; j < n_; ++j) sum_[i * n_ + j] += static_cast<double>(tmp_[i * n_ + j]);
+  // tmp = bufᵀ buf on and above the diagonal (row-major), fp32 over at most block_ rows: one GEMM
+  // per strip of kStrip features, from the diagonal to the last column (A = the rows' transpose,
+  // B = the rows themselves), the strips spread over the threads, each GEMM on one thread.
+  const int64_t n = n_, k = pending_;
+  bt_.resize(static_cast<size_t>(n * k));
+  constexpr int64_t kTile = 32;  // transposed in tiles that stay in cache
+#pragma omp parallel for schedule(static) if (n * k >= (int64_t{1} << 18))
+  for (int64_t j0 = 0; j0 < n; j0 += kTile)
+    for (int64_t r0 = 0; r0 < k; r0 += kTile)
+      for (int64_t j = j0; j < std::min(n, j0 + kTile); ++j)
+        for (int64_t r = r0; r < std::min(k, r0 + kTile); ++r)
+          bt_[static_cast<size_t>(j * k + r)] = buf_[static_cast<size_t>(r * n + j)];
+  constexpr int64_t kStrip = 96;  // a multiple of both kernels' tile rows (12 and 6)
+  const int64_t strips = (n + kStrip - 1) / kStrip;
+#pragma omp parallel for schedule(dynamic, 1) if (strips > 1 && n * n * k >= (int64_t{1} << 22))
+  for (int64_t t = 0; t < strips; ++t) {
+    const int64_t i0 = t * kStrip;
+    engine::GemmArgs g;
+    g.M = std::min(kStrip, n - i0);
+    g.N = n - i0;
+    g.K = k;
+    g.A = bt_.data() + i0 * k;
+    g.lda = k;
+    g.B = buf_.data() + i0;
+    g.b_layout = engine::GemmB::Normal;
+    g.ldb = n;
+    g.C = tmp_.data() + i0 * n + i0;
+    g.ldc = n;
+    engine::gemm(g);
+  }
+#pragma omp parallel for schedule(static) if (n * n >= (int64_t{1} << 20))
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = i; j < n; ++j) sum_[static_cast<size_t>(i * n + j)] += static_cast<double>(tmp_[static_cast<size_t>(i * n + j)]);
   pending_ = 0;
 }
 

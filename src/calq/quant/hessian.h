@@ -1,6 +1,11 @@
 // H = XᵀX / n for the inputs X (tokens × features) of a linear module, accumulated in fp64 from
-// blocked fp32 products (an ssyrk per block of at most `block` rows, added into fp64), so that
-// 10⁶ tokens lose nothing measurable against a pure fp64 sum (tests/unit/gptq_test.cpp measures it).
+// blocked fp32 products (the upper triangle of bᵀb per block b of at most `block` rows, added into
+// fp64), so that 10⁶ tokens lose nothing measurable against a pure fp64 sum
+// (tests/unit/gptq_test.cpp measures it). The block products run on calq's own GEMM kernels
+// (engine/gemm.h) in strips of features: each element is the same sum of fp32 FMAs over the
+// block's rows in order whatever the strips, the thread count or the vector width, so the
+// Hessians, and GPTQ's codes, are the same on every CPU with AVX2 (OpenBLAS's ssyrk, used before,
+// sums in an order that depends on the kernels it picks for the CPU: bench/code_agreement.sh).
 #pragma once
 
 #include <cstdint>
@@ -36,7 +41,8 @@ class HessianAccumulator {
   std::vector<double> sum_;   // upper triangle valid until hessian() mirrors it
   std::vector<float> buf_;    // pending rows (≤ block_)
   int64_t pending_ = 0;
-  std::vector<float> tmp_;    // ssyrk output
+  std::vector<float> tmp_;    // the block product (upper triangle panels)
+  std::vector<float> bt_;     // the pending rows transposed (features × rows)
 };
 
 }  // namespace calq::quant

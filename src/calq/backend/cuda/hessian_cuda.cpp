@@ -4,7 +4,7 @@
 // Per add: the kept rows (mask ≠ 0) are listed on the host, their indices (and weights) uploaded,
 // and a kernel gathers them — times the weight, converted to bf16 for BF16 — into the object's
 // pending buffer of `block` rows; a full buffer is flushed: one block product in fp32 (F32:
-// cublasSsyrk, the CPU's ssyrk; TF32 / BF16: cublasGemmEx on the tensor cores with fp32
+// cublasSsyrk (the CPU's precision and blocks; cuBLAS's order of the sums); TF32 / BF16: cublasGemmEx on the tensor cores with fp32
 // accumulation, the lower triangle in column panels) into a shared fp32 scratch, added into the
 // object's fp64 sum by a kernel. In fp32 the blocks hold the same 512 rows as the CPU
 // HessianAccumulator's, so it differs from it only by the summation order inside a block
