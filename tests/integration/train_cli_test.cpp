@@ -120,6 +120,26 @@ TEST(TrainCli, EvalSeedOverwriteGradAccum) {
       << r.output;
 }
 
+// --schedule epoch: the precision changes once per epoch (4 steps each here), following the cosine
+// of the cyclic schedule over the epochs: one cycle of 2 epochs from 4 to 8 bits gives 4, then
+// 4 + 4 (1 - cos(pi/2)) / 2 = 6. --input-bits 8 fixes the inputs' precision instead of following
+// the weights' (another adapter).
+TEST(TrainCli, EpochScheduleAndInputBits) {
+  const Env e = env();
+  if (!e.ok()) GTEST_SKIP() << "bench-qwen3-16m or calibration text not in ../shared";
+  TempDir d;
+  const std::string opts = "--bits 4:8 --cycles 1 --schedule epoch --epochs 2 --quantize-inputs";
+  auto r = train(e, d / "a", opts);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  const auto log = read_json(d / "a/training_log.json");
+  EXPECT_EQ(log["bits"].get<std::vector<int>>(), (std::vector<int>{4, 4, 4, 4, 6, 6, 6, 6}));
+  EXPECT_NE(r.output.find("8 steps (4 per epoch)"), std::string::npos) << r.output;
+  r = train(e, d / "b", opts + " --input-bits 8");
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(read_json(d / "b/training_log.json")["bits"], log["bits"]);
+  EXPECT_NE(read_file(d / "b/adapter_model.safetensors"), read_file(d / "a/adapter_model.safetensors"));
+}
+
 TEST(TrainCli, BadInput) {
   const Env e = env();
   if (!e.ok()) GTEST_SKIP() << "bench-qwen3-16m or calibration text not in ../shared";
