@@ -37,7 +37,9 @@ struct DecodedModule {
   std::vector<double> values;  // rows*cols
   std::vector<double> scales;  // effective scale per (row, group)
   double max_step_multiple = 0.5;  // largest |w - value| allowed, in units of the effective scale
-  double scale_at(int64_t r, int64_t c) const { return scales[r * (cols / group) + c / group]; }
+  std::vector<int32_t> g_idx;      // weight_g_idx when stored (act-order, groups in processing order)
+  int64_t group_of(int64_t c) const { return g_idx.empty() ? c / group : g_idx[static_cast<size_t>(c)]; }
+  double scale_at(int64_t r, int64_t c) const { return scales[r * (cols / group) + group_of(c)]; }
 };
 
 inline uint32_t u32_at(const std::string& b, size_t i) {
@@ -77,6 +79,13 @@ inline DecodedModule decode_module(std::map<std::string, RawTensor>& t, const st
   const int64_t R = d.rows, C = d.cols, G = C / d.group;
   d.values.assign(static_cast<size_t>(R * C), 0);
   d.scales.assign(static_cast<size_t>(R * G), 0);
+  if (auto gi = t.find(m + ".weight_g_idx"); gi != t.end()) {
+    EXPECT_EQ(gi->second.dtype, "I32") << m;
+    EXPECT_EQ(gi->second.shape, (std::vector<int64_t>{C})) << m;
+    d.g_idx.resize(static_cast<size_t>(C));
+    std::memcpy(d.g_idx.data(), gi->second.bytes.data(), d.g_idx.size() * 4);
+    for (int32_t g : d.g_idx) EXPECT_TRUE(g >= 0 && g < G) << m << ": g_idx entry " << g << " outside 0.." << G - 1;
+  }
   auto& sc = need("weight_scale");
   EXPECT_EQ(sc.shape, (std::vector<int64_t>{R, G})) << m;
   for (int64_t i = 0; i < R * G; ++i) {
@@ -119,14 +128,14 @@ inline DecodedModule decode_module(std::map<std::string, RawTensor>& t, const st
     for (int64_t r = 0; r < R; ++r)
       for (int64_t c = 0; c < C; ++c) {
         unsigned u = field(p.bytes, r * words, 1, c);
-        int64_t g = c / d.group;
+        int64_t g = d.group_of(c);
         d.values[r * C + c] = static_cast<float>((u - zero[r * G + g]) * d.scales[r * G + g]);
       }
     d.max_step_multiple = symmetric ? 0.5 + ((1 << (b - 1)) - 0.5) * std::ldexp(1.0, -10) : 1.0;
   } else if (format == "fp8") {
     auto& w = need("weight");
     for (int64_t i = 0; i < R * C; ++i)
-      d.values[i] = static_cast<float>(spec_e4m3(static_cast<unsigned char>(w.bytes[i])) * d.scales[i / C * G + (i % C) / d.group]);
+      d.values[i] = static_cast<float>(spec_e4m3(static_cast<unsigned char>(w.bytes[i])) * d.scales[i / C * G + d.group_of(i % C)]);
     d.max_step_multiple = 16.01;  // half the largest E4M3 spacing (32 between 416 and 448)
   } else {
     auto& p = need("weight_packed");
@@ -144,7 +153,7 @@ inline DecodedModule decode_module(std::map<std::string, RawTensor>& t, const st
     for (int64_t i = 0; i < R * C; ++i) {
       unsigned byte = static_cast<unsigned char>(p.bytes[i / 2]);
       unsigned c = (i % 2 == 0) ? (byte & 15) : (byte >> 4);
-      double s = d.scales[i / C * G + (i % C) / d.group];
+      double s = d.scales[i / C * G + d.group_of(i % C)];
       double v = format == "nf4" ? spec_nf4(c) : spec_e2m1(c);
       d.values[i] = static_cast<float>(static_cast<float>(v) * static_cast<float>(s));
     }

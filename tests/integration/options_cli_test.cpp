@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "calq/engine/engine.h"
+#include "decode_spec.h"
 #include "support.h"
 
 using namespace calq_test;
@@ -354,4 +355,63 @@ TEST(QuantizeCli, MoeOptionsRun) {
   EXPECT_EQ(read_file(t / "routed" / "model.safetensors"), read_file(t / "small" / "model.safetensors"));
   EXPECT_NE(read_file(t / "routed" / "model.safetensors"), read_file(t / "all" / "model.safetensors"));
   EXPECT_NE(read_file(t / "routed" / "model.safetensors"), read_file(t / "shared" / "model.safetensors"));
+}
+
+// --act-order --no-static-groups: groups follow GPTQ's processing order, so every module carries
+// weight_g_idx (each group index on exactly group-size columns), and the engine's dequantized
+// weights equal the format spec's decoding with those groups (tests/decode_spec.h). Writing it
+// failed until 2026-12-04 (the tensor was not declared up front). --block-size (the lazy-update
+// batch) does not change the codes beyond rounding.
+TEST(QuantizeCli, ActOrderGroupsInProcessingOrder) {
+  SharedData s;
+  if (!s.ok) GTEST_SKIP() << "../shared absent";
+  TempDir t;
+  auto d = calq_data_dir(t, s);
+  const std::string q = "-q quantize -i " + s.m16.string() + " --method gptq --format int4 --samples 4 --seq-len 64 -o ";
+  auto r = run_calq(q + (t / "dyn").string() + " --act-order --no-static-groups", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  const auto gq = read_json(t / "dyn" / "calq_report.json")["gptq"];
+  EXPECT_EQ(gq["act_order"], true);
+  EXPECT_EQ(gq["static_groups"], false);
+  auto tensors = read_safetensors(t / "dyn" / "model.safetensors");
+  auto m = calq::engine::Model::load(t / "dyn");
+  int modules = 0;
+  for (const auto& mod : m.linear_modules()) {
+    if (!tensors.count(mod + ".weight_packed")) continue;
+    ++modules;
+    const auto dm = decode_module(tensors, mod, "int4", true, 128, json());
+    ASSERT_EQ(dm.g_idx.size(), static_cast<size_t>(dm.cols)) << mod << " has no g_idx";
+    std::vector<int64_t> count(static_cast<size_t>(dm.cols / 128), 0);
+    for (int32_t g : dm.g_idx) ++count[static_cast<size_t>(g)];
+    for (int64_t c : count) EXPECT_EQ(c, 128) << mod;
+    bool in_order = true;  // act-order moves columns: g_idx is not c / 128
+    for (int64_t c = 0; c < dm.cols; ++c) in_order = in_order && dm.g_idx[static_cast<size_t>(c)] == c / 128;
+    EXPECT_FALSE(in_order) << mod;
+    const auto w = m.weight(mod);
+    ASSERT_EQ(w.size(), dm.values.size());
+    for (size_t i = 0; i < w.size(); ++i) ASSERT_EQ(w[i], static_cast<float>(dm.values[i])) << mod << " at " << i;
+  }
+  EXPECT_EQ(modules, 56);
+  r = run_calq(q + (t / "static").string() + " --act-order", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  for (const auto& [name, tensor] : read_safetensors(t / "static" / "model.safetensors"))
+    EXPECT_EQ(name.find("g_idx"), std::string::npos) << name << ": static groups need no g_idx";
+
+  r = run_calq(q + (t / "b128").string(), d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  r = run_calq(q + (t / "b32").string() + " --block-size 32", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(read_json(t / "b32" / "calq_report.json")["gptq"]["block_size"], 32);
+  const auto a = read_safetensors(t / "b128" / "model.safetensors"), b = read_safetensors(t / "b32" / "model.safetensors");
+  int64_t same = 0, total = 0;
+  for (const auto& [name, x] : a) {
+    if (name.find("weight_packed") == std::string::npos) continue;
+    const auto& y = b.at(name).bytes;
+    for (size_t i = 0; i < x.bytes.size(); ++i) {
+      const auto u = static_cast<unsigned char>(x.bytes[i]), v = static_cast<unsigned char>(y[i]);
+      same += ((u & 15) == (v & 15)) + ((u >> 4) == (v >> 4));
+      total += 2;
+    }
+  }
+  EXPECT_GE(static_cast<double>(same) / static_cast<double>(total), 0.999);
 }

@@ -532,6 +532,7 @@ Command add_quantize(CLI::App& app) {
       o.quantizer = [results](const pipeline::TensorPlan& p) -> std::optional<quant::QuantizedWeight> {
         return results->weight(p);
       };
+      o.with_g_idx = [results](const pipeline::TensorPlan& p) { return results->has_g_idx(p); };
       o.replace = [results](const pipeline::TensorPlan& p) { return results->replaced(p.name); };
       if (act_rtn) o.method = "rtn+act";
     }

@@ -240,6 +240,11 @@ std::optional<quant::QuantizedWeight> CalibratedResults::weight(const TensorPlan
   return wd_->load_weight(it->second, p.name, *p.format);
 }
 
+bool CalibratedResults::has_g_idx(const TensorPlan& p) const {
+  auto it = weights_.find(p.name);
+  return it != weights_.end() && p.format && wd_->weight_has_g_idx(it->second, p.name);
+}
+
 std::map<std::string, quant::Rotation> CalibratedResults::rotations_by_module() const {
   std::map<std::string, quant::Rotation> out;
   for (auto& [name, r] : wd_->rotations()) out.emplace(name.substr(0, name.size() - 7), r);  // drop ".weight"

@@ -81,6 +81,8 @@ class CalibratedResults {
   // The rotations of rotated modules (MR-GPTQ), by module.
   std::map<std::string, quant::Rotation> rotations_by_module() const;
   size_t weights() const { return weights_.size(); }
+  // Whether weight(p) carries g_idx (act-order without static groups), without loading it.
+  bool has_g_idx(const TensorPlan& p) const;
   WorkDir& work_dir() { return *wd_; }
 
  private:

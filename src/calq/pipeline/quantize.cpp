@@ -98,7 +98,7 @@ QuantizeResult quantize_model(const QuantizeOptions& opt) {
       out_bytes += info.end - info.begin;
       continue;
     }
-    for (const auto& d : quant::packed_layout(*p.format, p.rows(), p.cols())) {
+    for (const auto& d : quant::packed_layout(*p.format, p.rows(), p.cols(), opt.with_g_idx && opt.with_g_idx(p))) {
       writer.declare(p.module + "." + d.suffix, d.dtype, d.shape);
       out_bytes += static_cast<uint64_t>(shape_numel(d.shape)) * dtype_size(d.dtype);
     }

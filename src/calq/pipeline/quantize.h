@@ -31,6 +31,9 @@ struct QuantizeOptions {
   // When set, called for every tensor the plan quantizes; a returned weight is written instead
   // of RTN's (calibrated methods: GPTQ, MR-GPTQ, activation-aware RTN). nullopt: RTN.
   std::function<std::optional<quant::QuantizedWeight>(const TensorPlan&)> quantizer;
+  // Whether `quantizer`'s weight for a tensor carries g_idx (act-order with groups in processing
+  // order), asked when the output's tensors are declared, before any is written. Null: none does.
+  std::function<bool(const TensorPlan&)> with_g_idx;
   // When set, called for every tensor the plan keeps; a returned tensor (same dtype and shape) is
   // written instead of the input's (norm weights that absorbed activation scales).
   std::function<std::optional<Tensor>(const TensorPlan&)> replace;

@@ -1,5 +1,6 @@
 #include "calq/pipeline/work_dir.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "calq/io/cleanup.h"
@@ -306,6 +307,11 @@ std::map<std::string, quant::Rotation> WorkDir::rotations(int64_t layer) const {
 }
 
 json WorkDir::layer_report(int64_t layer) const { return layer_json(layer).at("report"); }
+
+bool WorkDir::weight_has_g_idx(int64_t layer, const std::string& name) const {
+  const auto names = layer_file(layer).names();  // sorted
+  return std::binary_search(names.begin(), names.end(), name + "#weight_g_idx");
+}
 
 quant::QuantizedWeight WorkDir::load_weight(int64_t layer, const std::string& name, const quant::Format& f) const {
   const auto& ck = layer_file(layer);

@@ -90,6 +90,8 @@ class WorkDir {
   std::map<std::string, int64_t> weight_index() const;
   std::map<std::string, int64_t> replaced_index() const;
   nlohmann::json layer_report(int64_t layer) const;
+  // Whether the stored weight `name` of a finished layer carries g_idx (groups in processing order).
+  bool weight_has_g_idx(int64_t layer, const std::string& name) const;
   quant::QuantizedWeight load_weight(int64_t layer, const std::string& name, const quant::Format& f) const;
   // Rotations of the finished layers' weights (of layer `layer` only when >= 0), by tensor name
   // (rebuilt from dim, block and seed).
