@@ -342,7 +342,9 @@ TEST(QuantizeCli, MoeOptionsRun) {
     std::string args;
   };
   for (const Run& run_ : {Run{"routed", ""}, Run{"all", " --moe-calibration all-experts"},
-                          Run{"shared", " --moe-hessian shared"}, Run{"small", " --moe-hessian-memory 1KB"}}) {
+                          Run{"shared", " --moe-hessian shared"}, Run{"small", " --moe-hessian-memory 1KB"},
+                          Run{"one_thread", " --moe-threads 1"}, Run{"uniform", " --moe-token-weight uniform"},
+                          Run{"routing", " --moe-token-weight routing"}}) {
     r = run_calq(q + (t / run_.name).string() + run_.args, d);
     ASSERT_EQ(r.rc, 0) << run_.name << ": " << r.output;
   }
@@ -355,6 +357,11 @@ TEST(QuantizeCli, MoeOptionsRun) {
   EXPECT_EQ(read_file(t / "routed" / "model.safetensors"), read_file(t / "small" / "model.safetensors"));
   EXPECT_NE(read_file(t / "routed" / "model.safetensors"), read_file(t / "all" / "model.safetensors"));
   EXPECT_NE(read_file(t / "routed" / "model.safetensors"), read_file(t / "shared" / "model.safetensors"));
+  // Threads do not change the result either; the token weighting does, and is reported.
+  EXPECT_EQ(read_file(t / "routed" / "model.safetensors"), read_file(t / "one_thread" / "model.safetensors"));
+  EXPECT_EQ(read_json(t / "uniform" / "calq_report.json")["moe"]["token_weight"], "uniform");
+  EXPECT_EQ(read_json(t / "routing" / "calq_report.json")["moe"]["token_weight"], "routing");
+  EXPECT_NE(read_file(t / "uniform" / "model.safetensors"), read_file(t / "routing" / "model.safetensors"));
 }
 
 // --act-order --no-static-groups: groups follow GPTQ's processing order, so every module carries
@@ -414,4 +421,94 @@ TEST(QuantizeCli, ActOrderGroupsInProcessingOrder) {
     }
   }
   EXPECT_GE(static_cast<double>(same) / static_cast<double>(total), 0.999);
+}
+
+// Activation-aware RTN's --act-grid (recorded in the config, other scales), MR-GPTQ's --no-hadamard
+// (no rotation stored), calibrate's --percentile / --smooth-factor (recorded; the 50th percentile of
+// |x| below the 99.9th, which is at most the maximum).
+TEST(QuantizeCli, ActGridNoHadamardAndCalibratePercentile) {
+  SharedData s;
+  if (!s.ok) GTEST_SKIP() << "../shared absent";
+  TempDir t;
+  auto d = calq_data_dir(t, s);
+  const std::string q = "-q quantize -i " + s.m16.string() + " -o ";
+  const std::string act = " --format int4 --calibration bartowski-v3 --samples 4 --seq-len 64";
+  auto r = run_calq(q + (t / "g20").string() + act, d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  r = run_calq(q + (t / "g3").string() + act + " --act-grid 3", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(read_json(t / "g3" / "config.json")["quantization_config"]["calq"]["act_scale"]["grid"], 3);
+  EXPECT_NE(read_file(t / "g20" / "model.safetensors"), read_file(t / "g3" / "model.safetensors"));
+
+  const std::string mr = " --method mr-gptq --format nvfp4 --samples 4 --seq-len 64";
+  r = run_calq(q + (t / "mr").string() + mr, d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  r = run_calq(q + (t / "mr_plain").string() + mr + " --no-hadamard", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  int rotated = 0, rotated_plain = 0;
+  for (const auto& [name, x] : read_safetensors(t / "mr" / "model.safetensors")) rotated += name.find(".rotation_signs") != std::string::npos;
+  for (const auto& [name, x] : read_safetensors(t / "mr_plain" / "model.safetensors"))
+    rotated_plain += name.find(".rotation_signs") != std::string::npos;
+  EXPECT_EQ(rotated, 56);
+  EXPECT_EQ(rotated_plain, 0);
+  r = run_calq(q + (t / "x").string() + mr + " --no-hadamard --hadamard-block 64", d);
+  EXPECT_EQ(r.rc, 1) << r.output;
+
+  const std::string cal = "-q calibrate -i " + s.m16.string() + " --samples 2 --seq-len 32 -o ";
+  r = run_calq(cal + (t / "p999").string(), d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  r = run_calq(cal + (t / "p50").string() + " --percentile 50 --smooth-factor 0.5", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  const auto a = read_json(t / "p999" / "activation_ranges.json"), b = read_json(t / "p50" / "activation_ranges.json");
+  EXPECT_EQ(b["percentile"], 50.0);
+  EXPECT_EQ(b["smooth_factor"], 0.5);
+  EXPECT_EQ(a["smooth_factor"], 0.8);
+  ASSERT_EQ(a["detailed_stats"].size(), b["detailed_stats"].size());
+  for (const auto& [mod, st] : a["detailed_stats"].items()) {
+    const double p999 = st["percentile_absmax"], p50 = b["detailed_stats"][mod]["percentile_absmax"], mx = st["absmax"];
+    EXPECT_LT(p50, p999) << mod;
+    EXPECT_LE(p999, mx * 1.011) << mod;  // histogram upper bin edge: at most 1.1 % high
+    EXPECT_EQ(b["detailed_stats"][mod]["absmax"], st["absmax"]) << mod << ": the same inputs";
+  }
+}
+
+// data inspect on a JSONL file: --field picks the text, a malformed line is an error naming it
+// unless --skip-bad-lines (counted), --min-chars drops short samples (counted); an absent field is
+// an error.
+TEST(DataCli, JsonlFieldsBadLinesAndMinChars) {
+  SharedData s;
+  if (!s.ok) GTEST_SKIP() << "../shared absent";
+  TempDir t;
+  auto d = calq_data_dir(t, s);
+  // 20 ASCII samples of exactly 3000 characters (words, no surrounding spaces), a bad line after
+  // the fourth.
+  std::string jsonl;
+  const char* words[] = {"river", "stone", "light", "market", "window", "garden", "signal", "paper"};
+  for (int i = 0; i < 20; ++i) {
+    std::string part;
+    for (int w = 0; part.size() < 3000; ++w) part += std::string(words[(i + w) % 8]) + " ";
+    part = part.substr(0, 2999) + "x";
+    jsonl += json{{"id", i}, {"body", part}}.dump() + "\n";
+    if (i == 3) jsonl += "{not json\n";
+  }
+  write_file(t / "s.jsonl", jsonl);
+  auto r = run_calq("-q data inspect --calibration " + (t / "s.jsonl").string() + " --field body", d);
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("s.jsonl:5: not valid JSON"), std::string::npos) << r.output;
+  r = run_calq("-q data inspect --calibration " + (t / "s.jsonl").string() + " --field body --skip-bad-lines --json " +
+                   (t / "a.json").string(),
+               d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  const auto a = read_json(t / "a.json");
+  EXPECT_EQ(a["skipped_lines"], 1);
+  EXPECT_EQ(a["samples"], 20);
+  EXPECT_EQ(a["characters"], 60000);
+  EXPECT_EQ(a["dropped_short"], 0);
+  r = run_calq("-q data inspect --calibration " + (t / "s.jsonl").string() + " --field body --skip-bad-lines --min-chars 3001",
+               d);
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("the dataset is empty (20 samples shorter than 3001 characters dropped)"), std::string::npos)
+      << r.output;
+  r = run_calq("-q data inspect --calibration " + (t / "s.jsonl").string() + " --field title --skip-bad-lines", d);
+  EXPECT_EQ(r.rc, 1) << r.output;
 }
