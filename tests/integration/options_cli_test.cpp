@@ -474,7 +474,7 @@ TEST(QuantizeCli, ActGridNoHadamardAndCalibratePercentile) {
 
 // data inspect on a JSONL file: --field picks the text, a malformed line is an error naming it
 // unless --skip-bad-lines (counted), --min-chars drops short samples (counted); an absent field is
-// an error.
+// an error. eval --field reads the same way (the perplexity of the text itself).
 TEST(DataCli, JsonlFieldsBadLinesAndMinChars) {
   SharedData s;
   if (!s.ok) GTEST_SKIP() << "../shared absent";
@@ -510,5 +510,25 @@ TEST(DataCli, JsonlFieldsBadLinesAndMinChars) {
   EXPECT_NE(r.output.find("the dataset is empty (20 samples shorter than 3001 characters dropped)"), std::string::npos)
       << r.output;
   r = run_calq("-q data inspect --calibration " + (t / "s.jsonl").string() + " --field title --skip-bad-lines", d);
+  EXPECT_EQ(r.rc, 1) << r.output;
+  // eval --field: the same samples as a JSONL field and as blank-line separated paragraphs of a
+  // text file give the same perplexity.
+  std::string paragraphs, clean;
+  for (int i = 0; i < 12; ++i) {
+    std::string p;
+    for (int w = 0; w < 120; ++w) p += std::string(words[(i * 7 + w * 3) % 8]) + (w + 1 < 120 ? " " : "");
+    paragraphs += p + (i + 1 < 12 ? "\n\n" : "\n");
+    clean += json{{"body", p}}.dump() + "\n";
+  }
+  write_file(t / "e.txt", paragraphs);
+  write_file(t / "e.jsonl", clean);
+  const std::string ev = "-q eval --model " + s.m16.string() + " --ctx 64 --chunks 4 --dataset ";
+  r = run_calq(ev + (t / "e.txt").string() + " --json " + (t / "et.json").string(), d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  r = run_calq(ev + (t / "e.jsonl").string() + " --field body --json " + (t / "ej.json").string(), d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_EQ(read_json(t / "et.json")["ppl"], read_json(t / "ej.json")["ppl"]);
+  EXPECT_EQ(read_json(t / "ej.json")["tokens_scored"], read_json(t / "et.json")["tokens_scored"]);
+  r = run_calq(ev + (t / "e.jsonl").string() + " --field title", d);
   EXPECT_EQ(r.rc, 1) << r.output;
 }
