@@ -181,7 +181,6 @@ struct LayerCache {
     layer = -1;
     rows = 0;
   }
-  uint64_t bytes() const { return (attn.data.size() + mid.data.size() + act.data.size()) * sizeof(float); }
 };
 
 class Model {

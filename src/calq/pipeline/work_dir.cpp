@@ -1,6 +1,5 @@
 #include "calq/pipeline/work_dir.h"
 
-#include <algorithm>
 #include <cstring>
 
 #include "calq/io/cleanup.h"
@@ -309,8 +308,7 @@ std::map<std::string, quant::Rotation> WorkDir::rotations(int64_t layer) const {
 json WorkDir::layer_report(int64_t layer) const { return layer_json(layer).at("report"); }
 
 bool WorkDir::weight_has_g_idx(int64_t layer, const std::string& name) const {
-  const auto names = layer_file(layer).names();  // sorted
-  return std::binary_search(names.begin(), names.end(), name + "#weight_g_idx");
+  return layer_file(layer).contains(name + "#weight_g_idx");
 }
 
 quant::QuantizedWeight WorkDir::load_weight(int64_t layer, const std::string& name, const quant::Format& f) const {

@@ -315,6 +315,28 @@ class CudaForward final : public Forward {
     const States& st = *static_cast<const States*>(run->states);
     return (s == 0 ? st.attn : s == 1 ? st.mid : st.act).as<float>();
   }
+  // The residual stream h += module(x) (x: N rows of `in` values on the device).
+  void add_projection(int64_t l, const std::string& module, const float* x, int64_t in, Observer* obs,
+                      const std::map<std::string, InputTransform>& transforms) {
+    const int64_t N = B_ * T_;
+    linears(l, {module}, x, N, in, obs, transforms, {o_.as<float>()});
+    k::launch_add(resid_.as<float>(), o_.as<float>(), N * cfg_.hidden_size, stream_);
+    check_launch("residual");
+  }
+  // The end of the attention block from its output att: h += proj(att), kept as the mid state;
+  // or, starting later, h = the kept mid state.
+  void finish_attention(int64_t l, const std::string& proj, const float* att, int64_t width, Observer* obs,
+                        const std::map<std::string, InputTransform>& transforms, StateRun* run) {
+    const int64_t n = B_ * T_ * cfg_.hidden_size;
+    if (!run || run->start <= 1) {
+      add_projection(l, proj, att, width, obs, transforms);
+      keep_state(run, 1, resid_.as<float>(), n);
+    } else {
+      check_cuda(cudaMemcpyAsync(resid_.as<float>(), state(run, 1), static_cast<size_t>(n) * sizeof(float),
+                                 cudaMemcpyDeviceToDevice, stream_),
+                 "cudaMemcpy(layer cache)");
+    }
+  }
 
   // Decoder layer l from stage run->start (0 without a cache), keeping the states run asks for.
   void run_layer_from(int64_t l, Observer* obs, const std::map<std::string, InputTransform>& transforms,
@@ -364,16 +386,7 @@ class CudaForward final : public Forward {
     } else if (start == 1) {
       att = state(run, 0);
     }
-    if (start <= 1) {
-      linears(l, {a + "o_proj"}, att, N, NQ * D, obs, transforms, {o_.as<float>()});
-      k::launch_add(h, o_.as<float>(), N * H, stream_);
-      check_launch("residual");
-      keep_state(run, 1, h, N * H);
-    } else {
-      check_cuda(cudaMemcpyAsync(h, state(run, 1), static_cast<size_t>(N * H) * sizeof(float), cudaMemcpyDeviceToDevice,
-                                 stream_),
-                 "cudaMemcpy(layer cache)");
-    }
+    finish_attention(l, a + "o_proj", att, NQ * D, obs, transforms, run);
     if (start <= 2) {
       k::launch_rms_norm(h, xn_.as<float>(), N, H, vec(p + "post_attention_layernorm.weight"), eps, stream_);
       check_launch("rms_norm");
@@ -391,9 +404,7 @@ class CudaForward final : public Forward {
       } else {
         act = state(run, 2);
       }
-      linears(l, {m + "down_proj"}, act, N, I, obs, transforms, {o_.as<float>()});
-      k::launch_add(h, o_.as<float>(), N * H, stream_);
-      check_launch("residual");
+      add_projection(l, m + "down_proj", act, I, obs, transforms);
     }
     if (check_nan_ && nonfinite(h, N * H))
       fail("engine: non-finite activation after decoder layer {} (the first layer producing one)", l);
@@ -548,16 +559,7 @@ class CudaForward final : public Forward {
     } else if (start == 1) {
       att = state(run, 0);
     }
-    if (start <= 1) {
-      linears(l, {p + "attn.c_proj"}, att, N, H, obs, transforms, {o_.as<float>()});
-      k::launch_add(h, o_.as<float>(), N * H, stream_);
-      check_launch("residual");
-      keep_state(run, 1, h, N * H);
-    } else {
-      check_cuda(cudaMemcpyAsync(h, state(run, 1), static_cast<size_t>(N * H) * sizeof(float), cudaMemcpyDeviceToDevice,
-                                 stream_),
-                 "cudaMemcpy(layer cache)");
-    }
+    finish_attention(l, p + "attn.c_proj", att, H, obs, transforms, run);
     const float* act = g_.as<float>();
     if (start <= 2) {
       k::launch_layer_norm(h, xn_.as<float>(), N, H, vec(p + "ln_2.weight"), vec(p + "ln_2.bias"), eps, stream_);
@@ -569,9 +571,7 @@ class CudaForward final : public Forward {
     } else {
       act = state(run, 2);
     }
-    linears(l, {p + "mlp.c_proj"}, act, N, I, obs, transforms, {o_.as<float>()});
-    k::launch_add(h, o_.as<float>(), N * H, stream_);
-    check_launch("residual");
+    add_projection(l, p + "mlp.c_proj", act, I, obs, transforms);
     if (check_nan_ && nonfinite(h, N * H))
       fail("engine: non-finite activation after decoder layer {} (the first layer producing one)", l);
     check_cuda(cudaStreamSynchronize(stream_), "decoder layer");
