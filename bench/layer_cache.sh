@@ -2,8 +2,8 @@
 # The layer cache of true-sequential GPTQ (--layer-cache-memory; docs/engine.md, "Layer cache"):
 # `calq quantize --method gptq --format int4 --device cpu` of a model with the cache off
 # (--layer-cache-memory 0) and on (the default budget), in the same call on the same machine.
-# Prints a table: wall time, the forward stages of calq_report.json (observation passes and
-# output passes), peak RSS, the states' memory, the runs that started at a kept state, and
+# Prints a table: wall time, the forward stages of calq_report.json (observation passes, the
+# Hessian accumulation inside them, output passes), peak RSS, the states' memory, the runs that started at a kept state, and
 # whether the two outputs are byte-identical; then the speedup as a ratio.
 # Usage: bench/layer_cache.sh [MODEL_DIR (bench-qwen3-28m)] [samples (32)] [seq-len (512)]
 # Environment: CALQ (default build/release/calq), SHARED, WORK_DIR, METHOD (gptq), FORMAT (int4),
@@ -41,15 +41,15 @@ for run in ("off", "on"):
     wall, rss = open(f"{w}/{run}.time").read().split()
     g = json.load(open(f"{w}/{run}/calq_report.json"))["gptq"]
     st, lc = g["stages"], g["layer_cache"]
-    rows[run] = (float(wall), st["calibration_forward"], st["output_forward"], int(rss) / 1024, lc)
-print("| layer cache | wall s | observation passes s | output passes s | peak RSS MiB | states MiB | runs from attn / mid / act |")
-print("|---|---:|---:|---:|---:|---:|---|")
-for run, (wall, obs, out, rss, lc) in rows.items():
-    print(f"| {run} | {wall:.2f} | {obs:.2f} | {out:.2f} | {rss:.0f} | {lc['bytes'] / 2**20:.1f} | "
+    rows[run] = (float(wall), st["calibration_forward"], st["hessian_accumulate"], st["output_forward"], int(rss) / 1024, lc)
+print("| layer cache | wall s | observation passes s | of which Hessian accumulation s | output passes s | peak RSS MiB | states MiB | runs from attn / mid / act |")
+print("|---|---:|---:|---:|---:|---:|---:|---|")
+for run, (wall, obs, hess, out, rss, lc) in rows.items():
+    print(f"| {run} | {wall:.2f} | {obs:.2f} | {hess:.2f} | {out:.2f} | {rss:.0f} | {lc['bytes'] / 2**20:.1f} | "
           f"{lc['runs_from_attn']} / {lc['runs_from_mid']} / {lc['runs_from_act']} |")
 same = all(open(f"{w}/off/{f}", "rb").read() == open(f"{w}/on/{f}", "rb").read() for f in ("model.safetensors",))
 print()
 print(f"speedup (wall, off / on): {rows['off'][0] / rows['on'][0]:.2f}x; forward passes "
-      f"{(rows['off'][1] + rows['off'][2]) / (rows['on'][1] + rows['on'][2]):.2f}x; "
+      f"{(rows['off'][1] + rows['off'][3]) / (rows['on'][1] + rows['on'][3]):.2f}x; "
       f"model.safetensors byte-identical: {'yes' if same else 'NO'}")
 PY
