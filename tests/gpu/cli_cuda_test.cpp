@@ -122,10 +122,37 @@ TEST_F(GpuCli, GpuLayersDoNotChangeTheOutput) {
   EXPECT_LT(one, all);
 }
 
-// --activation-precision bf16 on the GPU: the activation slots hold bf16 (less peak GPU memory),
-// the quality stays (the same sanity bound as bf16 forward passes), and a run stopped by a CUDA
-// error resumes — recomputing the resident activations on the host path, rounded the same way —
-// to the bytes of the uninterrupted run.
+// --forward-precision exact: the GPU's forward passes and (by default then) its Hessians in the
+// CPU's order of operations, so the written model is the --device cpu run's, byte for byte, for
+// GPTQ int4 (act-order) and MR-GPTQ nvfp4; the report names both precisions. And calq eval
+// --gpu-precision exact gives the CPU's perplexity to the last digit.
+TEST_F(GpuCli, ExactForwardGivesTheCpuBytes) {
+  for (const std::string method : {"gptq --format int4 --act-order", "mr-gptq --format nvfp4"}) {
+    const std::string args = " --method " + method + " --samples 6 --seq-len 128 --calib-batch 2 --overwrite";
+    auto r = run_calq("-q quantize" + in + " -o " + (t / "cpu").string() + args + " --device cpu", d);
+    ASSERT_EQ(r.rc, 0) << r.output;
+    r = run_calq("-q quantize" + in + " -o " + (t / "gpu").string() + args + " --device cuda --forward-precision exact",
+                 d);
+    ASSERT_EQ(r.rc, 0) << r.output;
+    const auto rep = read_json(t / "gpu" / "calq_report.json")["gptq"];
+    EXPECT_EQ(rep["forward_precision"], "exact");
+    EXPECT_EQ(rep["hessian_precision"], "exact");
+    expect_same_files(t / "cpu", t / "gpu");
+  }
+  const auto ppl = [&](const std::string& device) {
+    const fs::path json = t / ("ppl_" + device + ".json");
+    const auto r = run_calq("-q eval --metric perplexity --model " + s.m16.string() + " --chunks 4 --json " +
+                                json.string() + " --device " + device +
+                                (device == "cuda" ? " --gpu-precision exact" : ""),
+                            d);
+    EXPECT_EQ(r.rc, 0) << r.output;
+    return r.rc == 0 ? read_json(json)["ppl"].get<double>() : std::nan("");
+  };
+  const double p_cpu = ppl("cpu"), p_gpu = ppl("cuda");
+  std::printf("perplexity, 4 chunks: cpu %.17g, cuda exact %.17g\n", p_cpu, p_gpu);
+  EXPECT_EQ(p_cpu, p_gpu);
+}
+
 // --layer-cache-memory on the GPU engine's slots: the same bytes as without the cache (the default
 // on the GPU), with the expected starts (8 layers x 3 chunks each: gate/up's pass from attn,
 // down's from mid, the output pass from act) and a smaller budget keeping only attn.
@@ -149,6 +176,10 @@ TEST_F(GpuCli, LayerCacheChangesNothing) {
   expect_same_files(t / "off", t / "attn");
 }
 
+// --activation-precision bf16 on the GPU: the activation slots hold bf16 (less peak GPU memory),
+// the quality stays (the same sanity bound as bf16 forward passes), and a run stopped by a CUDA
+// error resumes — recomputing the resident activations on the host path, rounded the same way —
+// to the bytes of the uninterrupted run.
 TEST_F(GpuCli, Bf16ActivationsKeepQualityAndResume) {
   const std::string bf16 = kGptq + " --activation-precision bf16";
   auto r = run_calq("-q quantize" + in + " -o " + (t / "f32").string() + kGptq, d);

@@ -21,6 +21,7 @@
 #include <array>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <string>
 
@@ -456,6 +457,64 @@ TEST(GpuEngineLayerCache, TrueSequentialPassesGiveTheUncachedBits) {
 // gpu_embed gathers the embedding rows on the GPU: bit for bit the host's embed (fp32 and bf16
 // tables; GPT-2, whose positions are learned, through the host path); a token outside the
 // vocabulary is the same error as embed's.
+// Precision::Exact (--forward-precision exact): the CPU engine's bits. Every dense llama-family
+// fixture (GQA, MHA with biases and tied head, llama3 and linear RoPE scaling, a sliding window,
+// qk-norm) on three batches: right padding, sequences past the 64-query blocks, and one of 600
+// tokens, past the 512-term chains of the attention's products. Logits and every observed input
+// are compared bit for bit, padding rows included (both engines compute them the same way).
+// GPT-2 and MoE models are refused with a clear error.
+TEST(GpuEngineExact, LogitsAndObservedInputsAreTheCpuBits) {
+  REQUIRE_GPU();
+  const auto differing = [](const std::vector<float>& a, const std::vector<float>& b) {
+    if (a.size() != b.size()) return int64_t{-1};
+    int64_t n = 0;
+    for (size_t i = 0; i < a.size(); ++i) n += std::memcmp(&a[i], &b[i], sizeof(float)) != 0;
+    return n;
+  };
+  for (const auto& fx : kDense) {
+    if (fx == "gpt2") continue;
+    auto cpu = engine::Model::load(fixture(fx), options(backend::Device::Cpu));
+    auto gpu = engine::Model::load(fixture(fx), options(backend::Device::Cuda, engine::Precision::Exact));
+    const int64_t V = cpu.config().vocab_size;
+    const engine::Batch batches[] = {random_batch(3, 20, V, {20, 13, 1}, 3), random_batch(2, 200, V, {200, 77}, 4),
+                                     random_batch(1, 600, V, {600}, 9)};
+    for (const auto& b : batches) {
+      Recorder rc, rg;
+      const auto lc = cpu.forward(b, &rc);
+      const auto lg = gpu.forward(b, &rg);
+      const int64_t bad = differing(lc, lg);
+      ASSERT_EQ(rc.seen.size(), rg.seen.size()) << fx;
+      int64_t bad_inputs = 0;
+      for (size_t i = 0; i < rc.seen.size(); ++i) {
+        ASSERT_EQ(rc.seen[i].modules, rg.seen[i].modules) << fx << " call " << i;
+        const int64_t d = differing(rc.seen[i].x, rg.seen[i].x);
+        if (d != 0 && bad_inputs == 0)
+          ADD_FAILURE() << fx << " " << b.batch << "x" << b.seq << ": the first differing input is "
+                        << rc.seen[i].modules.front() << "'s (" << d << " values)";
+        bad_inputs += d;
+      }
+      std::printf("[ exact ] %s %lldx%lld: %lld of %zu logits and %lld observed input values differ from the CPU's\n",
+                  fx.c_str(), static_cast<long long>(b.batch), static_cast<long long>(b.seq),
+                  static_cast<long long>(bad), lc.size(), static_cast<long long>(bad_inputs));
+      EXPECT_EQ(bad, 0) << fx;
+      EXPECT_EQ(bad_inputs, 0) << fx;
+    }
+    // A second forward on the same model object (cached tables, reused buffers) gives the same bits.
+    const auto b = random_batch(2, 70, V, {70, 41}, 11);
+    EXPECT_EQ(differing(cpu.forward(b), gpu.forward(b)), 0) << fx << " (second batch shape)";
+  }
+  for (const std::string fx : {"gpt2", "qwen3_moe_norm"}) {
+    try {
+      engine::Model::load(fixture(fx), options(backend::Device::Cuda, engine::Precision::Exact));
+      ADD_FAILURE() << fx << ": exact mode accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("--forward-precision exact supports the dense llama-family"),
+                std::string::npos)
+          << e.what();
+    }
+  }
+}
+
 TEST(GpuEngineEmbed, SameRowsAsHostEmbed) {
   REQUIRE_GPU();
   calq_test::TempDir tmp;

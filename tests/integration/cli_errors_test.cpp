@@ -201,11 +201,13 @@ TEST_F(CliErrors, BadOptions) {
   if (!gpu)
     expect_failure(quantize(model(), out, "--method gptq --forward-device cuda"), {"--forward-device cuda:", "--device cpu"},
                    out);
-  // --forward-precision: fp32|bf16|bf16-fast, only for GPU forward passes.
+  // --forward-precision: fp32|bf16|bf16-fast|exact, only for GPU forward passes.
   expect_failure(quantize(model(), out, "--method gptq --forward-precision fp16"), {"--forward-precision", "fp16"}, out);
   expect_failure(quantize(model(), out, "--method gptq --forward-precision bf16"),
                  {"--forward-precision applies to GPU forward passes"}, out);
   expect_failure(quantize(model(), out, "--method gptq --forward-precision bf16-fast"),
+                 {"--forward-precision applies to GPU forward passes"}, out);
+  expect_failure(quantize(model(), out, "--method gptq --forward-precision exact"),
                  {"--forward-precision applies to GPU forward passes"}, out);
   expect_failure(quantize(model(), out, "--method gptq --gpu-layers 2"), {"--gpu-layers applies to GPU forward passes"},
                  out);
@@ -219,13 +221,13 @@ TEST_F(CliErrors, BadOptions) {
     expect_failure(quantize(model(), out, "--method gptq --device cuda --devices 0"), {"--device cuda", "--device cpu"},
                    out);
   }
-  // --hessian-precision: only fp32|tf32|bf16, only for GPTQ, and tf32/bf16 only where the Hessians
-  // are on the GPU (--device cuda with the forward passes on the GPU).
+  // --hessian-precision: only fp32|tf32|bf16|exact, only for GPTQ, and tf32/bf16/exact only where the
+  // Hessians are on the GPU (--device cuda with the forward passes on the GPU).
   expect_failure(quantize(model(), out, "--method gptq --hessian-precision fp16"),
-                 {"--hessian-precision must be fp32, tf32 or bf16, got 'fp16'"}, out);
+                 {"--hessian-precision must be fp32, tf32, bf16 or exact, got 'fp16'"}, out);
   expect_failure(quantize(model(), out, "--method rtn --hessian-precision fp32"),
                  {"--hessian-precision applies to --method gptq and mr-gptq"}, out);
-  for (const char* p : {"tf32", "bf16"}) {
+  for (const char* p : {"tf32", "bf16", "exact"}) {
     expect_failure(quantize(model(), out, std::string("--method gptq --hessian-precision ") + p),
                    {std::string("--hessian-precision ") + p + ": Hessians accumulate on the GPU only with --device cuda",
                     "--device cpu"},
@@ -251,9 +253,10 @@ TEST_F(CliErrors, EvalDevice) {
     return run(calq_bin() + " eval -q --offline --model " + model().string() + " --dataset /nonexistent " + extra);
   };
   expect_failure(eval("--device gpu"), {"--device must be cpu or cuda, got 'gpu'"}, none);
-  expect_failure(eval("--device cuda --gpu-precision fp16"), {"--gpu-precision must be fp32, bf16 or bf16-fast, got 'fp16'"},
+  expect_failure(eval("--device cuda --gpu-precision fp16"), {"--gpu-precision must be fp32, bf16, bf16-fast or exact, got 'fp16'"},
                  none);
   expect_failure(eval("--gpu-precision bf16"), {"--gpu-precision bf16 applies to --device cuda only"}, none);
+  expect_failure(eval("--gpu-precision exact"), {"--gpu-precision exact applies to --device cuda only"}, none);
   expect_failure(eval("--gpu-layers 1"), {"--gpu-layers applies to --device cuda only"}, none);
   std::string why;
   try {

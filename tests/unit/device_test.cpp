@@ -27,13 +27,15 @@ TEST(Device, ParsesHessianPrecision) {
   EXPECT_EQ(backend::parse_hessian_precision("fp32"), backend::HessianPrecision::F32);
   EXPECT_EQ(backend::parse_hessian_precision("tf32"), backend::HessianPrecision::TF32);
   EXPECT_EQ(backend::parse_hessian_precision("bf16"), backend::HessianPrecision::BF16);
-  for (auto p : {backend::HessianPrecision::F32, backend::HessianPrecision::TF32, backend::HessianPrecision::BF16})
+  EXPECT_EQ(backend::parse_hessian_precision("exact"), backend::HessianPrecision::Exact);
+  for (auto p : {backend::HessianPrecision::F32, backend::HessianPrecision::TF32, backend::HessianPrecision::BF16,
+                 backend::HessianPrecision::Exact})
     EXPECT_EQ(backend::parse_hessian_precision(backend::hessian_precision_name(p)), p);
   try {
     backend::parse_hessian_precision("fp16");
     FAIL();
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("--hessian-precision must be fp32, tf32 or bf16, got 'fp16'"),
+    EXPECT_NE(std::string(e.what()).find("--hessian-precision must be fp32, tf32, bf16 or exact, got 'fp16'"),
               std::string::npos)
         << e.what();
   }
@@ -42,6 +44,7 @@ TEST(Device, ParsesHessianPrecision) {
   using backend::GpuHessian;
   using backend::HessianPrecision;
   EXPECT_EQ(GpuHessian::default_block(12288, HessianPrecision::F32), 512);
+  EXPECT_EQ(GpuHessian::default_block(4096, HessianPrecision::Exact), 512);  // the CPU's blocks, always
   EXPECT_EQ(GpuHessian::default_block(4096, HessianPrecision::TF32), 8192);    // 16384 rows fit
   EXPECT_EQ(GpuHessian::default_block(12288, HessianPrecision::TF32), 5120);   // 5461 rows fit
   EXPECT_EQ(GpuHessian::default_block(12288, HessianPrecision::BF16), 8192);   // 10922 rows fit

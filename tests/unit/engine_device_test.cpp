@@ -17,13 +17,14 @@ TEST(EngineDevice, ParsePrecision) {
   EXPECT_EQ(engine::parse_precision("fp32"), engine::Precision::F32);
   EXPECT_EQ(engine::parse_precision("bf16"), engine::Precision::BF16);
   EXPECT_EQ(engine::parse_precision("bf16-fast"), engine::Precision::BF16_FAST);
-  for (auto p : {engine::Precision::F32, engine::Precision::BF16, engine::Precision::BF16_FAST})
+  EXPECT_EQ(engine::parse_precision("exact"), engine::Precision::Exact);
+  for (auto p : {engine::Precision::F32, engine::Precision::BF16, engine::Precision::BF16_FAST, engine::Precision::Exact})
     EXPECT_EQ(engine::parse_precision(engine::precision_name(p)), p);
   try {
     engine::parse_precision("fp16");
     ADD_FAILURE() << "fp16 accepted";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("--gpu-precision must be fp32, bf16 or bf16-fast, got 'fp16'"), std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("--gpu-precision must be fp32, bf16, bf16-fast or exact, got 'fp16'"), std::string::npos)
         << e.what();
   }
 }
@@ -53,6 +54,38 @@ TEST(EngineDevice, CudaWithoutGpuIsAClearError) {
   }
   // The default is the CPU engine.
   EXPECT_NO_THROW(engine::Model::load(calq_test::source_dir() / "tests/data/engine/llama_gqa"));
+}
+
+// Exact GPU precision is refused for the architectures whose library functions (GPT-2's tanh,
+// MoE routing's exp) it cannot reproduce, before any GPU is needed, naming the model type and the
+// way out; a dense llama-family model passes that check (and then needs a GPU like any other).
+TEST(EngineDevice, ExactPrecisionIsForDenseLlamaFamilyModels) {
+  engine::Options o;
+  o.device = backend::Device::Cuda;
+  o.gpu_precision = engine::Precision::Exact;
+  for (const char* fx : {"gpt2", "qwen3_moe_norm", "mixtral"}) {
+    try {
+      engine::Model::load(calq_test::source_dir() / "tests/data/engine" / fx, o);
+      ADD_FAILURE() << fx << " loaded in exact mode";
+    } catch (const Error& e) {
+      const std::string m = e.what();
+      EXPECT_NE(m.find("--forward-precision exact supports the dense llama-family models"), std::string::npos) << m;
+      EXPECT_NE(m.find("use fp32"), std::string::npos) << m;
+    }
+  }
+  std::string why;
+  try {
+    backend::cuda_require();
+  } catch (const Error& e) {
+    why = e.what();
+  }
+  if (why.empty()) return;  // a GPU: tests/gpu/engine_cuda_test.cpp runs the exact mode
+  try {
+    engine::Model::load(calq_test::source_dir() / "tests/data/engine/qwen3_qknorm", o);
+    ADD_FAILURE() << "loaded with device cuda and no GPU";
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()).find("exact supports"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace

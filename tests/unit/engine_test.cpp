@@ -186,6 +186,81 @@ TEST(EngineReference, AttentionHeadMatchesNaiveSoftmax) {
     }
 }
 
+// The order of attention_head's arithmetic, which the GPU's exact mode reproduces
+// (src/calq/backend/cuda/exact_kernels.cu, one block per query row): queries in blocks of 64; a
+// row's products run over the keys [kstart, kend) of its block; scores = scale · (an FMA chain
+// over d restarted every 512 terms); the visible scores' max (NaN left out), fast_exp of the
+// differences, their sum in 8 interleaved fp64 lanes ((0+1)+(2+3))+((4+5)+(6+7)) with the tail
+// in lane 0, times float(1/Σ); zeros elsewhere; then Σ_j p_j·v_j over all the block's keys in
+// chains of 512. Written here as that scalar loop and compared bit for bit, on shapes around 64
+// and 512 (both chains restart), windows, short lengths and scores large enough to underflow.
+TEST(EngineReference, AttentionHeadIsTheExactModeOrder) {
+  std::mt19937 rng(17);
+  std::normal_distribution<float> nd(0, 1);
+  struct Case {
+    int64_t T, D, kv_len, window;
+    float spread;
+  };
+  const Case cases[] = {{1, 8, 1, 0, 1},      {63, 16, 63, 0, 1},   {65, 64, 65, 0, 4},   {130, 32, 100, 0, 1},
+                        {130, 32, 130, 40, 2}, {700, 8, 700, 0, 1}, {700, 8, 650, 600, 1}, {70, 520, 70, 0, 0.2f},
+                        {200, 24, 200, 1, 1},  {129, 16, 129, 64, 30}};
+  for (const Case& c : cases) {
+    const int64_t T = c.T, D = c.D, ld = D + 3;
+    std::vector<float> q(T * ld), k(T * ld), v(T * ld), out(T * ld, NAN);
+    for (auto* x : {&q, &k, &v})
+      for (float& f : *x) f = nd(rng) * c.spread;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+    engine::attention_head(q.data(), ld, k.data(), ld, v.data(), ld, out.data(), ld, T, D, c.kv_len, c.window, scale);
+    int bad = 0;
+    for (int64_t i = 0; i < T; ++i) {
+      const int64_t i0 = i / 64 * 64, i1 = std::min(T, i0 + 64), kend = std::min(i1, c.kv_len);
+      const int64_t kstart = c.window > 0 ? std::max<int64_t>(0, i0 - c.window + 1) : 0, nk = kend - kstart;
+      std::vector<float> ref(D, 0.0f), s(std::max<int64_t>(nk, 0));
+      if (nk > 0) {
+        for (int64_t j = 0; j < nk; ++j) {
+          float sc = 0.0f;
+          for (int64_t d0 = 0; d0 < D; d0 += 512) {
+            float acc = 0.0f;
+            for (int64_t d = d0; d < std::min(D, d0 + 512); ++d) acc = std::fma(q[i * ld + d], k[(kstart + j) * ld + d], acc);
+            sc = d0 == 0 ? scale * acc : scale * acc + sc;
+          }
+          s[j] = sc;
+        }
+        const int64_t hi = std::min(i, c.kv_len - 1), lo = c.window > 0 ? std::max<int64_t>(0, i - c.window + 1) : 0;
+        if (hi < lo) {
+          std::fill(s.begin(), s.end(), 0.0f);
+        } else {
+          float* vis = s.data() + (lo - kstart);
+          const int64_t nv = hi - lo + 1;
+          float mx = -INFINITY;
+          for (int64_t j = 0; j < nv; ++j) mx = vis[j] > mx ? vis[j] : mx;
+          for (int64_t j = 0; j < nv; ++j) vis[j] = engine::fast_exp(vis[j] - mx);
+          double part[8] = {};
+          for (int l = 0; l < 8; ++l)
+            for (int64_t j = 0; j + 8 <= nv; j += 8) part[l] += vis[j + l];
+          for (int64_t j = nv - nv % 8; j < nv; ++j) part[0] += vis[j];
+          const double sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+          const float inv = static_cast<float>(1.0 / sum);
+          for (int64_t j = 0; j < nk; ++j) s[j] = j < lo - kstart || j > hi - kstart ? 0.0f : s[j] * inv;
+        }
+        for (int64_t d = 0; d < D; ++d) {
+          float o = 0.0f;
+          for (int64_t j0 = 0; j0 < nk; j0 += 512) {
+            float acc = 0.0f;
+            for (int64_t j = j0; j < std::min(nk, j0 + 512); ++j) acc = std::fma(s[j], v[(kstart + j) * ld + d], acc);
+            o = j0 == 0 ? acc : acc + o;
+          }
+          ref[d] = o;
+        }
+      }
+      for (int64_t d = 0; d < D; ++d)
+        if (std::memcmp(&out[i * ld + d], &ref[d], sizeof(float)) != 0 && bad++ < 3)
+          ADD_FAILURE() << "T " << T << " D " << D << " kv_len " << c.kv_len << " window " << c.window << ": out[" << i
+                        << "][" << d << "] = " << out[i * ld + d] << ", the exact-mode order gives " << ref[d];
+    }
+  }
+}
+
 io::ModelConfig rope_cfg(const std::string& scaling) {
   nlohmann::json j = {{"model_type", "llama"}, {"vocab_size", 16}, {"hidden_size", 64}, {"intermediate_size", 8},
                       {"num_hidden_layers", 1}, {"num_attention_heads", 2}, {"num_key_value_heads", 2},

@@ -7,6 +7,7 @@
 #include <omp.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -261,4 +262,60 @@ TEST(Gemm, PackedWeightsEqualGemmEveryKernel) {
               ASSERT_EQ(C[static_cast<size_t>(i * p.ldc + j)], direct[static_cast<size_t>(i * p.ldc + j)])
                   << describe(k, p, integers) << " packed vs gemm at " << i << "," << j;
         }
+}
+
+// The order of the sums, which the GPU's exact mode reproduces (src/calq/backend/cuda/exact_kernels.h):
+// every element of calq's own kernels is an fp32 FMA chain over k from +0, restarted every 512
+// terms; each chain is multiplied by alpha and merged as C = v (beta 0) or v + beta·C for the first,
+// C = v + C for later ones. Checked bit for bit against that scalar loop on shapes around the
+// tile and chain sizes, with large, tiny, cancelling and zero values.
+TEST(Gemm, EveryElementIsTheChainOfItsBlocksEveryCalqKernel) {
+  std::mt19937 rng(29);
+  const Shape shapes[] = {{1, 1, 1}, {13, 33, 511}, {12, 32, 512}, {7, 17, 513}, {25, 40, 1025}, {3, 70, 1536},
+                          {30, 5, 1600}, {64, 64, 16}, {65, 63, 17}};
+  int variant = 0;
+  for (GemmKernel k : {GemmKernel::Avx2, GemmKernel::Avx512}) {
+    if (!engine::gemm_kernel_supported(k)) continue;
+    for (const Shape& s : shapes)
+      for (GemmB layout : {GemmB::Trans, GemmB::Normal})
+        for (bool bf16 : {false, true}) {
+          Problem p;
+          p.s = s;
+          p.layout = layout;
+          p.bf16 = bf16;
+          switch (variant++ % 3) {
+            case 0: break;
+            case 1: p.alpha = 0.0883883476f; p.pad = 2; break;  // 1/√128, attention's scale
+            case 2: p.alpha = -3.0f; p.beta = 0.7f; break;
+          }
+          p.fill(rng, false);
+          for (size_t i = 0; i < p.A.size(); ++i) {  // adversarial magnitudes and exact cancellations
+            if (i % 7 == 1) p.A[i] *= 1e7f;
+            if (i % 11 == 2) p.A[i] *= 1e-7f;
+            if (i % 13 == 3) p.A[i] = 0.0f;
+            if (i % 17 == 4 && i > 0) p.A[i] = -p.A[i - 1];
+          }
+          const auto C = p.run(k);
+          int bad = 0;
+          for (int64_t i = 0; i < s.M; ++i)
+            for (int64_t j = 0; j < s.N; ++j) {
+              float c = 0.0f;
+              for (int64_t k0 = 0; k0 < s.K; k0 += 512) {
+                float acc = 0.0f;
+                for (int64_t kk = k0; kk < std::min<int64_t>(s.K, k0 + 512); ++kk)
+                  acc = std::fma(p.A[static_cast<size_t>(i * p.lda + kk)], static_cast<float>(p.b(kk, j)), acc);
+                const float v = p.alpha * acc;
+                if (k0 > 0)
+                  c = v + c;
+                else if (p.beta != 0.0f)
+                  c = v + p.beta * p.C0[static_cast<size_t>(i * p.ldc + j)];
+                else
+                  c = v;
+              }
+              const float got = C[static_cast<size_t>(i * p.ldc + j)];
+              if (std::memcmp(&got, &c, sizeof c) != 0 && bad++ < 3)
+                ADD_FAILURE() << describe(k, p, false) << ": C[" << i << "," << j << "] = " << got << ", chain " << c;
+            }
+        }
+  }
 }

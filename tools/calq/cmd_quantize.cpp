@@ -107,8 +107,11 @@ Command add_quantize(CLI::App& app) {
                   "terms on the tensor cores with fp32 accumulation: 2.3x faster forward passes on Qwen3-8B shapes; "
                   "dequantized weights of finished layers are rounded to bf16) or bf16-fast (as bf16, but each "
                   "decoder-layer product's input rounded to one bf16 term: one GEMM instead of two, the "
-                  "arithmetic of an fp16/bf16 PyTorch forward; logits ~5e-3 (rel RMS) from fp32). docs/cuda.md")
-      ->check(CLI::IsMember({"fp32", "bf16", "bf16-fast"}));
+                  "arithmetic of an fp16/bf16 PyTorch forward; logits ~5e-3 (rel RMS) from fp32) or exact (every "
+                  "operation of the CPU engine in the CPU engine's order, on the CUDA cores: the CPU's bits, so with "
+                  "the Hessians also exact (the default then) the output is byte-identical to --device cpu; slower "
+                  "than fp32; dense llama-family models). docs/cuda.md")
+      ->check(CLI::IsMember({"fp32", "bf16", "bf16-fast", "exact"}));
   sub->add_option("--gpu-layers", a->gpu_layers,
                   "Decoder layers whose weights the GPU holds at once during GPU calibration forward passes "
                   "(--forward-device cuda): default 1, each layer's weights go up when the layer loop reaches it "
@@ -125,7 +128,8 @@ Command add_quantize(CLI::App& app) {
   sub->add_option("--hessian-precision", a->hessian_precision,
                   "Input precision of the Hessians' block products on the GPU (gptq, mr-gptq with --device cuda "
                   "and the forward passes on the GPU): fp32 (default; the CPU's precision and blocks), tf32 or bf16 (tensor "
-                  "cores, fp32 accumulation per block, fp64 sum; faster, less exact: docs/cuda.md)")
+                  "cores, fp32 accumulation per block, fp64 sum; faster, less exact: docs/cuda.md), or exact (the CPU's "
+                  "blocks and order of the sums: its bits; the default with --forward-precision exact)")
       ->capture_default_str();
   sub->add_option("-f,--format", a->format,
                   "Element format: int2, int3, int4, int8, fp4 (E2M1 + fp16 group scales), nvfp4 "
@@ -444,6 +448,9 @@ Command add_quantize(CLI::App& app) {
         g.devices = devices;
         if (a->gpu_layers >= 0) g.gpu_layers = a->gpu_layers;
         g.hessian_precision = backend::parse_hessian_precision(a->hessian_precision, "--hessian-precision");
+        // Exact forward passes come with exact Hessians unless the user chose otherwise.
+        if (sub->count("--hessian-precision") == 0 && forward_cuda && g.forward_precision == engine::Precision::Exact)
+          g.hessian_precision = backend::HessianPrecision::Exact;
         g.true_sequential = !a->no_true_sequential;
         g.quantized_inputs = !a->unquantized_inputs;
         using Moe = pipeline::MoeCalibOptions;

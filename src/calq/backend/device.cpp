@@ -16,7 +16,8 @@ HessianPrecision parse_hessian_precision(std::string_view name, std::string_view
   if (name == "fp32") return HessianPrecision::F32;
   if (name == "tf32") return HessianPrecision::TF32;
   if (name == "bf16") return HessianPrecision::BF16;
-  fail("{} must be fp32, tf32 or bf16, got '{}'", option, name);
+  if (name == "exact") return HessianPrecision::Exact;
+  fail("{} must be fp32, tf32, bf16 or exact, got '{}'", option, name);
 }
 
 const char* hessian_precision_name(HessianPrecision p) {
@@ -24,12 +25,13 @@ const char* hessian_precision_name(HessianPrecision p) {
     case HessianPrecision::F32: return "fp32";
     case HessianPrecision::TF32: return "tf32";
     case HessianPrecision::BF16: return "bf16";
+    case HessianPrecision::Exact: return "exact";
   }
   return "?";
 }
 
 int64_t GpuHessian::default_block(int64_t features, HessianPrecision precision) {
-  if (precision == HessianPrecision::F32 || features <= 0) return 512;
+  if (precision == HessianPrecision::F32 || precision == HessianPrecision::Exact || features <= 0) return 512;
   const int64_t elem = precision == HessianPrecision::BF16 ? 2 : 4;
   const int64_t fit = (int64_t{256} << 20) / (features * elem) / 512 * 512;
   return std::clamp<int64_t>(fit, 512, 8192);

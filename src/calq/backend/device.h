@@ -78,15 +78,17 @@ bool cuda_hadamard_supported(const quant::Rotation& r);
 // Input precision of GpuHessian's block products: F32 = cublasSsyrk in fp32 (the CPU
 // HessianAccumulator's precision and blocks), TF32 = fp32 inputs rounded to TF32 on the tensor cores, BF16
 // = inputs rounded to bf16; every block product accumulates in fp32 and is added into an fp64 sum.
-enum class HessianPrecision { F32, TF32, BF16 };
-// "fp32" | "tf32" | "bf16"; anything else throws calq::Error naming `option` and the value.
+// Exact = F32 with each element of a block product computed as the CPU computes it (one fp32 FMA
+// chain over the block's rows in order, cuda/exact_kernels.h): the CPU accumulator's bits.
+enum class HessianPrecision { F32, TF32, BF16, Exact };
+// "fp32" | "tf32" | "bf16" | "exact"; anything else throws calq::Error naming `option` and the value.
 HessianPrecision parse_hessian_precision(std::string_view name, std::string_view option = "--hessian-precision");
 const char* hessian_precision_name(HessianPrecision p);
 
 // quant::HessianAccumulator on GPU 0: Σ xᵀx of a linear module's input rows in fp64 on the
 // device, from block products of at most `block` rows (the rows are gathered into a device
 // buffer, padding rows left out), and hessian() = Σ / weight() as a full symmetric host matrix,
-// the CPU accumulator's contract. block 0 = default_block(features, precision): for F32 the
+// the CPU accumulator's contract. block 0 = default_block(features, precision): for F32 and Exact the
 // CPU's 512-row blocks (the same arithmetic); for TF32 / BF16 up to 8192 rows (fewer fp64
 // additions; the fp32 accumulation of 8192 rounded products stays far below the input rounding). Without CUDA the constructor throws
 // the "built without CUDA" error. Not thread-safe per object; objects share one stream and one
@@ -94,7 +96,7 @@ const char* hessian_precision_name(HessianPrecision p);
 class GpuHessian {
  public:
   explicit GpuHessian(int64_t features, HessianPrecision precision = HessianPrecision::F32, int64_t block = 0);
-  // The rows of one block product when the constructor's block is 0: 512 for F32; for TF32 /
+  // The rows of one block product when the constructor's block is 0: 512 for F32 and Exact; for TF32 /
   // BF16 the largest multiple of 512 up to 8192 whose row buffer stays within 256 MiB (≥ 512).
   static int64_t default_block(int64_t features, HessianPrecision precision);
   GpuHessian(GpuHessian&&) noexcept;

@@ -878,6 +878,12 @@ Model Model::load(const std::filesystem::path& dir, const Options& opts) {
     }
   }
   if (opts.device == backend::Device::Cuda) {
+    // Exact mode mirrors this file's llama-family layer; GPT-2's LayerNorm and GELU (fp64 tanh)
+    // and MoE routing (std::exp) use library functions whose last bits differ between host and GPU.
+    CALQ_CHECK(opts.gpu_precision != Precision::Exact || (c.arch != Arch::Gpt2 && !c.is_moe()),
+               "--forward-precision exact supports the dense llama-family models (llama, mistral, qwen2, qwen3), not "
+               "{} ({}); use fp32 (the CPU's results within 1e-5) or run the forward passes on the CPU",
+               c.model_type, dir.string());
     Impl* ip = impl.get();
     gpu::Source s;
     s.contains = [ip](const std::string& n) { return ip->src.contains(n); };
@@ -1223,7 +1229,8 @@ Precision parse_precision(std::string_view name, std::string_view option) {
   if (name == "fp32") return Precision::F32;
   if (name == "bf16") return Precision::BF16;
   if (name == "bf16-fast") return Precision::BF16_FAST;
-  fail("{} must be fp32, bf16 or bf16-fast, got '{}'", option, name);
+  if (name == "exact") return Precision::Exact;
+  fail("{} must be fp32, bf16, bf16-fast or exact, got '{}'", option, name);
 }
 
 const char* precision_name(Precision p) {
@@ -1231,6 +1238,7 @@ const char* precision_name(Precision p) {
     case Precision::F32: return "fp32";
     case Precision::BF16: return "bf16";
     case Precision::BF16_FAST: return "bf16-fast";
+    case Precision::Exact: return "exact";
   }
   return "?";
 }

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "calq/backend/device.h"
+#include "calq/engine/fast_exp.h"
 #include "calq/export/native.h"
 #include "calq/io/config.h"
 
@@ -111,9 +112,13 @@ using InputTransform = std::function<void(float* x, int64_t rows, int64_t cols)>
 // the tensor cores with fp32 accumulation (cublasGemmEx); norms, RoPE, attention and the residual
 // stream stay fp32. BF16_FAST = BF16 with each decoder-layer product's input rounded to one bf16
 // term (8 significant bits, one GEMM instead of two: the arithmetic of an fp16/bf16 forward such
-// as the reference GPTQ code's); the head keeps two terms. docs/cuda.md, "Forward pass".
-enum class Precision { F32, BF16, BF16_FAST };
-// "fp32" | "bf16" | "bf16-fast"; anything else throws calq::Error naming `option`.
+// as the reference GPTQ code's); the head keeps two terms. EXACT = fp32 weights and activations
+// with every operation of the CPU engine in the CPU engine's order (products as the CPU gemm's FMA
+// chains on the CUDA cores, its RMSNorm and softmax sums, fast_exp), so that the GPU gives this
+// file's bits: several times slower than F32; dense llama-family models only
+// (backend/cuda/exact_kernels.h). docs/cuda.md, "Forward pass" and "Exact mode".
+enum class Precision { F32, BF16, BF16_FAST, Exact };
+// "fp32" | "bf16" | "bf16-fast" | "exact"; anything else throws calq::Error naming `option`.
 Precision parse_precision(std::string_view name, std::string_view option = "--gpu-precision");
 const char* precision_name(Precision p);  // parse_precision's names
 
@@ -264,32 +269,7 @@ class Model {
   std::unique_ptr<Impl> impl_;
 };
 
-// exp(x) for float, branch-free so that loops over it vectorize (plain SSE2 is enough): x =
-// n·ln2 + r with |r| <= ln2/2 (ln2 split in two parts so r is exact; n rounded by the 1.5·2^23
-// trick), exp(r) by its degree-7 Taylor polynomial (relative error < 6e-9 on that interval), times
-// 2^n built in the exponent bits. Below -87.3 it returns 0 (the true value is subnormal), above 88
-// +inf (a little early: exp(88.72) is the largest finite float); NaN stays NaN. Within a few ulp
-// of std::exp (tests/unit/engine_test.cpp).
-inline float fast_exp(float x) {
-  const float xc = std::min(std::max(x, -87.33654f), 88.0f);
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &e, sizeof scale);
-  float y = p * scale;
-  y = x < -87.33654f ? 0.0f : y;
-  y = x > 88.0f ? INFINITY : y;
-  return x != x ? x : y;
-}
+// fast_exp (exp for float, the engine's softmax and SiLU): calq/engine/fast_exp.h.
 
 // Reference pieces, exposed for tests.
 // RoPE inverse frequencies as transformers computes them (fp32): default, linear, llama3, dynamic.

@@ -579,7 +579,8 @@ CalibratedResults run_gptq(const fs::path& model_dir, const std::vector<TensorPl
   // GpuHessian, gathered on the GPU like a dense input's real rows.
   const bool device_h = eo.device == backend::Device::Cuda && !host_h;
   const backend::HessianPrecision hprec = opt.hessian_precision;
-  CALQ_CHECK(device_h || hprec == backend::HessianPrecision::F32,
+  // (The host accumulator is what exact reproduces, so exact is allowed here too.)
+  CALQ_CHECK(device_h || hprec == backend::HessianPrecision::F32 || hprec == backend::HessianPrecision::Exact,
              "--hessian-precision {}: the Hessians accumulate on the host here (fp32 only); {} applies when the "
              "calibration forward passes run on the GPU (--device cuda, --forward-device cuda)",
              backend::hessian_precision_name(hprec), backend::hessian_precision_name(hprec));

@@ -13,7 +13,9 @@
 // terms (hi + lo), fp32 accumulation (cublasGemmEx, CUBLAS_COMPUTE_32F). An observer gets each linear
 // group's input (the fp32 input, before the bf16 split) on the device when it takes device
 // inputs (Observer::device_input), else a host copy; an input transform runs on a host copy,
-// which is then uploaded and multiplied.
+// which is then uploaded and multiplied. Precision::Exact replaces the products, RMSNorm, SiLU·up
+// and attention by the kernels of exact_kernels.cu, which follow the CPU engine's order of
+// operations (dense llama-family layers only), so that the GPU gives the CPU's bits.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -24,6 +26,7 @@
 #include <utility>
 
 #include "calq/backend/cuda/engine_kernels.h"
+#include "calq/backend/cuda/exact_kernels.h"
 #include "calq/backend/cuda/check.h"
 #include "calq/backend/cuda/memory.h"
 #include "calq/backend/device.h"
@@ -366,13 +369,13 @@ class CudaForward final : public Forward {
 
     const float* att = att_.as<float>();
     if (start == 0) {
-      k::launch_rms_norm(h, xn_.as<float>(), N, H, vec(p + "input_layernorm.weight"), eps, stream_);
+      rms_norm(h, xn_.as<float>(), N, H, vec(p + "input_layernorm.weight"), eps);
       check_launch("rms_norm");
       linears(l, {a + "q_proj", a + "k_proj", a + "v_proj"}, xn_.as<float>(), N, H, obs, transforms,
               {q_.as<float>(), k_.as<float>(), v_.as<float>()});
       if (cfg_.qk_norm) {
-        k::launch_rms_norm(q_.as<float>(), q_.as<float>(), N * NQ, D, vec(a + "q_norm.weight"), eps, stream_);
-        k::launch_rms_norm(k_.as<float>(), k_.as<float>(), N * NKV, D, vec(a + "k_norm.weight"), eps, stream_);
+        rms_norm(q_.as<float>(), q_.as<float>(), N * NQ, D, vec(a + "q_norm.weight"), eps);
+        rms_norm(k_.as<float>(), k_.as<float>(), N * NKV, D, vec(a + "k_norm.weight"), eps);
         check_launch("qk-norm");
       }
       k::launch_rope(q_.as<float>(), N, NQ * D, NQ, D / 2, T_, rope_cos_.as<float>(), rope_sin_.as<float>(), stream_);
@@ -388,7 +391,7 @@ class CudaForward final : public Forward {
     }
     finish_attention(l, a + "o_proj", att, NQ * D, obs, transforms, run);
     if (start <= 2) {
-      k::launch_rms_norm(h, xn_.as<float>(), N, H, vec(p + "post_attention_layernorm.weight"), eps, stream_);
+      rms_norm(h, xn_.as<float>(), N, H, vec(p + "post_attention_layernorm.weight"), eps);
       check_launch("rms_norm");
     }
     if (sparse) {
@@ -398,7 +401,7 @@ class CudaForward final : public Forward {
       if (start <= 2) {
         linears(l, {m + "gate_proj", m + "up_proj"}, xn_.as<float>(), N, H, obs, transforms,
                 {g_.as<float>(), u_.as<float>()});
-        k::launch_silu_mul(g_.as<float>(), u_.as<float>(), N * I, stream_);
+        silu_mul(g_.as<float>(), u_.as<float>(), N * I);
         check_launch("silu_mul");
         keep_state(run, 2, g_.as<float>(), N * I);
       } else {
@@ -577,13 +580,27 @@ class CudaForward final : public Forward {
     check_cuda(cudaStreamSynchronize(stream_), "decoder layer");
   }
 
+  // RMSNorm and SiLU·up: the CPU engine's arithmetic and order in exact mode (exact_kernels.h).
+  void rms_norm(const float* x, float* y, int64_t N, int64_t H, const float* w, double eps) {
+    if (prec_ == Precision::Exact)
+      k::launch_exact_rms_norm(x, y, N, H, w, eps, stream_);
+    else
+      k::launch_rms_norm(x, y, N, H, w, eps, stream_);
+  }
+  void silu_mul(float* g, const float* u, int64_t n) {
+    if (prec_ == Precision::Exact)
+      k::launch_exact_silu_mul(g, u, n, stream_);
+    else
+      k::launch_silu_mul(g, u, n, stream_);
+  }
+
   // The final norm of rows [0, M) of x into y.
   void final_norm(const float* x, float* y, int64_t M) {
     if (gpt2_)
       k::launch_layer_norm(x, y, M, cfg_.hidden_size, vec("transformer.ln_f.weight"), vec("transformer.ln_f.bias"),
                            cfg_.rms_norm_eps, stream_);
     else
-      k::launch_rms_norm(x, y, M, cfg_.hidden_size, vec("model.norm.weight"), cfg_.rms_norm_eps, stream_);
+      rms_norm(x, y, M, cfg_.hidden_size, vec("model.norm.weight"), cfg_.rms_norm_eps);
   }
 
   std::vector<float> head(const std::vector<int64_t>& rows, Observer* obs) override {
@@ -786,6 +803,15 @@ class CudaForward final : public Forward {
   void attention(const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv, float* out,
                  int64_t ldo, int64_t NQ, int64_t NKV, int64_t D, int64_t window, float scale) {
     const int64_t T = T_, pairs = B_ * NQ, groups = NQ / NKV;
+    if (prec_ == Precision::Exact) {
+      CALQ_CHECK(k::launch_exact_attention(q, ldq, k, ldk, v, ldv, out, ldo, B_, T, NQ, NKV, D,
+                                           d_lengths_.as<int64_t>(), window, scale, stream_),
+                 "--forward-precision exact: the attention of {} tokens needs {} bytes of shared memory per block, "
+                 "more than this GPU gives; use a shorter sequence, another precision or --device cpu",
+                 T, (T + D) * static_cast<int64_t>(sizeof(float)));
+      check_launch("attention (exact)");
+      return;
+    }
     const int64_t bq = std::min(T, kAttnBlock);
     const size_t per_pair = static_cast<size_t>(bq * T) * sizeof(float);
     // At most kAttnScratch, and a quarter of what is free (the scores never crowd out the rest).
@@ -864,7 +890,12 @@ class CudaForward final : public Forward {
     if (rows == 0) return;
     const float one = 1.0f, zero = 0.0f;
     const int out = static_cast<int>(L.out), in = static_cast<int>(L.in), n = static_cast<int>(rows);
-    if (!L.bf16) {
+    if (prec_ == Precision::Exact) {
+      // Y = X · Wᵀ as the CPU gemm: A = X [rows, in], B = W [out, in] ("transposed").
+      k::launch_exact_gemm(rows, L.out, L.in, 1.0f, 0.0f, X, L.in, 1, L.w.as<void>(), false, 1, L.in, Y, L.out, false,
+                           stream_);
+      check_launch("gemm (exact)");
+    } else if (!L.bf16) {
       check_cublas(k::libs().cublasSgemm_v2(blas_, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &one, L.w.as<float>(), in, X, in, &zero,
                                Y, out),
                    "cublasSgemm");
@@ -990,7 +1021,7 @@ class CudaForward final : public Forward {
   // same round-to-nearest-even as the host's f32_to_bf16.
   void upload_linear(Linear& L, const std::string& tensor, const std::string& module, bool linear_weight) {
     const size_t n = static_cast<size_t>(L.out * L.in);
-    L.bf16 = prec_ != Precision::F32;
+    L.bf16 = prec_ == Precision::BF16 || prec_ == Precision::BF16_FAST;
     L.one_term = prec_ == Precision::BF16_FAST && &L != &head_;
     const size_t wbytes = L.bf16 ? sizeof(uint16_t) : sizeof(float);
     Source::Raw raw = src_.raw ? src_.raw(tensor, linear_weight) : Source::Raw{};
@@ -1082,7 +1113,7 @@ class CudaForward final : public Forward {
         vecs.push_back(a + "k_norm.weight");
       }
     }
-    const size_t wbytes = prec_ != Precision::F32 ? 2 : 4;
+    const size_t wbytes = prec_ == Precision::BF16 || prec_ == Precision::BF16_FAST ? 2 : 4;
     // Bytes of each layer's linear weights (and biases); with a resident limit, the largest
     // resident_limit_ layers count.
     std::vector<size_t> layer_bytes;
@@ -1107,7 +1138,7 @@ class CudaForward final : public Forward {
     if (need > avail)
       fail("--device cuda: out of GPU memory: the weights need {} bytes ({} precision, {}a staging copy of the largest "
            "included), {} bytes are free on GPU 0 (of {}); {}",
-           need, prec_ != Precision::F32 ? "bf16" : "fp32",
+           need, wbytes == 2 ? "bf16" : "fp32",
            resident_limit_ ? fmt::format("{} decoder layer(s) at a time, ", resident_limit_) : std::string(), avail,
            total, kWeightHint);
     if (!resident_limit_)
@@ -1188,6 +1219,9 @@ std::unique_ptr<Forward> create(const io::ModelConfig& cfg, Precision precision,
   CALQ_CHECK(cfg.num_key_value_heads > 0 && cfg.num_attention_heads % cfg.num_key_value_heads == 0,
              "--device cuda: {} attention heads are not a multiple of {} key/value heads", cfg.num_attention_heads,
              cfg.num_key_value_heads);
+  // Exact mode: dense llama-family models only (engine::Model::load says so in user terms first).
+  CALQ_CHECK(precision != Precision::Exact || (cfg.arch != io::Arch::Gpt2 && !cfg.is_moe()),
+             "engine (cuda): exact precision supports the dense llama-family models only");
   return std::make_unique<CudaForward>(cfg, precision, src, sliding, check_nan, resident_layers, bf16_slots);
 }
 

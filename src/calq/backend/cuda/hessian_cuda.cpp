@@ -8,7 +8,8 @@
 // accumulation, the lower triangle in column panels) into a shared fp32 scratch, added into the
 // object's fp64 sum by a kernel. In fp32 the blocks hold the same 512 rows as the CPU
 // HessianAccumulator's, so it differs from it only by the summation order inside a block
-// product; TF32 / BF16 take larger blocks (GpuHessian::default_block). Everything runs on one stream shared by all objects
+// product; Exact (exact_kernels.h) computes each element of the block product in the CPU's order
+// too, so it gives the CPU's bits; TF32 / BF16 take larger blocks (GpuHessian::default_block). Everything runs on one stream shared by all objects
 // (one cuBLAS handle, atomics off: deterministic), ordered after the caller's stream by events.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -19,6 +20,7 @@
 #include <mutex>
 #include <utility>
 
+#include "calq/backend/cuda/exact_kernels.h"
 #include "calq/backend/cuda/kernels.h"
 #include "calq/backend/cuda/check.h"
 #include "calq/backend/cuda/memory.h"
@@ -174,7 +176,12 @@ struct GpuHessian::Impl {
     const int ni = static_cast<int>(n), k = static_cast<int>(pending_rows);
     // The pending rows (k × n, row-major) are Xᵀ column-major (n × k): tmp = Xᵀ·X, whose
     // column-major lower triangle is the row-major upper one.
-    if (prec == HessianPrecision::F32) {
+    if (prec == HessianPrecision::Exact) {
+      // tmp[i][j] = Σ_r x[r][i]·x[r][j] as the CPU's gemm: A(i, r) = pending[r·n + i], B(r, j) =
+      // pending[r·n + j]; the upper triangle (row-major) is the one added below.
+      cuda::launch_exact_gemm(n, n, k, 1.0f, 0.0f, static_cast<const float*>(pending), 1, n, pending, false, n, 1,
+                              tmp, n, true, c.stream);
+    } else if (prec == HessianPrecision::F32) {
       check_cublas(libs().cublasSsyrk_v2(c.blas, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, ni, k, &one,
                                static_cast<const float*>(pending), ni, &zero, tmp, ni),
                    "cublasSsyrk");
