@@ -9,7 +9,9 @@
 # Usage: bench/cuda_e2e.sh MODEL_DIR [samples (128)] [method (gptq)] [format (int4)]
 # Environment: CALQ (a calq binary built with CUDA; default build/release/calq), SHARED, WORK_DIR,
 #              CHUNKS, EVAL_DEVICE (cuda), FORWARD_DEVICE (the cuda run's --forward-device; default
-#              cuda: the GPU engine; cpu reproduces the CPU run's codes).
+#              cuda: the GPU engine; cpu reproduces the CPU run's codes), CUDA_ARGS (more options for
+#              the cuda run, e.g. "--forward-precision exact", which is meant to reproduce them on
+#              the GPU engine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:?usage: bench/cuda_e2e.sh MODEL_DIR [samples] [method] [format]}
@@ -22,16 +24,17 @@ CALQ=${CALQ:-build/release/calq}
 CHUNKS=${CHUNKS:-}
 EVAL_DEVICE=${EVAL_DEVICE:-cuda}
 FORWARD_DEVICE=${FORWARD_DEVICE:-cuda}
+CUDA_ARGS=${CUDA_ARGS:-}
 mkdir -p "$W/data"
 export CALQ_DATA=$W/data CALQ_OFFLINE=1
 ln -sf "$(realpath "$SHARED/data/calibration/calibration_datav3.txt")" "$W/data/"
 ln -sf "$(realpath "$SHARED/data/wikitext-2-raw/wiki.test.raw")" "$W/data/"
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
-echo "model: $MODEL; $METHOD $FORMAT; calibration bartowski-v3 ${SAMPLES}x512; cuda run: --forward-device $FORWARD_DEVICE"
+echo "model: $MODEL; $METHOD $FORMAT; calibration bartowski-v3 ${SAMPLES}x512; cuda run: --forward-device $FORWARD_DEVICE $CUDA_ARGS"
 for dev in cpu cuda; do
   /usr/bin/time -f "$dev: wall %e s, peak RSS %M KB" $CALQ -q quantize -i "$MODEL" -o "$W/$dev" --method "$METHOD" \
     --format "$FORMAT" --samples "$SAMPLES" --seq-len 512 --device $dev --forward-device "$([ $dev = cpu ] && echo cpu || echo "$FORWARD_DEVICE")" \
-    --overwrite 2>&1 | grep -v "^warning"
+    $([ $dev = cuda ] && echo "$CUDA_ARGS") --overwrite 2>&1 | grep -v "^warning"
 done
 python3 - "$W" "$FORMAT" <<'PY'
 import glob, json, os, struct, sys

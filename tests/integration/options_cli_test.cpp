@@ -532,3 +532,49 @@ TEST(DataCli, JsonlFieldsBadLinesAndMinChars) {
   r = run_calq(ev + (t / "e.jsonl").string() + " --field title", d);
   EXPECT_EQ(r.rc, 1) << r.output;
 }
+
+// data inspect --bos and --no-shuffle, seen in the selection itself: with llama2's tokenizer
+// (which adds <s>) auto and always start every sequence with BOS and never starts none; GPT-2's
+// adds none, so auto gives none and always gives <|endoftext|> (its BOS); a Qwen3 tokenizer without
+// a BOS token refuses always. --no-shuffle starts with the first paragraph of the file; the seeded
+// shuffle (seed 3 here) with another one.
+TEST(DataCli, BosModesAndSourceOrder) {
+  SharedData s;
+  const fs::path llama2 = shared_file("data/tokenizers/llama2"), gpt2 = shared_file("data/tokenizers/gpt2");
+  if (!s.ok || llama2.empty() || gpt2.empty()) GTEST_SKIP() << "../shared absent";
+  TempDir t;
+  auto d = calq_data_dir(t, s);
+  std::string text;
+  const char* names[] = {"Amber", "Birch", "Cedar", "Dune", "Ember", "Fjord", "Grove", "Heath", "Inlet", "Juniper"};
+  for (const char* n : names)
+    text += std::string(n) + " was the name of the valley where the river bends twice before the sea.\n\n";
+  write_file(t / "p.txt", text);
+  const auto inspect = [&](const fs::path& tok, const std::string& extra) {
+    const fs::path out = t / "s.json";
+    fs::remove(out);
+    const auto r = run_calq("-q data inspect --calibration " + (t / "p.txt").string() + " --tokenizer " + tok.string() +
+                                " --samples 4 --seq-len 12 --json " + out.string() + " " + extra,
+                            d);
+    EXPECT_EQ(r.rc, 0) << extra << "\n" << r.output;
+    return r.rc == 0 ? read_json(out)["selection"] : json();
+  };
+  EXPECT_EQ(inspect(llama2, "")["sequences_starting_with_bos"], 4);
+  EXPECT_EQ(inspect(llama2, "--bos always")["sequences_starting_with_bos"], 4);
+  EXPECT_EQ(inspect(llama2, "--bos never")["sequences_starting_with_bos"], 0);
+  EXPECT_EQ(inspect(gpt2, "")["sequences_starting_with_bos"], 0);
+  const auto g = inspect(gpt2, "--bos always --no-shuffle");
+  EXPECT_EQ(g["sequences_starting_with_bos"], 4);
+  EXPECT_EQ(g["first_text"].get<std::string>().rfind("<|endoftext|>Amber was", 0), 0u) << g.dump();
+  auto r = run_calq("-q data inspect --calibration " + (t / "p.txt").string() + " --tokenizer " + s.m16.string() +
+                        " --samples 4 --seq-len 12 --bos always",
+                    d);
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("BOS requested but the tokenizer"), std::string::npos) << r.output;
+  const auto ordered = inspect(gpt2, "--no-shuffle --bos never");
+  EXPECT_EQ(ordered["shuffled"], false);
+  EXPECT_EQ(ordered["first_text"].get<std::string>().rfind("Amber was the name", 0), 0u) << ordered.dump();
+  const auto shuffled = inspect(gpt2, "--bos never --seed 3");
+  EXPECT_EQ(shuffled["shuffled"], true);
+  EXPECT_EQ(shuffled["first_text"].get<std::string>().rfind("Amber", 0), std::string::npos) << shuffled.dump();
+  EXPECT_NE(shuffled["first_text"].get<std::string>().find(" was the name"), std::string::npos) << shuffled.dump();
+}

@@ -191,3 +191,113 @@ TEST(TrainCli, BadInput) {
   const auto st = nlohmann::json::parse(read_file(d / "nan/checkpoint/trainer_state.json"));
   EXPECT_EQ(st["step"], step - 1);  // the checkpoint of the last finite step, not overwritten
 }
+
+// --merged writes the base model with each adapter merged: every targeted weight is bf16(W +
+// (alpha/r)·B·A) of the written adapter (a float64 reference, within half a bf16 step), untargeted
+// weights are the base's bytes, trained norms (--train-norms) are the adapter's values in bf16; the
+// merged model scores (calq eval, the engine) the perplexity the trainer measured with its
+// adapters. What would refuse the merge is refused before training, with no adapter written: a
+// head LoRA on a tied head, an existing --merged, --merged equal to --output.
+TEST(TrainCli, MergedModelIsTheBasePlusTheScaledAdapters) {
+  const Env e = env();
+  const fs::path wiki = shared_file("data/wikitext-2-raw/wiki.test.raw");
+  if (!e.ok() || wiki.empty()) GTEST_SKIP() << "bench-qwen3-16m, calibration or WikiText-2 text not in ../shared";
+  TempDir d;
+  auto r = train(e, d / "a",
+                 "--bits 4:8 --cycles 1 --steps 4 --train-norms --merged " + (d / "m").string() +
+                     " --eval-bits fp32 --eval-data " + wiki.string() + " --eval-ctx 32 --eval-chunks 2");
+  ASSERT_EQ(r.rc, 0) << r.output;
+  const auto base = read_model_tensors(e.model), merged = read_model_tensors(d / "m");
+  const auto ad = read_safetensors(d / "a/adapter_model.safetensors");
+  ASSERT_EQ(base.size(), merged.size());
+  const double scale = 32.0 / 2.0;  // lora_alpha / r
+  int64_t changed = 0;
+  for (const auto& [name, t] : base) {
+    ASSERT_TRUE(merged.count(name)) << name;
+    const auto& m = merged.at(name);
+    EXPECT_EQ(m.dtype, t.dtype) << name;
+    EXPECT_EQ(m.shape, t.shape) << name;
+    const std::string stem = name.substr(0, name.size() - 7);  // without ".weight"
+    const std::string key = "base_model.model." + stem;
+    if (ad.count(key + ".lora_A.weight")) {
+      const auto W = raw_to_float(t), M = raw_to_float(m);
+      const auto A = raw_to_float(ad.at(key + ".lora_A.weight")), B = raw_to_float(ad.at(key + ".lora_B.weight"));
+      const int64_t out = t.shape[0], in = t.shape[1], rank = ad.at(key + ".lora_A.weight").shape[0];
+      int bad = 0;
+      for (int64_t o = 0; o < out; ++o)
+        for (int64_t i = 0; i < in; ++i) {
+          double ba = 0, mag = 0;
+          for (int64_t k = 0; k < rank; ++k) {
+            ba += static_cast<double>(B[o * rank + k]) * A[k * in + i];
+            mag += std::fabs(static_cast<double>(B[o * rank + k]) * A[k * in + i]);
+          }
+          const double want = W[o * in + i] + scale * ba;
+          const double got = M[o * in + i];
+          changed += got != W[o * in + i];
+          // Half a bf16 step of the result, plus the fp32 merge's rounding (cancellation).
+          const double tol = std::ldexp(std::fabs(want), -8) + std::ldexp(std::fabs(W[o * in + i]) + scale * mag, -21);
+          if (!(std::fabs(got - want) <= tol) && bad++ < 3)
+            ADD_FAILURE() << name << "[" << o << "," << i << "] = " << got << ", W + s·BA = " << want;
+        }
+    } else if (ad.count(key + ".weight") && name.find("norm") != std::string::npos) {
+      const auto N = raw_to_float(ad.at(key + ".weight")), M = raw_to_float(m);
+      ASSERT_EQ(N.size(), M.size()) << name;
+      for (size_t i = 0; i < N.size(); ++i)
+        ASSERT_LE(std::fabs(M[i] - N[i]), std::ldexp(std::fabs(N[i]), -8)) << name << "[" << i << "]";
+    } else {
+      EXPECT_TRUE(m.bytes == t.bytes) << name << " is not the base's";
+    }
+  }
+  EXPECT_GT(changed, 0) << "no merged weight moved (untrained adapters?)";
+  const std::string key = "after training: perplexity at fp32: ";
+  const size_t at = r.output.find(key);
+  ASSERT_NE(at, std::string::npos) << r.output;
+  const double trained = std::stod(r.output.substr(at + key.size()));
+  auto ev = run("CALQ_OFFLINE=1 " + calq_bin() + " -q eval --model " + (d / "m").string() + " --dataset " + wiki.string() +
+                " --ctx 32 --chunks 2 --json " + (d / "ppl.json").string());
+  ASSERT_EQ(ev.rc, 0) << ev.output;
+  const double merged_ppl = read_json(d / "ppl.json")["ppl"];
+  std::printf("trainer (adapters, fp32) %.5f, merged model (bf16) %.5f\n", trained, merged_ppl);
+  EXPECT_NEAR(merged_ppl, trained, 0.01 * trained);
+
+  const struct {
+    std::string args, expect;
+  } refused[] = {{"--lora-head --merged " + (d / "m2").string(), "the head's LoRA cannot be merged into a head tied"},
+                 {"--merged " + (d / "m").string(), "already exists; use --overwrite"},
+                 {"--merged " + (d / "b").string() + "/", "must be a directory of its own"}};
+  for (const auto& c : refused) {
+    r = train(e, d / "b", "--bits 4:8 --cycles 1 --steps 2 " + c.args);
+    EXPECT_EQ(r.rc, 1) << c.args << "\n" << r.output;
+    EXPECT_NE(r.output.find(c.expect), std::string::npos) << c.args << "\n" << r.output;
+    EXPECT_EQ(r.output.find("train cpt:"), std::string::npos) << c.args << ": refused only after training";
+    EXPECT_FALSE(fs::exists(d / "b/adapter_model.safetensors")) << c.args;
+  }
+}
+
+// Optimizer and quantizer options reach the run: each gives a valid adapter other than the
+// default's (--quantizer log, --gradient-ranges calibrated, --lora-dropout, --weight-decay with
+// --decay-lora, --warmup, --min-lr), the fingerprint records the quantizer and the dropout, and
+// --prt-threshold is the one the precision range test prints.
+TEST(TrainCli, OptimizerAndQuantizerOptionsChangeTheRun) {
+  const Env e = env();
+  if (!e.ok()) GTEST_SKIP() << "bench-qwen3-16m or calibration text not in ../shared";
+  TempDir d;
+  const std::string opts = "--bits 4:8 --cycles 1 --steps 4 ";
+  auto r = train(e, d / "base", opts);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  const std::string first = read_file(d / "base/adapter_model.safetensors");
+  int i = 0;
+  for (const std::string v : {"--quantizer log", "--gradient-ranges calibrated", "--lora-dropout 0.2",
+                              "--weight-decay 0.5 --decay-lora", "--warmup 2", "--min-lr 1e-3"}) {
+    const fs::path out = d / ("v" + std::to_string(i++));
+    r = train(e, out, opts + v);
+    ASSERT_EQ(r.rc, 0) << v << "\n" << r.output;
+    EXPECT_NE(read_file(out / "adapter_model.safetensors"), first) << v << " changed nothing";
+    const auto fp = read_json(out / "training_log.json")["fingerprint"];
+    if (v == "--quantizer log") EXPECT_EQ(fp["weight_quantizer"], "log");
+    if (v == "--lora-dropout 0.2") EXPECT_DOUBLE_EQ(fp["lora_dropout"].get<double>(), 0.2);
+  }
+  r = train(e, d / "prt", opts + "--prt --prt-batches 1 --prt-threshold 0.25");
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_NE(r.output.find("threshold 0.25 top-1 accuracy"), std::string::npos) << r.output;
+}

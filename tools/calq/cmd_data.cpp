@@ -1,6 +1,8 @@
 // calq data: list, fetch and inspect calibration / evaluation datasets.
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
+#include <algorithm>
 #include <fstream>
 #include <iostream>
 
@@ -108,14 +110,30 @@ int run_inspect(const DataArgs& a) {
     so.bos = a.bos == "always" ? data::BosMode::Always : a.bos == "never" ? data::BosMode::Never : data::BosMode::Auto;
     auto cs = data::make_calibration_set(ds, *tok, so);
     const int64_t slots = static_cast<int64_t>(cs.tokens.size()) * cs.seq_len;
+    // What --bos and --no-shuffle did, seen in the sequences themselves: how many start with the
+    // tokenizer's BOS, and the start of the first one.
+    size_t with_bos = 0;
+    const auto bos_id = tok->bos_id();
+    for (const auto& seq : cs.tokens) with_bos += bos_id && !seq.empty() && seq.front() == *bos_id;
+    std::vector<int32_t> first;
+    if (!cs.tokens.empty()) {
+      const auto& s0 = cs.tokens.front();
+      first.assign(s0.begin(), s0.begin() + std::min<int64_t>({8, cs.lengths.front(), static_cast<int64_t>(s0.size())}));
+    }
+    const std::string first_text = tok->decode(first, false);
     fmt::print("selection   {} sequences × {} tokens ({}), from {} samples; {} real tokens, {:.1f}% padding; "
                "{} duplicates removed, {} too short\n",
                cs.tokens.size(), cs.seq_len, a.packing, cs.samples_used, cs.real_tokens(),
                slots ? 100.0 * static_cast<double>(slots - cs.real_tokens()) / static_cast<double>(slots) : 0.0,
                cs.duplicates_removed, cs.too_short);
+    fmt::print("            order {}; {} of {} sequences start with BOS (--bos {}); the first begins {:?}\n",
+               a.no_shuffle ? "as in the source" : fmt::format("shuffled (seed {})", a.seed), with_bos,
+               cs.tokens.size(), a.bos, first_text);
     j["selection"] = {{"sequences", cs.tokens.size()}, {"seq_len", cs.seq_len}, {"packing", a.packing},
                       {"samples_used", cs.samples_used}, {"real_tokens", cs.real_tokens()},
-                      {"duplicates_removed", cs.duplicates_removed}, {"too_short", cs.too_short}, {"seed", a.seed}};
+                      {"duplicates_removed", cs.duplicates_removed}, {"too_short", cs.too_short}, {"seed", a.seed},
+                      {"shuffled", !a.no_shuffle}, {"bos", a.bos}, {"sequences_starting_with_bos", with_bos},
+                      {"first_tokens", first}, {"first_text", first_text}};
   }
   if (!a.json_out.empty()) io::write_file_atomic(a.json_out, j.dump(2) + "\n");
   return 0;

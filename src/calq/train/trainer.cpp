@@ -376,6 +376,24 @@ TrainResult train_cpt(const TrainOptions& o) {
 
   // ---- model and quantizers
   Model m = Model::load(o.model, o.model_opts);
+  // --merged is written after training: what would refuse it is checked now, not after the work.
+  if (!o.merged.empty()) {
+    const auto norm = [](const std::string& p) {
+      fs::path a = fs::weakly_canonical(fs::absolute(fs::path(p))).lexically_normal();
+      return a.filename().empty() ? a.parent_path() : a;  // "out/" -> "out"
+    };
+    const fs::path merged = norm(o.merged);
+    CALQ_CHECK(merged != norm(o.output) && merged != norm(o.model),
+               "--merged {}: must be a directory of its own (not --output or --model)", o.merged);
+    CALQ_CHECK(o.overwrite || !fs::exists(merged), "--merged {} already exists; use --overwrite or another directory",
+               o.merged);
+    CALQ_CHECK(merged.has_parent_path() && fs::is_directory(merged.parent_path()),
+               "--merged {}: the parent directory does not exist", o.merged);
+    for (const auto& L : m.linears())
+      CALQ_CHECK(!L.lora || !L.W.empty(),
+                 "--merged: the head's LoRA cannot be merged into a head tied to the embedding (the input embedding "
+                 "would change too); train without --lora-head or keep the adapter separate");
+  }
   CALQ_CHECK(tok->vocab_size() <= m.config().vocab_size, "the tokenizer has {} tokens but {} has vocab_size {}",
              tok->vocab_size(), o.model, m.config().vocab_size);
   log_info("{}: {} LoRA parameters on {} modules (rank {}, alpha {}), {} trainable, {} frozen", o.model,
