@@ -578,3 +578,80 @@ TEST(DataCli, BosModesAndSourceOrder) {
   EXPECT_EQ(shuffled["first_text"].get<std::string>().rfind("Amber", 0), std::string::npos) << shuffled.dump();
   EXPECT_NE(shuffled["first_text"].get<std::string>().find(" was the name"), std::string::npos) << shuffled.dump();
 }
+
+// generate-model --std: the linear weights are N(0, std²) (sample std within 1.5 % and mean within
+// 0.5 % of std, over 393,216 values), norms are 1; --outlier-rate / --outlier-scale scale that share
+// of input columns by the scale.
+TEST(ModelCli, GenerateStdAndOutliers) {
+  SharedData s;
+  if (!s.ok) GTEST_SKIP() << "../shared absent";
+  TempDir t;
+  auto d = calq_data_dir(t, s);
+  const auto stats = [](const std::vector<float>& v) {
+    double m = 0, q = 0;
+    for (float x : v) m += x;
+    m /= static_cast<double>(v.size());
+    for (float x : v) q += (x - m) * (x - m);
+    return std::pair<double, double>{m, std::sqrt(q / static_cast<double>(v.size()))};
+  };
+  auto r = run_calq("-q generate-model -c " + s.m16.string() + " -o " + (t / "g").string() +
+                        " --dtype fp32 --layers 1 --std 0.07",
+                    d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  auto w = read_model_tensors(t / "g");
+  const auto down = raw_to_float(w.at("model.layers.0.mlp.down_proj.weight"));
+  const auto [mean, sd] = stats(down);
+  std::printf("--std 0.07: mean %.6f, std %.6f over %zu values\n", mean, sd, down.size());
+  EXPECT_NEAR(sd, 0.07, 0.015 * 0.07);
+  EXPECT_NEAR(mean, 0.0, 0.005 * 0.07);
+  for (float x : raw_to_float(w.at("model.layers.0.input_layernorm.weight"))) ASSERT_EQ(x, 1.0f);
+  r = run_calq("-q generate-model -c " + s.m16.string() + " -o " + (t / "o").string() +
+                   " --dtype fp32 --layers 1 --std 0.07 --outlier-rate 0.1 --outlier-scale 5",
+               d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  w = read_model_tensors(t / "o");
+  const auto& info = w.at("model.layers.0.mlp.down_proj.weight");
+  const auto o = raw_to_float(info);
+  const int64_t rows = info.shape[0], cols = info.shape[1];
+  int64_t outliers = 0;
+  double outlier_sd = 0;
+  for (int64_t c = 0; c < cols; ++c) {
+    std::vector<float> col(static_cast<size_t>(rows));
+    for (int64_t i = 0; i < rows; ++i) col[static_cast<size_t>(i)] = o[static_cast<size_t>(i * cols + c)];
+    const double csd = stats(col).second;
+    if (csd > 0.07 * 2.5) {
+      ++outliers;
+      outlier_sd += csd;
+    }
+  }
+  std::printf("--outlier-rate 0.1 --outlier-scale 5: %lld of %lld columns, their std %.4f\n",
+              static_cast<long long>(outliers), static_cast<long long>(cols), outliers ? outlier_sd / outliers : 0.0);
+  EXPECT_NEAR(static_cast<double>(outliers) / static_cast<double>(cols), 0.1, 0.03);
+  ASSERT_GT(outliers, 0);
+  EXPECT_NEAR(outlier_sd / static_cast<double>(outliers), 0.35, 0.1 * 0.35);
+}
+
+// quantize --work-dir: the per-layer checkpoints go there (not OUTPUT.calq-work), --keep-work-dir
+// keeps them; a kept work directory is not silently reused by another run (--resume or
+// --overwrite), and --overwrite replaces it and writes the same bytes.
+TEST(QuantizeCli, WorkDirOption) {
+  SharedData s;
+  if (!s.ok) GTEST_SKIP() << "../shared absent";
+  TempDir t;
+  auto d = calq_data_dir(t, s);
+  const std::string q = "-q quantize -i " + s.m16.string() + " --method gptq --format int4 --samples 4 --seq-len 64" +
+                        " --work-dir " + (t / "w").string() + " -o ";
+  auto r = run_calq(q + (t / "a").string() + " --keep-work-dir", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_TRUE(fs::exists(t / "w" / "manifest.json"));
+  EXPECT_TRUE(fs::exists(t / "w" / "layer_00007"));
+  EXPECT_FALSE(fs::exists(t / "a.calq-work"));
+  r = run_calq(q + (t / "b").string(), d);
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.output.find("pass --resume to continue it, or --overwrite to discard it"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(t / "b"));
+  r = run_calq(q + (t / "b").string() + " --overwrite", d);
+  ASSERT_EQ(r.rc, 0) << r.output;
+  EXPECT_FALSE(fs::exists(t / "w"));  // removed after success
+  expect_same_files(t / "a", t / "b");
+}
