@@ -4,6 +4,10 @@
 // CALQ_TEST_SHARED_DIR on a GPU machine) and a usable GPU; skips otherwise.
 #include <gtest/gtest.h>
 
+#include <cuda_runtime.h>
+
+#include <set>
+
 #include "gpu/gpu_support.h"
 #include "support.h"
 
@@ -77,6 +81,26 @@ TEST_F(GpuCli, TwoWorkersGiveTheSameBytes) {
   auto r = run_calq("-q quantize" + in + " -o " + (t / "bad").string() + kGptq + " --devices 0,99", d);
   EXPECT_EQ(r.rc, 1);
   EXPECT_NE(r.output.find("GPU 99 does not exist"), std::string::npos) << r.output;
+}
+
+// --devices 0,1 on a machine with two GPUs (skipped with one): the bytes of a one-GPU run, for
+// GPTQ (dense groups spread over the workers) and MR-GPTQ (rotations on each worker's GPU), and
+// both GPUs did quantize modules (calq_report.json names each module's GPU).
+TEST_F(GpuCli, TwoGpusGiveTheSameBytes) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count < 2) GTEST_SKIP() << count << " GPU(s) visible, 2 needed";
+  for (const std::string method : {"gptq --format int4", "mr-gptq --format nvfp4"}) {
+    const std::string args =
+        " --method " + method + " --samples 6 --seq-len 128 --calib-batch 2 --device cuda --overwrite";
+    auto r = run_calq("-q quantize" + in + " -o " + (t / "one").string() + args, d);
+    ASSERT_EQ(r.rc, 0) << r.output;
+    r = run_calq("-q quantize" + in + " -o " + (t / "two").string() + args + " --devices 0,1", d);
+    ASSERT_EQ(r.rc, 0) << r.output;
+    expect_same_files(t / "one", t / "two");
+    std::set<int> used;
+    for (const auto& m : read_json(t / "two" / "calq_report.json")["gptq"]["modules"]) used.insert(m["gpu"].get<int>());
+    EXPECT_EQ(used, (std::set<int>{0, 1})) << method;
+  }
 }
 
 // --forward-precision bf16 (tensor-core forward passes in calibration): a valid run whose quality

@@ -125,6 +125,7 @@ ModuleQuantResult ModuleQuantizer::quantize(engine::Model& m, const TensorPlan& 
     out.report = {{"proxy_loss", r.proxy_loss}, {"seconds", r.seconds}, {"damp", r.damp_used},
                   {"dead_inputs", r.dead_inputs}};
     if (go.cuda) {
+      out.report["gpu"] = go.device;  // the ordinal that ran it (--devices)
       // The host work around the GPU call, beside its own stages: reading the weights, the
       // call's wall time outside its stages, the dequantized copy for the engine.
       auto st = stage_json(r.stages);
@@ -183,7 +184,10 @@ ModuleQuantResult ModuleQuantizer::quantize(engine::Model& m, const TensorPlan& 
   out.report = {{"proxy_loss", r.gptq.proxy_loss}, {"seconds", r.gptq.seconds}, {"damp", r.gptq.damp_used},
                 {"dead_inputs", r.gptq.dead_inputs}};
   out.report.update(extra);
-  if (mo.gptq.cuda) out.report["stages"] = stage_json(r.gptq.stages);
+  if (mo.gptq.cuda) {
+    out.report["stages"] = stage_json(r.gptq.stages);
+    out.report["gpu"] = mo.gptq.device;
+  }
   if (r.rotation) out.report["rotation"] = r.rotation->describe();
   out.q = std::move(r.gptq.q);
   out.rotation = std::move(r.rotation);
