@@ -457,12 +457,13 @@ TEST(GpuEngineLayerCache, TrueSequentialPassesGiveTheUncachedBits) {
 // gpu_embed gathers the embedding rows on the GPU: bit for bit the host's embed (fp32 and bf16
 // tables; GPT-2, whose positions are learned, through the host path); a token outside the
 // vocabulary is the same error as embed's.
-// Precision::Exact (--forward-precision exact): the CPU engine's bits. Every dense llama-family
-// fixture (GQA, MHA with biases and tied head, llama3 and linear RoPE scaling, a sliding window,
-// qk-norm) on three batches: right padding, sequences past the 64-query blocks, and one of 600
-// tokens, past the 512-term chains of the attention's products. Logits and every observed input
-// are compared bit for bit, padding rows included (both engines compute them the same way).
-// GPT-2 and MoE models are refused with a clear error.
+// Precision::Exact (--forward-precision exact): the CPU engine's bits. Every llama-family fixture
+// (GQA, MHA with biases and tied head, llama3 and linear RoPE scaling, a sliding window, qk-norm,
+// and the MoE ones: Qwen3-MoE with and without norm_topk_prob, with a dense layer between sparse
+// ones, Mixtral) on three batches: right padding, sequences past the 64-query blocks, and one of
+// 600 tokens, past the 512-term chains of the attention's products. Logits and every observed
+// input (expert inputs included) are compared bit for bit, padding rows included (both engines
+// compute them the same way). GPT-2 is refused with a clear error.
 TEST(GpuEngineExact, LogitsAndObservedInputsAreTheCpuBits) {
   REQUIRE_GPU();
   const auto differing = [](const std::vector<float>& a, const std::vector<float>& b) {
@@ -471,7 +472,7 @@ TEST(GpuEngineExact, LogitsAndObservedInputsAreTheCpuBits) {
     for (size_t i = 0; i < a.size(); ++i) n += std::memcmp(&a[i], &b[i], sizeof(float)) != 0;
     return n;
   };
-  for (const auto& fx : kDense) {
+  for (const auto& fx : all_fixtures()) {
     if (fx == "gpt2") continue;
     auto cpu = engine::Model::load(fixture(fx), options(backend::Device::Cpu));
     auto gpu = engine::Model::load(fixture(fx), options(backend::Device::Cuda, engine::Precision::Exact));
@@ -503,15 +504,12 @@ TEST(GpuEngineExact, LogitsAndObservedInputsAreTheCpuBits) {
     const auto b = random_batch(2, 70, V, {70, 41}, 11);
     EXPECT_EQ(differing(cpu.forward(b), gpu.forward(b)), 0) << fx << " (second batch shape)";
   }
-  for (const std::string fx : {"gpt2", "qwen3_moe_norm"}) {
-    try {
-      engine::Model::load(fixture(fx), options(backend::Device::Cuda, engine::Precision::Exact));
-      ADD_FAILURE() << fx << ": exact mode accepted";
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find("--forward-precision exact supports the dense llama-family"),
-                std::string::npos)
-          << e.what();
-    }
+  try {
+    engine::Model::load(fixture("gpt2"), options(backend::Device::Cuda, engine::Precision::Exact));
+    ADD_FAILURE() << "gpt2: exact mode accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--forward-precision exact supports the llama-family"), std::string::npos)
+        << e.what();
   }
 }
 

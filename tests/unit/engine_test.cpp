@@ -3,7 +3,10 @@
 // set_weight, padding, errors, calq quantized outputs.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <bit>
 #include <cmath>
+#include <numeric>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -12,6 +15,7 @@
 #include "calq/core/error.h"
 #include "calq/engine/engine.h"
 #include "calq/engine/gemm.h"
+#include "calq/engine/router.h"
 #include "calq/io/safetensors.h"
 #include "calq/pipeline/quantize.h"
 #include "support.h"
@@ -1065,4 +1069,89 @@ TEST(EngineLayerCache, StagesOfModules) {
   EXPECT_EQ(g.layer_cache_stage("transformer.h.0.attn.c_proj"), 1);
   EXPECT_EQ(g.layer_cache_stage("transformer.h.0.mlp.c_fc"), 2);
   EXPECT_EQ(g.layer_cache_stage("transformer.h.0.mlp.c_proj"), 3);
+}
+
+// router_exp (calq/engine/router.h, the MoE router's exp on the CPU and the GPU): the float that
+// glibc's double exp rounds to, for every 997th float in [-110, 89] (about 2 million values) —
+// at most one in a million may differ (by one ulp) where the exact value is within ~1e-15 of a
+// rounding boundary; and the special values.
+TEST(EngineReference, RouterExpIsTheRoundedExp) {
+  int64_t n = 0, differ = 0;
+  uint32_t lo_bits, hi_bits;
+  const float lo = -110.0f, hi = 89.0f;
+  std::memcpy(&lo_bits, &lo, 4);
+  std::memcpy(&hi_bits, &hi, 4);
+  auto check = [&](float x) {
+    const float got = engine::router_exp(x), want = static_cast<float>(std::exp(static_cast<double>(x)));
+    ++n;
+    if (got == want) return;
+    ++differ;
+    EXPECT_EQ(std::abs(static_cast<int64_t>(std::bit_cast<int32_t>(got)) - std::bit_cast<int32_t>(want)), 1)
+        << "x = " << x << ": " << got << " vs " << want;
+  };
+  for (uint32_t b = 0x80000000u; b <= lo_bits; b += 997) check(std::bit_cast<float>(b));  // [-110, -0]
+  for (uint32_t b = 0; b <= hi_bits; b += 997) check(std::bit_cast<float>(b));            // [0, 89]
+  std::printf("[router_exp] %lld of %lld differ from (float)exp((double)x)\n", static_cast<long long>(differ),
+              static_cast<long long>(n));
+  EXPECT_LE(differ, n / 1000000 + 1);
+  EXPECT_EQ(engine::router_exp(0.0f), 1.0f);
+  EXPECT_EQ(engine::router_exp(-0.0f), 1.0f);
+  EXPECT_EQ(engine::router_exp(-INFINITY), 0.0f);
+  EXPECT_EQ(engine::router_exp(-200.0f), 0.0f);
+  EXPECT_TRUE(std::isinf(engine::router_exp(INFINITY)));
+  EXPECT_TRUE(std::isinf(engine::router_exp(89.5f)));
+  EXPECT_TRUE(std::isnan(engine::router_exp(NAN)));
+  // Subnormal results round as the double value does.
+  for (float x : {-87.5f, -95.0f, -100.0f, -103.5f, -103.9f})
+    EXPECT_EQ(engine::router_exp(x), static_cast<float>(std::exp(static_cast<double>(x)))) << x;
+}
+
+// route_row against the plain statement of the routing: probabilities p_e = float(router_exp(l_e -
+// max) / Σ) with the sum in fp64, the top K by a partial sort with (p decreasing, index increasing),
+// weights p (or p / their fp32 sum with renorm); random logits with exact ties, -inf logits, E up
+// to 128 and K up to E; a NaN row gives expert -1.
+TEST(EngineReference, RouteRowIsTheTopKOfTheSoftmax) {
+  std::mt19937 rng(23);
+  std::normal_distribution<float> nd(0, 2);
+  int cases = 0;
+  for (int E : {1, 2, 3, 8, 64, 128})
+    for (int K : {1, 2, 4, 8, 128}) {
+      if (K > E) continue;
+      for (bool renorm : {false, true})
+        for (int it = 0; it < 20; ++it, ++cases) {
+          std::vector<float> lg(static_cast<size_t>(E));
+          for (auto& x : lg) x = nd(rng);
+          if (it % 3 == 1)
+            for (int e = 1; e < E; e += 3) lg[static_cast<size_t>(e)] = lg[static_cast<size_t>(e - 1)];  // ties
+          if (it % 4 == 2 && E > 1) lg[static_cast<size_t>(E - 1)] = -INFINITY;
+          std::vector<int32_t> sel(static_cast<size_t>(K));
+          std::vector<float> wts(static_cast<size_t>(K));
+          engine::route_row(lg.data(), E, K, renorm, sel.data(), wts.data());
+          const float mx = *std::max_element(lg.begin(), lg.end());
+          double sum = 0;
+          for (float x : lg) sum += engine::router_exp(x - mx);
+          std::vector<float> p(static_cast<size_t>(E));
+          for (int e = 0; e < E; ++e)
+            p[static_cast<size_t>(e)] = static_cast<float>(engine::router_exp(lg[static_cast<size_t>(e)] - mx) / sum);
+          std::vector<int32_t> idx(static_cast<size_t>(E));
+          std::iota(idx.begin(), idx.end(), 0);
+          std::partial_sort(idx.begin(), idx.begin() + K, idx.end(), [&](int32_t a, int32_t b) {
+            return p[static_cast<size_t>(a)] > p[static_cast<size_t>(b)] ||
+                   (p[static_cast<size_t>(a)] == p[static_cast<size_t>(b)] && a < b);
+          });
+          float s = 0;
+          for (int j = 0; j < K; ++j) s += p[static_cast<size_t>(idx[static_cast<size_t>(j)])];
+          for (int j = 0; j < K; ++j) {
+            const float pj = p[static_cast<size_t>(idx[static_cast<size_t>(j)])];
+            ASSERT_EQ(sel[static_cast<size_t>(j)], idx[static_cast<size_t>(j)]) << "E " << E << " K " << K << " pick " << j;
+            ASSERT_EQ(wts[static_cast<size_t>(j)], renorm ? pj / s : pj) << "E " << E << " K " << K << " pick " << j;
+          }
+        }
+    }
+  EXPECT_GT(cases, 500);
+  std::vector<float> bad = {0.5f, NAN, 1.0f};
+  std::vector<int32_t> sel(2);
+  std::vector<float> wts(2);
+  engine::route_row(bad.data(), 3, 2, true, sel.data(), wts.data());
+  EXPECT_EQ(sel[1], -1);
 }

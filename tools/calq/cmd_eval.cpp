@@ -276,8 +276,8 @@ Command add_eval(CLI::App& app) {
                 "With --device cuda: fp32 (fp32 weights and products, default), bf16 (bf16 weights, half the "
                 "GPU memory; products on the tensor cores with fp32 accumulation, each input as two bf16 terms) or "
                 "bf16-fast (each decoder-layer product's input rounded to one bf16 term: one GEMM instead of two) or "
-                "exact (the CPU engine's operations in its order: the CPU's logits bit for bit; slower; dense "
-                "llama-family models)");
+                "exact (the CPU engine's operations in its order: the CPU's logits bit for bit; slower; "
+                "llama-family models, MoE included, not GPT-2)");
   c->add_option("--gpu-layers", a->gpu_layers,
                 "With --device cuda: decoder layers whose weights the GPU holds at once (default 0: the whole "
                 "model, uploaded at load; N: each batch uploads the layers beyond the N most recently run, for "

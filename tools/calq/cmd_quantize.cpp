@@ -110,7 +110,7 @@ Command add_quantize(CLI::App& app) {
                   "arithmetic of an fp16/bf16 PyTorch forward; logits ~5e-3 (rel RMS) from fp32) or exact (every "
                   "operation of the CPU engine in the CPU engine's order, on the CUDA cores: the CPU's bits, so with "
                   "the Hessians also exact (the default then) the output is byte-identical to --device cpu; slower "
-                  "than fp32; dense llama-family models). docs/cuda.md")
+                  "than fp32; llama-family models, MoE included, not GPT-2). docs/cuda.md")
       ->check(CLI::IsMember({"fp32", "bf16", "bf16-fast", "exact"}));
   sub->add_option("--gpu-layers", a->gpu_layers,
                   "Decoder layers whose weights the GPU holds at once during GPU calibration forward passes "

@@ -1,4 +1,5 @@
 #include "calq/engine/engine.h"
+#include "calq/engine/router.h"
 
 #include <cblas.h>
 #include <omp.h>
@@ -696,31 +697,19 @@ struct Model::Impl {
     const int64_t I = mixtral ? cfg.intermediate_size : cfg.moe_intermediate_size;
     std::vector<float> logits(static_cast<size_t>(N * E));
     linears({m + "gate"}, {E}, l, xn.data(), N, H, real.data(), obs, {logits.data()});
-    // transformers (Qwen3MoeTopKRouter, MixtralTopKRouter): softmax over all experts in fp32,
+    // transformers (Qwen3MoeTopKRouter, MixtralTopKRouter), as calq/engine/router.h computes it
+    // (the GPU engine runs the same function): softmax over all experts in fp32,
     // top-k of the probabilities, then (Mixtral always, Qwen3-MoE with norm_topk_prob) divide
     // by their sum -- for Mixtral the same as a softmax over the selected logits.
     const bool renorm = mixtral || cfg.norm_topk_prob;
     std::vector<int32_t> sel(static_cast<size_t>(N * K));
     std::vector<float> wts(static_cast<size_t>(N * K));
 #pragma omp parallel for schedule(static) if (N * E * 8 >= kParallelMin)
-    for (int64_t r = 0; r < N; ++r) {
-      const float* lg = logits.data() + r * E;
-      const float mx = *std::max_element(lg, lg + E);
-      std::vector<float> pr(static_cast<size_t>(E));
-      double sum = 0;
-      for (int64_t e = 0; e < E; ++e) sum += (pr[e] = std::exp(lg[e] - mx));
-      for (int64_t e = 0; e < E; ++e) pr[e] = static_cast<float>(pr[e] / sum);
-      std::vector<int32_t> idx(static_cast<size_t>(E));
-      std::iota(idx.begin(), idx.end(), 0);
-      std::partial_sort(idx.begin(), idx.begin() + K, idx.end(),
-                        [&](int32_t a, int32_t b) { return pr[a] > pr[b] || (pr[a] == pr[b] && a < b); });
-      float s = 0;
-      for (int64_t j = 0; j < K; ++j) s += pr[idx[j]];
-      for (int64_t j = 0; j < K; ++j) {
-        sel[r * K + j] = idx[j];
-        wts[r * K + j] = renorm ? pr[idx[j]] / s : pr[idx[j]];
-      }
-    }
+    for (int64_t r = 0; r < N; ++r)
+      route_row(logits.data() + r * E, static_cast<int>(E), static_cast<int>(K), renorm, sel.data() + r * K,
+                wts.data() + r * K);
+    for (int32_t e : sel)
+      if (e < 0 || e >= E) fail("engine: non-finite router logits ({}gate) in decoder layer {}", m, l);
     if (obs) {
       Routing ro;
       ro.layer = l;
@@ -878,11 +867,12 @@ Model Model::load(const std::filesystem::path& dir, const Options& opts) {
     }
   }
   if (opts.device == backend::Device::Cuda) {
-    // Exact mode mirrors this file's llama-family layer; GPT-2's LayerNorm and GELU (fp64 tanh)
-    // and MoE routing (std::exp) use library functions whose last bits differ between host and GPU.
-    CALQ_CHECK(opts.gpu_precision != Precision::Exact || (c.arch != Arch::Gpt2 && !c.is_moe()),
-               "--forward-precision exact supports the dense llama-family models (llama, mistral, qwen2, qwen3), not "
-               "{} ({}); use fp32 (the CPU's results within 1e-5) or run the forward passes on the CPU",
+    // Exact mode mirrors this file's llama-family layers (MoE routing is one shared function,
+    // router.h); GPT-2's GELU takes tanh from the math library, whose last bits differ between
+    // the host and the GPU.
+    CALQ_CHECK(opts.gpu_precision != Precision::Exact || c.arch != Arch::Gpt2,
+               "--forward-precision exact supports the llama-family models (llama, mistral, qwen2, qwen3, qwen3_moe, "
+               "mixtral), not {} ({}); use fp32 (the CPU's results within 1e-5) or run the forward passes on the CPU",
                c.model_type, dir.string());
     Impl* ip = impl.get();
     gpu::Source s;

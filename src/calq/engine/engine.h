@@ -115,7 +115,7 @@ using InputTransform = std::function<void(float* x, int64_t rows, int64_t cols)>
 // as the reference GPTQ code's); the head keeps two terms. EXACT = fp32 weights and activations
 // with every operation of the CPU engine in the CPU engine's order (products as the CPU gemm's FMA
 // chains on the CUDA cores, its RMSNorm and softmax sums, fast_exp), so that the GPU gives this
-// file's bits: several times slower than F32; dense llama-family models only
+// file's bits: several times slower than F32; llama-family models, MoE included (not GPT-2)
 // (backend/cuda/exact_kernels.h). docs/cuda.md, "Forward pass" and "Exact mode".
 enum class Precision { F32, BF16, BF16_FAST, Exact };
 // "fp32" | "bf16" | "bf16-fast" | "exact"; anything else throws calq::Error naming `option`.

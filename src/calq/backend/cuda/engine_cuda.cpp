@@ -15,7 +15,7 @@
 // inputs (Observer::device_input), else a host copy; an input transform runs on a host copy,
 // which is then uploaded and multiplied. Precision::Exact replaces the products, RMSNorm, SiLU·up
 // and attention by the kernels of exact_kernels.cu, which follow the CPU engine's order of
-// operations (dense llama-family layers only), so that the GPU gives the CPU's bits.
+// operations (llama-family layers, MoE included; not GPT-2), so that the GPU gives the CPU's bits.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -435,7 +435,7 @@ class CudaForward final : public Forward {
     const int64_t H = cfg_.hidden_size, I = expert_intermediate();
     const auto mods = expert_modules(p, e);
     linears(l, {mods[0], mods[1]}, x, n, H, obs, transforms, {g_.as<float>(), u_.as<float>()}, &feed);
-    k::launch_silu_mul(g_.as<float>(), u_.as<float>(), n * I, stream_);
+    silu_mul(g_.as<float>(), u_.as<float>(), n * I);
     check_launch("silu_mul (expert)");
     linears(l, {mods[2]}, g_.as<float>(), n, I, obs, transforms, {out}, &feed);
   }
@@ -1219,9 +1219,9 @@ std::unique_ptr<Forward> create(const io::ModelConfig& cfg, Precision precision,
   CALQ_CHECK(cfg.num_key_value_heads > 0 && cfg.num_attention_heads % cfg.num_key_value_heads == 0,
              "--device cuda: {} attention heads are not a multiple of {} key/value heads", cfg.num_attention_heads,
              cfg.num_key_value_heads);
-  // Exact mode: dense llama-family models only (engine::Model::load says so in user terms first).
-  CALQ_CHECK(precision != Precision::Exact || (cfg.arch != io::Arch::Gpt2 && !cfg.is_moe()),
-             "engine (cuda): exact precision supports the dense llama-family models only");
+  // Exact mode: not GPT-2 (engine::Model::load says so in user terms first).
+  CALQ_CHECK(precision != Precision::Exact || cfg.arch != io::Arch::Gpt2,
+             "engine (cuda): exact precision does not support GPT-2");
   return std::make_unique<CudaForward>(cfg, precision, src, sliding, check_nan, resident_layers, bf16_slots);
 }
 

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "calq/backend/cuda/engine_kernels.h"
+#include "calq/engine/router.h"
 
 namespace calq::backend::cuda {
 
@@ -185,55 +186,12 @@ __global__ void scatter_add_rows_kernel(float* h, const int64_t* rows, const flo
   }
 }
 
-// One thread per row: the CPU engine's routing (Impl::moe) step by step. Probabilities: exp in
-// fp64 of the fp32 difference, rounded to fp32 (glibc's expf is within 0.502 ulp, so both are the
-// correctly rounded value but in rare cases), summed in fp64, divided in fp64, rounded. Top-k by
-// repeated selection in the order (probability decreasing, index increasing), the order of the
-// CPU's partial_sort comparator, with no per-thread array: the j-th pick is the largest entry that
-// comes after the (j-1)-th in that order. A row without a pick (NaN logits) gets expert -1.
-__device__ void route_row(const float* logits, int64_t r, int E, int K, bool renorm, int32_t* sel, float* wts) {
-  const float* lg = logits + r * E;
-  float mx = lg[0];
-  for (int e = 1; e < E; ++e) mx = lg[e] > mx ? lg[e] : mx;  // std::max_element: the first maximum
-  double sum = 0;
-  for (int e = 0; e < E; ++e) sum += static_cast<double>(static_cast<float>(exp(static_cast<double>(lg[e] - mx))));
-  auto prob = [&](int e) {
-    const float ex = static_cast<float>(exp(static_cast<double>(lg[e] - mx)));
-    return static_cast<float>(static_cast<double>(ex) / sum);
-  };
-  float prev_p = 0.0f, s = 0.0f;
-  int prev_i = -1;
-  for (int j = 0; j < K; ++j) {
-    int best = -1;
-    float best_p = 0.0f;
-    for (int e = 0; e < E; ++e) {
-      const float pe = prob(e);
-      const bool after_prev = prev_i < 0 || pe < prev_p || (pe == prev_p && e > prev_i);
-      if (!after_prev) continue;
-      if (best < 0 || pe > best_p) {  // ties keep the lower index (scanned first)
-        best = e;
-        best_p = pe;
-      }
-    }
-    sel[r * K + j] = best;
-    wts[r * K + j] = best_p;
-    if (best < 0) {
-      for (int jj = j; jj < K; ++jj) sel[r * K + jj] = -1;
-      return;
-    }
-    s += best_p;
-    prev_p = best_p;
-    prev_i = best;
-  }
-  if (renorm)
-    for (int j = 0; j < K; ++j) wts[r * K + j] = wts[r * K + j] / s;
-}
-
+// One thread per row: engine::route_row (calq/engine/router.h), the CPU engine's own function.
 __global__ void route_topk_kernel(const float* logits, int64_t N, int E, int K, bool renorm, int32_t* sel,
                                   float* wts) {
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < N;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    route_row(logits, r, E, K, renorm, sel, wts);
+    engine::route_row(logits + r * E, E, K, renorm, sel + r * K, wts + r * K);
 }
 
 // Attention: a block takes kBQ query rows of one (sequence, query head); each of its kWarps warps

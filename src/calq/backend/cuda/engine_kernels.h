@@ -47,7 +47,8 @@ void launch_gather_rows(const float* x, const int64_t* rows, int64_t n, int64_t 
 // separately, as the CPU engine's scatter-add of an expert's output).
 void launch_scatter_add_rows(float* h, const int64_t* rows, const float* w, const float* y, int64_t n, int64_t H,
                              cudaStream_t s);
-// MoE routing of N rows of E router logits, as the CPU engine: softmax over all experts (fp32
+// MoE routing of N rows of E router logits, engine::route_row per row (the CPU engine's function,
+// calq/engine/router.h, so the same bits): softmax over all experts (fp32
 // probabilities), the top K by decreasing probability (ties: lower expert index first) into
 // sel [N, K] and their probabilities into wts [N, K], divided by their fp32 sum when renorm. A row
 // whose logits are NaN gets expert -1 from the first pick that finds none.
