@@ -1276,6 +1276,11 @@ TEST(GpuMoeQuantize, ForwardOnGpuGivesCpuCodes) {
               static_cast<long long>(same), static_cast<long long>(total), 100 * share, static_cast<long long>(expert_codes));
   EXPECT_GT(expert_codes, total / 2);
   EXPECT_GE(share, 0.99);
+  // --forward-precision exact (exact Hessians by default): the CPU run's bytes.
+  const auto r = calq_test::run("CALQ_OFFLINE=1 " + calq_test::calq_bin() + " -q quantize -i " + m.string() + " -o " +
+                                (tmp / "exact").string() + common + " --forward-precision exact");
+  ASSERT_EQ(r.rc, 0) << r.output;
+  calq_test::expect_same_files(tmp / "cpu", tmp / "exact");
 }
 #endif
 
