@@ -569,7 +569,8 @@ TEST(DataCli, BosModesAndSourceOrder) {
                         " --samples 4 --seq-len 12 --bos always",
                     d);
   EXPECT_EQ(r.rc, 1);
-  EXPECT_NE(r.output.find("BOS requested but the tokenizer"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("--bos always: the tokenizer"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("duplicates"), std::string::npos) << "refused only after the statistics:\n" << r.output;
   const auto ordered = inspect(gpt2, "--no-shuffle --bos never");
   EXPECT_EQ(ordered["shuffled"], false);
   EXPECT_EQ(ordered["first_text"].get<std::string>().rfind("Amber was the name", 0), 0u) << ordered.dump();

@@ -68,6 +68,10 @@ int run_inspect(const DataArgs& a) {
   auto ds = data::Dataset::load(a.source, load_options(a));
   std::unique_ptr<text::Tokenizer> tok;
   if (!a.tokenizer.empty()) tok = text::load_tokenizer(a.tokenizer);
+  // What would stop the selection is said before the statistics, not after them.
+  CALQ_CHECK(a.samples == 0 || tok, "--samples needs --tokenizer (the selection counts tokens)");
+  CALQ_CHECK(a.samples == 0 || a.bos != "always" || tok->bos_id().has_value(),
+             "--bos always: the tokenizer ({}) has no BOS token; use --bos auto or never", tok->describe());
   auto st = data::inspect(ds, tok.get());
   nlohmann::json j = st.to_json();
   j["source"] = a.source;
