@@ -1,5 +1,4 @@
 #include "calq/engine/engine.h"
-#include "calq/engine/router.h"
 
 #include <cblas.h>
 #include <omp.h>
@@ -7,12 +6,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <numeric>
 
 #include "calq/core/dtype.h"
 #include "calq/core/error.h"
 #include "calq/engine/gemm.h"
 #include "calq/engine/gpu.h"
+#include "calq/engine/router.h"
 #include "calq/model/layout.h"
 
 namespace calq::engine {
