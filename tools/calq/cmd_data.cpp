@@ -102,7 +102,6 @@ int run_inspect(const DataArgs& a) {
              pct(st.domains.prose));
 
   if (a.samples > 0) {
-    CALQ_CHECK(tok, "--samples needs --tokenizer (the selection counts tokens)");
     data::SelectOptions so;
     so.samples = a.samples;
     so.seq_len = a.seq_len;

@@ -25,6 +25,26 @@
 
 namespace calq::engine {
 
+// The float / double with these bits (device intrinsics on the GPU, memcpy on the host).
+CALQ_HOST_DEVICE inline float float_from_bits(int32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(b);
+#else
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+#endif
+}
+CALQ_HOST_DEVICE inline double double_from_bits(int64_t b) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(b);
+#else
+  double d;
+  std::memcpy(&d, &b, sizeof d);
+  return d;
+#endif
+}
+
 CALQ_HOST_DEVICE inline float fast_exp(float x) {
   constexpr float kLo = -0x1.5d589ep+6f;  // -87.33654
   constexpr float kHi = 0x1.6p+6f;        // 88
@@ -43,13 +63,7 @@ CALQ_HOST_DEVICE inline float fast_exp(float x) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-#if defined(__CUDA_ARCH__)
-  const float scale = __int_as_float(e);
-#else
-  float scale;
-  std::memcpy(&scale, &e, sizeof scale);
-#endif
-  float y = p * scale;
+  float y = p * float_from_bits(e);
   y = x < kLo ? 0.0f : y;
   y = x > kHi ? INFINITY : y;
   return x != x ? x : y;

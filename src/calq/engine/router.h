@@ -14,9 +14,8 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
-#include "calq/engine/fast_exp.h"  // CALQ_HOST_DEVICE
+#include "calq/engine/fast_exp.h"  // CALQ_HOST_DEVICE, double_from_bits
 
 namespace calq::engine {
 
@@ -47,13 +46,7 @@ CALQ_HOST_DEVICE inline float router_exp(float x) {
   p = p * r + 1.0;
   p = p * r + 1.0;
   const int64_t bits = (static_cast<int64_t>(n) + 1023) << 52;  // 2^n, n in [-159, 129]
-#if defined(__CUDA_ARCH__)
-  const double scale = __longlong_as_double(bits);
-#else
-  double scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-#endif
-  return static_cast<float>(p * scale);
+  return static_cast<float>(p * double_from_bits(bits));
 }
 
 // Routes row `lg` (E logits): sel[0..K) = the experts by decreasing probability (ties: the lower

@@ -580,6 +580,9 @@ class CudaForward final : public Forward {
     check_cuda(cudaStreamSynchronize(stream_), "decoder layer");
   }
 
+  // Whether linear weights are held in bf16 (bf16, bf16-fast; fp32 and exact hold fp32).
+  bool bf16_weights() const { return prec_ == Precision::BF16 || prec_ == Precision::BF16_FAST; }
+
   // RMSNorm and SiLU·up: the CPU engine's arithmetic and order in exact mode (exact_kernels.h).
   void rms_norm(const float* x, float* y, int64_t N, int64_t H, const float* w, double eps) {
     if (prec_ == Precision::Exact)
@@ -1021,7 +1024,7 @@ class CudaForward final : public Forward {
   // same round-to-nearest-even as the host's f32_to_bf16.
   void upload_linear(Linear& L, const std::string& tensor, const std::string& module, bool linear_weight) {
     const size_t n = static_cast<size_t>(L.out * L.in);
-    L.bf16 = prec_ == Precision::BF16 || prec_ == Precision::BF16_FAST;
+    L.bf16 = bf16_weights();
     L.one_term = prec_ == Precision::BF16_FAST && &L != &head_;
     const size_t wbytes = L.bf16 ? sizeof(uint16_t) : sizeof(float);
     Source::Raw raw = src_.raw ? src_.raw(tensor, linear_weight) : Source::Raw{};
@@ -1113,7 +1116,7 @@ class CudaForward final : public Forward {
         vecs.push_back(a + "k_norm.weight");
       }
     }
-    const size_t wbytes = prec_ == Precision::BF16 || prec_ == Precision::BF16_FAST ? 2 : 4;
+    const size_t wbytes = bf16_weights() ? 2 : 4;
     // Bytes of each layer's linear weights (and biases); with a resident limit, the largest
     // resident_limit_ layers count.
     std::vector<size_t> layer_bytes;
@@ -1219,9 +1222,6 @@ std::unique_ptr<Forward> create(const io::ModelConfig& cfg, Precision precision,
   CALQ_CHECK(cfg.num_key_value_heads > 0 && cfg.num_attention_heads % cfg.num_key_value_heads == 0,
              "--device cuda: {} attention heads are not a multiple of {} key/value heads", cfg.num_attention_heads,
              cfg.num_key_value_heads);
-  // Exact mode: not GPT-2 (engine::Model::load says so in user terms first).
-  CALQ_CHECK(precision != Precision::Exact || cfg.arch != io::Arch::Gpt2,
-             "engine (cuda): exact precision does not support GPT-2");
   return std::make_unique<CudaForward>(cfg, precision, src, sliding, check_nan, resident_layers, bf16_slots);
 }
 
